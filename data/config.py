@@ -1,0 +1,127 @@
+"""Structured configs for the data stages, registered in Hydra's ConfigStore.
+
+The YAML under ``conf/`` chooses values; these dataclasses fix the keys and types, so a typo'd
+override (``data.n_custmers=5``) fails at composition instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class SynthConfig:
+    """Scale and planted structure of the synthetic H&M-like generator (see data/synth.py)."""
+
+    n_customers: int = 2_000
+    n_articles: int = 500
+    n_transactions: int = 50_000
+    n_weeks: int = 26
+    start_date: str = "2018-09-20"  # first day of H&M's transactions_train
+    n_styles: int = 16  # latent taste clusters; each article belongs to one
+    style_affinity: float = 0.8  # share of non-repurchase items bought from the customer's own styles
+    secondary_style_share: float = 0.35  # of those, share from the customer's second (hidden) style
+    repurchase_rate: float = 0.12  # chance an item is one the customer bought before (if any)
+    basket_mean: float = 3.0  # mean items per visit (geometric)
+    popularity_sigma: float = 1.6  # lognormal spread of article base popularity
+    lifetime_weeks: float = 12.0  # mean decay time of an article's popularity after launch
+    seasonal_share: float = 0.5  # share of articles whose popularity follows the season
+    activity_sigma: float = 1.2  # lognormal spread of customer activity
+    online_share: float = 0.7  # share of visits on sales channel 2 (online)
+    seed: int = 0
+    shard_rows: int = 2_000_000  # transactions per Parquet shard
+    chunk_weeks: int = 4  # weeks generated per vectorised step (bounds memory)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # names the dataset directory under paths.datasets
+    source: str = "synth"  # synth | hm | movielens
+    root: str = "${paths.datasets}/${data.name}"  # canonical tables (any fsspec URL)
+    raw_dir: Optional[str] = None  # hm: folder with articles.csv, customers.csv, transactions_train.csv
+    movielens_variant: str = "ml-100k"  # ml-100k | ml-1m
+    movielens_min_rating: int = 0  # keep ratings >= this as interactions (0 keeps all)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class PathsConfig:
+    datasets: str = "datasets"  # canonical tables and prepared shards, one folder per data.name
+    runs: str = "runs"  # run directories: resolved config, reports, checkpoints
+
+
+@dataclass
+class IngestOptions:
+    batch_bytes: int = 64 << 20  # CSV block size: bounds memory while streaming
+    shard_rows: int = 4_000_000
+    max_examples: int = 20  # rejected rows quoted in the report per reason
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class SynthJob(StageConfig):
+    pass
+
+
+@dataclass
+class IngestJob(StageConfig):
+    ingest: IngestOptions = field(default_factory=IngestOptions)
+
+
+# Stages that later issues fill in; registered now so every primary config composes.
+@dataclass
+class PrepareJob(StageConfig):
+    pass
+
+
+@dataclass
+class TrainJob(StageConfig):
+    pass
+
+
+@dataclass
+class IndexJob(StageConfig):
+    pass
+
+
+@dataclass
+class EvaluateJob(StageConfig):
+    pass
+
+
+@dataclass
+class RecommendJob(StageConfig):
+    pass
+
+
+STAGES = {
+    "synth": SynthJob,
+    "ingest": IngestJob,
+    "prepare": PrepareJob,
+    "train": TrainJob,
+    "index": IndexJob,
+    "evaluate": EvaluateJob,
+    "recommend": RecommendJob,
+}
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    for stage, node in STAGES.items():
+        cs.store(name=f"{stage}_schema", node=node)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+
+
+register()
