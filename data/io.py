@@ -88,8 +88,7 @@ def read_table(url: str, spec: Table | None = None, columns: list[str] | None = 
     fs, path = fs_and_path(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: not found")
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=columns)
+    table = pq.read_table(path, filesystem=fs, columns=columns)  # a file or a directory of shards
     return conform(table, spec, url) if spec is not None and columns is None else table
 
 

@@ -1,0 +1,88 @@
+"""Shared fixtures: small raw files in the real H&M and MovieLens formats, and a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from data.config import SynthConfig
+from data.synth import generate
+
+CUST_HEADER = "customer_id,FN,Active,club_member_status,fashion_news_frequency,age,postal_code"
+ART_HEADER = ("article_id,product_code,prod_name,product_type_no,product_type_name,product_group_name,"
+              "graphical_appearance_no,graphical_appearance_name,colour_group_code,colour_group_name,"
+              "perceived_colour_value_id,perceived_colour_value_name,perceived_colour_master_id,"
+              "perceived_colour_master_name,department_no,department_name,index_code,index_name,index_group_no,"
+              "index_group_name,section_no,section_name,garment_group_no,garment_group_name,detail_desc")
+TX_HEADER = "t_dat,customer_id,article_id,price,sales_channel_id"
+
+C1, C2, C3 = ("a" * 64, "b" * 64, "c" * 64)
+
+
+def article_row(article_id: str, name: str = "Strap top", desc: str = "Jersey top with narrow shoulder straps.") -> str:
+    return (f"{article_id},{article_id[:7]},{name},253,Vest top,Garment Upper body,1010016,Solid,09,Black,4,Dark,"
+            f"5,Black,1676,Jersey Basic,A,Ladieswear,1,Ladieswear,16,Womens Everyday Basics,1002,Jersey Basic,{desc}")
+
+
+def write_hm_fixture(folder: pathlib.Path) -> dict:
+    """H&M-format CSVs with known good and bad rows; returns the expected outcome per table.
+
+    Line numbers count the header as line 1.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    customers = [
+        CUST_HEADER,
+        f"{C1},,,ACTIVE,NONE,49,52043ee2162cf5aa",  # 2 ok
+        f"{C2},1.0,1.0,ACTIVE,Regularly,25,2973abc5",  # 3 ok
+        f"{C3},,,PRE-CREATE,NONE,,2973abc5",  # 4 ok, age null (legitimately empty)
+        f"{C1},,,ACTIVE,NONE,30,zzz",  # 5 duplicate id -> rejected
+        f"{'d' * 64},,,ACTIVE,NONE,abc,zzz",  # 6 bad age -> nulled, row kept
+        f",,,ACTIVE,NONE,30,zzz",  # 7 missing customer_id -> rejected
+        f"{'e' * 64},,,ACTIVE,NONE,30,zzz,extra",  # 8 malformed -> rejected
+    ]
+    (folder / "customers.csv").write_bytes(("\n".join(customers) + "\n").encode()
+                                           + b"f" * 64 + b",,,ACTIVE,NONE,31,\xff\xfe\n")  # 9 bad utf8 postal -> nulled
+    articles = [
+        ART_HEADER,
+        article_row("0108775015"),  # 2
+        article_row("0108775044", desc='"Top, with straps, in soft jersey."'),  # 3 quoted commas
+        article_row("0110065001", name="Väst"),  # 4 non-ASCII but valid UTF-8
+        article_row("01x0065002"),  # 5 bad article_id -> rejected
+        article_row("0108775015"),  # 6 duplicate -> rejected
+    ]
+    (folder / "articles.csv").write_text("\n".join(articles) + "\n", encoding="utf-8")
+    tx = [
+        TX_HEADER,
+        f"2018-09-20,{C1},0108775015,0.0508305084745762,2",  # 2 ok
+        f"2018-09-20,{C1},0108775044,0.0305084745762712,2",  # 3 ok
+        f"2018-09-21,{C2},0110065001,0.0152372881355932,1",  # 4 ok
+        f"2018-13-45,{C2},0110065001,0.01,1",  # 5 bad date
+        f"2018-09-22,{C2},0110065001,nan,1",  # 6 NaN price
+        f"2018-09-22,{C2},0110065001,-0.5,1",  # 7 negative price
+        f"2018-09-22,{C2},0999999001,0.02,1",  # 8 unknown article
+        f"2018-09-22,{'9' * 64},0110065001,0.02,1",  # 9 unknown customer
+        f"2018-09-22,{C2},0110065001,0.02",  # 10 malformed (4 fields)
+        f"2018-09-22,{C3},0110065001,,2",  # 11 missing price
+        f"2018-09-22,{C3},0110065001,0.02,7",  # 12 bad channel
+        f"2018-09-23,{C3},0108775015,0.03,2",  # 13 ok
+    ]
+    (folder / "transactions_train.csv").write_bytes(("\n".join(tx) + "\n").encode()
+                                                   + b"2018-09-23,\xc3\x28" + b"a" * 62 + b",0108775015,0.03,2\n")  # 14 bad utf8
+    return {
+        "customers": {"read": 8, "written": 5, "rejected": {"duplicate_id:customer_id": 1,
+                                                             "missing_value:customer_id": 1, "malformed_row": 1},
+                      "nulled": {"bad_integer:age": 1, "invalid_utf8:postal_code": 1}},
+        "articles": {"read": 5, "written": 3, "rejected": {"bad_integer:article_id": 1, "duplicate_id:article_id": 1}},
+        "transactions": {"read": 13, "written": 4, "rejected": {
+            "bad_date:t_dat": 1, "bad_number:price": 2, "unknown_article": 1, "unknown_customer": 1,
+            "malformed_row": 1, "missing_value:price": 1, "bad_integer:sales_channel_id": 1,
+            "invalid_utf8:customer_id": 1}},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> tuple[str, dict]:
+    root = str(tmp_path_factory.mktemp("synth") / "tiny")
+    summary = generate(SynthConfig(), root, progress=False)
+    return root, summary
