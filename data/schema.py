@@ -190,6 +190,8 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
     """Type changes ``conform`` accepts: within integers, integer/float to float, string flavours,
     timestamps to dates. Anything else (text to number, say) is a schema error, not a silent parse."""
     t = pa.types
+    if t.is_null(src):  # an all-null column; the null check that follows decides
+        return True
     if t.is_integer(dst):
         return t.is_integer(src)
     if t.is_floating(dst):

@@ -154,3 +154,9 @@ def test_movielens_1m_double_colon_and_min_rating(tmp_path):
     assert cust["1"]["fashion_news_frequency"] == "K-12 student" and cust["2"]["age"] == 56
     tx = pq.read_table(str(tmp_path / "out" / "transactions"))
     assert sorted(pa.compute.unique(tx["price"]).to_pylist()) == pytest.approx([0.8, 1.0])
+
+
+def test_raw_dir_required_for_real_data(tmp_path):
+    data = OmegaConf.structured(DataConfig(name="hm", source="hm", root=str(tmp_path)))
+    with pytest.raises(IngestError, match="set data.raw_dir"):
+        ingest(data, OmegaConf.structured(IngestOptions()))
