@@ -22,9 +22,9 @@ class SynthConfig:
     n_transactions: int = 50_000
     n_weeks: int = 26
     start_date: str = "2018-09-20"  # first day of H&M's transactions_train
-    n_styles: int = 16  # latent taste clusters; each article belongs to one
-    style_affinity: float = 0.8  # share of non-repurchase items bought from the customer's own styles
-    secondary_style_share: float = 0.35  # of those, share from the customer's second (hidden) style
+    n_styles: int = 12  # latent taste clusters; each article belongs to one
+    style_affinity: float = 0.9  # share of non-repurchase items bought from the customer's own styles
+    secondary_style_share: float = 0.3  # of those, share from the customer's second (hidden) style
     repurchase_rate: float = 0.12  # chance an item is one the customer bought before (if any)
     basket_mean: float = 3.0  # mean items per visit (geometric)
     popularity_sigma: float = 1.6  # lognormal spread of article base popularity

@@ -11,7 +11,7 @@ can find it:
   style fixes its ``section_no``/``section_name``, its ``index_group``/``index``, the product types it
   can have, a colour bias and three signature words used in ``prod_name`` and ``detail_desc``.
 * **Customer attributes -> style.** Each style has a target age ``age_mu``. A customer's *primary*
-  style is drawn with probability proportional to ``exp(-(age - age_mu)^2 / (2 * 6^2))`` (uniform when
+  style is drawn with probability proportional to ``exp(-(age - age_mu)^2 / (2 * 5^2))`` (uniform when
   age is null), and styles flagged "trend" get twice the weight for customers whose
   ``fashion_news_frequency`` is ``Regularly``. So age (and news frequency) predict the primary style.
 * **History -> style.** Each customer also has a *secondary* style drawn uniformly, invisible in their
@@ -60,7 +60,7 @@ from data.schema import ARTICLES, CUSTOMERS, TRANSACTIONS
 log = logging.getLogger(__name__)
 
 RING = 8  # recent purchases remembered per customer, the pool repurchases come from
-AGE_SPREAD = 6.0
+AGE_SPREAD = 5.0
 
 # (product_type_no, product_type_name, product_group_name, garment_group_no, garment_group_name, price level)
 PRODUCT_TYPES = [
@@ -254,6 +254,7 @@ def make_articles(cfg: SynthConfig, rng: np.random.Generator, styles: Styles) ->
     variants[-1] -= variants.sum() - n
     product_code = np.sort(rng.choice(np.arange(108_775, 959_462), n_products, replace=False))
     product_style = rng.integers(0, styles.n, n_products)
+    product_style[: min(styles.n, n_products)] = rng.permutation(styles.n)[:n_products]  # no empty style
     product_ptype_slot = rng.integers(0, 6, n_products)
     product_word = rng.integers(0, 3, n_products)
 
@@ -399,10 +400,11 @@ class Generator:
         in_style = rest & (rng.random(n_items) < cfg.style_affinity)
         for s in range(self.styles.n):
             rows = np.flatnonzero(in_style & (style == s))
-            if len(rows):
-                members = self.style_members[s]
+            members = self.style_members[s]
+            if len(rows) and len(members):
                 article[rows] = members[_sample(rng, weights[members], len(rows))]
-        anywhere = np.flatnonzero(rest & ~in_style)
+        empty = np.array([len(m) == 0 for m in self.style_members])
+        anywhere = np.flatnonzero(rest & (~in_style | empty[style]))
         article[anywhere] = _sample(rng, weights, len(anywhere))
         self.repurchases += int(rep.sum())
 
