@@ -80,11 +80,39 @@ class IngestJob(StageConfig):
     ingest: IngestOptions = field(default_factory=IngestOptions)
 
 
-# Stages that later issues fill in; registered now so every primary config composes.
+@dataclass
+class SplitConfig:
+    """Which interactions are evaluation targets; none of them reaches a training example or feature."""
+
+    protocol: str = "week"  # week | leave_last_n | random
+    val_days: int = 7  # week: the last val_days (before any test period) are validation
+    test_days: int = 0  # week: an optional test period after validation (7 for H&M's protocol)
+    n: int = 1  # leave_last_n: each customer's last n purchases (customers with more than n)
+    ratio: float = 0.1  # random: share of interactions held out
+    seed: int = 0
+
+
+@dataclass
+class PrepareOptions:
+    out: str = "${data.root}/prepared"  # vocabularies, feature tables, example shards, eval sets
+    history_len: int = 20  # last N purchases strictly before the transaction's day
+    age_edges: list = field(default_factory=lambda: [20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70])
+    postal_buckets: int = 65_536  # postal codes are hashed into this many buckets
+    desc_tokens: bool = True  # hashed tokens of detail_desc as an article feature
+    desc_buckets: int = 16_384
+    desc_max_tokens: int = 24
+    shard_rows: int = 1_000_000  # examples per output shard
+    row_group_rows: int = 8_192  # the streaming unit
+    seed: int = 0  # the global pre-shuffle
+
+
 @dataclass
 class PrepareJob(StageConfig):
-    pass
+    split: SplitConfig = field(default_factory=SplitConfig)
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
 
+
+# Stages that later issues fill in; registered now so every primary config composes.
 
 @dataclass
 class TrainJob(StageConfig):

@@ -1,0 +1,116 @@
+"""Features: customer and article feature tables, purchase histories, time of year.
+
+Histories are leakage-free by construction: a query (customer c, day d) sees only source events of c
+on days strictly before d, and the caller chooses which events are a source (training rows only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data import vocab
+
+CUSTOMER_FEATURES = ("age_bucket", "club_status", "news_freq", "postal_code")
+ARTICLE_FEATURES = {  # feature name -> articles column
+    "product_type": "product_type_no",
+    "product_group": "product_group_name",
+    "colour_group": "colour_group_code",
+    "department": "department_no",
+    "index": "index_code",
+    "section": "section_no",
+    "garment_group": "garment_group_no",
+}
+CUSTOMER_VOCAB_COLUMNS = {"club_status": "club_member_status", "news_freq": "fashion_news_frequency"}
+
+
+def age_bucket(age: pa.Array | pa.ChunkedArray, edges: list[int]) -> np.ndarray:
+    """0 for a missing age, else 1 + the number of edges <= age."""
+    a = pc.fill_null(pc.cast(age, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    out = np.digitize(a, np.asarray(edges, dtype=float)) + 1
+    return np.where(np.isnan(a), 0, out).astype(np.int32)
+
+
+def customer_table(customers: pa.Table, vocabs: dict, cfg) -> tuple[pa.Table, dict]:
+    """customer_idx plus one int32 index column per customer feature; returns cardinalities too."""
+    idx, _ = vocab.lookup(customers["customer_id"], vocabs["customer_id"])
+    cols = {"customer_idx": idx, "age_bucket": age_bucket(customers["age"], list(cfg.age_edges))}
+    cards = {"customer_id": vocab.size(vocabs["customer_id"]), "age_bucket": len(cfg.age_edges) + 2}
+    for feat, col in CUSTOMER_VOCAB_COLUMNS.items():
+        cols[feat], _ = vocab.lookup(customers[col], vocabs[feat])
+        cards[feat] = vocab.size(vocabs[feat])
+    cols["postal_code"] = vocab.stable_hash(customers["postal_code"], cfg.postal_buckets)
+    cards["postal_code"] = cfg.postal_buckets
+    table = pa.table({k: pa.array(v, pa.int32()) for k, v in cols.items()})
+    return table.sort_by("customer_idx"), cards
+
+
+def article_table(articles: pa.Table, vocabs: dict, cfg) -> tuple[pa.Table, dict]:
+    idx, _ = vocab.lookup(articles["article_id"], vocabs["article_id"])
+    cols = {"article_idx": pa.array(idx, pa.int32())}
+    cards = {"article_id": vocab.size(vocabs["article_id"])}
+    for feat, col in ARTICLE_FEATURES.items():
+        v, _ = vocab.lookup(articles[col], vocabs[feat])
+        cols[feat] = pa.array(v, pa.int32())
+        cards[feat] = vocab.size(vocabs[feat])
+    if cfg.desc_tokens:
+        cols["desc_tokens"] = desc_tokens(articles["detail_desc"], cfg.desc_buckets, cfg.desc_max_tokens)
+        cards["desc_tokens"] = cfg.desc_buckets
+    return pa.table(cols).sort_by("article_idx"), cards
+
+
+def desc_tokens(desc: pa.ChunkedArray | pa.Array, buckets: int, max_tokens: int) -> pa.Array:
+    """Lower-cased word tokens of each description, hashed to 1..buckets-1, at most max_tokens each."""
+    words = pc.split_pattern_regex(pc.utf8_lower(pc.fill_null(desc, "")), r"[^a-z0-9]+")
+    words = pc.list_slice(words, 0, max_tokens) if max_tokens else words
+    if isinstance(words, pa.ChunkedArray):
+        words = words.combine_chunks()
+    flat = pc.list_flatten(words)
+    keep = pc.greater(pc.utf8_length(flat), 1)  # drop empty and 1-letter tokens
+    hashed = vocab.stable_hash(flat, buckets)
+    row = pc.list_parent_indices(words).to_numpy()
+    keep_np = keep.to_numpy(zero_copy_only=False)
+    counts = np.bincount(row[keep_np], minlength=len(words))
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(hashed[keep_np], pa.int32()))
+
+
+def time_of_year(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of the day's position in its year (day = days since 1970-01-01)."""
+    d = day.astype("datetime64[D]")
+    start = d.astype("datetime64[Y]").astype("datetime64[D]")
+    frac = (d - start).astype(np.float64) / 365.25
+    return np.sin(2 * np.pi * frac).astype(np.float32), np.cos(2 * np.pi * frac).astype(np.float32)
+
+
+class EventLog:
+    """Purchases sorted by (customer, day, original order), searchable for histories."""
+
+    def __init__(self, customer: np.ndarray, day: np.ndarray, article: np.ndarray, order: np.ndarray | None = None):
+        order = np.lexsort((np.arange(len(day)) if order is None else order, day, customer))
+        self.key = _key(customer[order], day[order])
+        self.article = article[order].astype(np.int32)
+
+    def history(self, customer: np.ndarray, day: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each query (customer, day): the customer's last ``n`` articles strictly before ``day``,
+        oldest first, as (offsets, values) of a list array."""
+        hi = np.searchsorted(self.key, _key(customer, day), side="left")
+        first = np.searchsorted(self.key, _key(customer, np.zeros_like(day)), side="left")
+        lo = np.maximum(first, hi - n)
+        lengths = hi - lo
+        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
+        return offsets, self.article[pos]
+
+
+def _key(customer: np.ndarray, day: np.ndarray) -> np.ndarray:
+    return (customer.astype(np.int64) << 32) | day.astype(np.int64)
+
+
+def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    typ = pa.large_list(pa.int32()) if offsets[-1] >= 2**31 else pa.list_(pa.int32())
+    off = pa.array(offsets, pa.int64() if offsets[-1] >= 2**31 else pa.int32())
+    cls = pa.LargeListArray if offsets[-1] >= 2**31 else pa.ListArray
+    arr = cls.from_arrays(off, pa.array(values, pa.int32()))
+    return arr.cast(typ)

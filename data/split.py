@@ -1,0 +1,56 @@
+"""Split protocols: label each interaction train (0), validation (1) or test (2).
+
+All work on compact arrays (customer index, day number, original row order) and are vectorised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRAIN, VAL, TEST = 0, 1, 2
+PERIODS = {"val": VAL, "test": TEST}
+
+
+def week(day: np.ndarray, val_days: int = 7, test_days: int = 0) -> tuple[np.ndarray, dict]:
+    """H&M protocol: the last ``test_days`` are test, the ``val_days`` before them validation."""
+    last = int(day.max())
+    test_start = last - test_days + 1
+    val_start = test_start - val_days
+    if val_start <= int(day.min()):
+        raise ValueError(f"split: {val_days} validation + {test_days} test days leave no training days "
+                         f"(data spans {last - int(day.min()) + 1} days)")
+    label = np.where(day >= test_start, TEST, np.where(day >= val_start, VAL, TRAIN)).astype(np.int8)
+    bounds = {"val_start": val_start, "test_start": test_start if test_days else None, "last_day": last}
+    return label, bounds
+
+
+def leave_last_n(customer: np.ndarray, day: np.ndarray, n: int = 1) -> tuple[np.ndarray, dict]:
+    """Each customer's last ``n`` purchases by (day, row order) are validation targets, for customers
+    with more than ``n`` purchases (so each keeps at least one training interaction)."""
+    order = np.lexsort((np.arange(len(day)), day, customer))
+    c = customer[order]
+    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+    counts = np.diff(np.r_[starts, len(c)])
+    rank = np.arange(len(c)) - np.repeat(starts, counts)
+    from_end = np.repeat(counts, counts) - rank - 1
+    held = (from_end < n) & (np.repeat(counts, counts) > n)
+    label = np.zeros(len(day), dtype=np.int8)
+    label[order[held]] = VAL
+    return label, {"n": n}
+
+
+def random(n_rows: int, ratio: float, seed: int) -> tuple[np.ndarray, dict]:
+    """Each interaction is held out with probability ``ratio`` (not temporal: an optimistic protocol)."""
+    rng = np.random.default_rng([seed, 7919])
+    label = (rng.random(n_rows) < ratio).astype(np.int8) * VAL
+    return label, {"ratio": ratio, "seed": seed}
+
+
+def assign(protocol: str, customer: np.ndarray, day: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
+    if protocol == "week":
+        return week(day, cfg.val_days, cfg.test_days)
+    if protocol == "leave_last_n":
+        return leave_last_n(customer, day, cfg.n)
+    if protocol == "random":
+        return random(len(day), cfg.ratio, cfg.seed)
+    raise ValueError(f"split.protocol={protocol!r}: expected week, leave_last_n or random")
