@@ -86,3 +86,27 @@ def tiny_synth(tmp_path_factory) -> tuple[str, dict]:
     root = str(tmp_path_factory.mktemp("synth") / "tiny")
     summary = generate(SynthConfig(), root, progress=False)
     return root, summary
+
+
+def prepare_options(out: str, **kw):
+    from omegaconf import OmegaConf
+
+    from data.config import PrepareOptions
+
+    return OmegaConf.structured(PrepareOptions(out=out, **kw))
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_synth, tmp_path_factory) -> tuple[str, dict]:
+    """The tiny dataset prepared with the week split, in small row groups (many streaming units)."""
+    from omegaconf import OmegaConf
+
+    from data.config import DataConfig, SplitConfig
+    from data.prepare import prepare
+
+    root, _ = tiny_synth
+    out = str(tmp_path_factory.mktemp("prepared") / "tiny")
+    data = OmegaConf.structured(DataConfig(name="tiny", root=root))
+    manifest = prepare(data, OmegaConf.structured(SplitConfig()),
+                       prepare_options(out, row_group_rows=1024, shard_rows=12_000), progress=False)
+    return out, manifest

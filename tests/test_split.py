@@ -1,0 +1,49 @@
+"""The three split protocols on hand-made logs with hand-checked answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data import split
+from data.split import TEST, TRAIN, VAL
+
+
+def test_week_split_boundaries():
+    day = np.array([0, 5, 10, 13, 14, 20, 21, 27])
+    label, b = split.week(day, val_days=7, test_days=7)
+    # last day 27: test 21..27, validation 14..20, train before 14
+    assert label.tolist() == [TRAIN, TRAIN, TRAIN, TRAIN, VAL, VAL, TEST, TEST]
+    assert (b["val_start"], b["test_start"]) == (14, 21)
+    label, b = split.week(day, val_days=7)
+    assert label.tolist() == [TRAIN] * 6 + [VAL, VAL] and b["test_start"] is None
+
+
+def test_week_split_needs_training_days():
+    with pytest.raises(ValueError, match="no training days"):
+        split.week(np.array([0, 3, 6]), val_days=7)
+
+
+def test_leave_last_n():
+    #                 customer: 1  1  1  2  2  3  1
+    customer = np.array([1, 1, 1, 2, 2, 3, 1])
+    day = np.array([5, 1, 9, 4, 4, 2, 9])
+    label, _ = split.leave_last_n(customer, day, n=1)
+    # customer 1: days 1,5,9,9 -> last by (day, row order) is row 6; customer 2: same day, row 4 is later;
+    # customer 3 has a single purchase and stays in training.
+    assert label.tolist() == [TRAIN, TRAIN, TRAIN, TRAIN, VAL, TRAIN, VAL]
+    label2, _ = split.leave_last_n(customer, day, n=2)
+    assert label2.tolist() == [TRAIN, TRAIN, VAL, TRAIN, TRAIN, TRAIN, VAL]  # customer 2 has only 2
+
+
+def test_random_split_ratio_and_determinism():
+    a, _ = split.random(100_000, 0.1, seed=3)
+    b, _ = split.random(100_000, 0.1, seed=3)
+    c, _ = split.random(100_000, 0.1, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert abs((a == VAL).mean() - 0.1) < 0.005
+
+
+def test_unknown_protocol():
+    with pytest.raises(ValueError, match="split.protocol='weekly'"):
+        split.assign("weekly", np.zeros(3), np.zeros(3), None)
