@@ -138,7 +138,7 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
     del customers, articles
 
     c, a, d, read_counts = read_interactions(root, vocabs, progress)
-    labels, bounds = split.assign(split_cfg.protocol, c, d, split_cfg)
+    labels, bounds = split.assign(split_cfg.protocol, c, d, split_cfg, article=a)
     train_rows = np.flatnonzero(labels == split.TRAIN)
     if len(train_rows) == 0:
         raise ValueError(f"split {split_cfg.protocol}: no training rows")

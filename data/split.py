@@ -24,9 +24,17 @@ def week(day: np.ndarray, val_days: int = 7, test_days: int = 0) -> tuple[np.nda
     return label, bounds
 
 
-def leave_last_n(customer: np.ndarray, day: np.ndarray, n: int = 1) -> tuple[np.ndarray, dict]:
+def interaction_key(customer: np.ndarray, article: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """One int64 per (customer, article, day): identical rows (two units of one article bought the same
+    day) are one interaction and must land on the same side of a split."""
+    return (customer.astype(np.int64) << 40) | (article.astype(np.int64) << 18) | (day.astype(np.int64) & 0x3FFFF)
+
+
+def leave_last_n(customer: np.ndarray, day: np.ndarray, n: int = 1,
+                 article: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Each customer's last ``n`` purchases by (day, row order) are validation targets, for customers
-    with more than ``n`` purchases (so each keeps at least one training interaction)."""
+    with more than ``n`` purchases (so each keeps at least one training interaction). Rows identical to
+    a held-out one (same customer, article and day) are held out with it."""
     order = np.lexsort((np.arange(len(day)), day, customer))
     c = customer[order]
     starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
@@ -36,21 +44,31 @@ def leave_last_n(customer: np.ndarray, day: np.ndarray, n: int = 1) -> tuple[np.
     held = (from_end < n) & (np.repeat(counts, counts) > n)
     label = np.zeros(len(day), dtype=np.int8)
     label[order[held]] = VAL
+    if article is not None:
+        key = interaction_key(customer, article, day)
+        label[np.isin(key, key[label == VAL])] = VAL
     return label, {"n": n}
 
 
-def random(n_rows: int, ratio: float, seed: int) -> tuple[np.ndarray, dict]:
-    """Each interaction is held out with probability ``ratio`` (not temporal: an optimistic protocol)."""
+def random(n_rows: int, ratio: float, seed: int, key: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Each interaction is held out with probability ``ratio`` (not temporal: an optimistic protocol).
+    With ``key`` (see interaction_key), identical rows share one draw."""
     rng = np.random.default_rng([seed, 7919])
-    label = (rng.random(n_rows) < ratio).astype(np.int8) * VAL
-    return label, {"ratio": ratio, "seed": seed}
+    if key is None:
+        held = rng.random(n_rows) < ratio
+    else:
+        uniq, inverse = np.unique(key, return_inverse=True)
+        held = (rng.random(len(uniq)) < ratio)[inverse]
+    return held.astype(np.int8) * VAL, {"ratio": ratio, "seed": seed}
 
 
-def assign(protocol: str, customer: np.ndarray, day: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
+def assign(protocol: str, customer: np.ndarray, day: np.ndarray, cfg,
+           article: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     if protocol == "week":
         return week(day, cfg.val_days, cfg.test_days)
     if protocol == "leave_last_n":
-        return leave_last_n(customer, day, cfg.n)
+        return leave_last_n(customer, day, cfg.n, article)
     if protocol == "random":
-        return random(len(day), cfg.ratio, cfg.seed)
+        key = None if article is None else interaction_key(customer, article, day)
+        return random(len(day), cfg.ratio, cfg.seed, key)
     raise ValueError(f"split.protocol={protocol!r}: expected week, leave_last_n or random")

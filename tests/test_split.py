@@ -47,3 +47,13 @@ def test_random_split_ratio_and_determinism():
 def test_unknown_protocol():
     with pytest.raises(ValueError, match="split.protocol='weekly'"):
         split.assign("weekly", np.zeros(3), np.zeros(3), None)
+
+
+def test_identical_rows_stay_together():
+    # Two units of article 7 bought by customer 1 on day 9: one interaction, held out together.
+    customer, article, day = np.array([1, 1, 1]), np.array([3, 7, 7]), np.array([2, 9, 9])
+    label, _ = split.leave_last_n(customer, day, n=1, article=article)
+    assert label.tolist() == [TRAIN, VAL, VAL]
+    key = split.interaction_key(np.repeat(np.arange(500), 2), np.zeros(1000, int), np.zeros(1000, int))
+    label, _ = split.random(1000, 0.5, seed=0, key=key)
+    assert np.array_equal(label[0::2], label[1::2]) and 0.4 < (label == VAL).mean() < 0.6
