@@ -100,8 +100,8 @@ def discover_units(prepared: str) -> tuple[list[Unit], dict]:
         except (pa.ArrowInvalid, OSError) as e:
             raise StreamError(f"{url}: not a readable Parquet file ({e})") from e
         if not schema.remove_metadata().equals(EXAMPLE_SCHEMA):
-            raise StreamError(f"{url}: schema {schema.remove_metadata()} differs from the example schema "
-                              f"{EXAMPLE_SCHEMA}")
+            raise StreamError(f"{url}: schema ({_fmt(schema)}) differs from the example schema "
+                              f"({_fmt(EXAMPLE_SCHEMA)})")
         if meta.num_rows == 0:
             skipped.append(url)
             continue
@@ -113,6 +113,10 @@ def discover_units(prepared: str) -> tuple[list[Unit], dict]:
         raise StreamError(f"{prepared}: no example rows")
     manifest["skipped_empty_shards"] = skipped
     return units, manifest
+
+
+def _fmt(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
 
 
 class FeatureTables:
