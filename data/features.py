@@ -78,6 +78,12 @@ def desc_tokens(desc: pa.ChunkedArray | pa.Array, buckets: int, max_tokens: int)
 
 def time_of_year(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """sin and cos of the day's position in its year (day = days since 1970-01-01)."""
+    uniq, inverse = np.unique(day, return_inverse=True)  # a batch spans few days: compute those once
+    s, c = _time_of_year(uniq)
+    return s[inverse], c[inverse]
+
+
+def _time_of_year(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = day.astype("datetime64[D]")
     start = d.astype("datetime64[Y]").astype("datetime64[D]")
     frac = (d - start).astype(np.float64) / 365.25
