@@ -10,5 +10,7 @@ DATA="${DATA:-small}"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
-echo "[run] 1/1 synthesise data=$DATA" >&2
+echo "[run] 1/2 synthesise data=$DATA" >&2
 "$PY" -m data.synth "data=$DATA" "$@"
+echo "[run] 2/2 prepare data=$DATA (vocabularies, week split, example shards)" >&2
+"$PY" -m data.prepare "data=$DATA" "$@"

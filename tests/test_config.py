@@ -60,3 +60,14 @@ def test_movielens_name_follows_variant():
         cfg = compose(config_name="ingest", overrides=["data=movielens", "data.movielens_variant=ml-1m",
                                                         "data.raw_dir=/x"])
     assert cfg.data.name == "ml-1m" and OmegaConf.select(cfg, "data.root") == "datasets/ml-1m"
+
+
+@pytest.mark.parametrize("split", ["week", "leave_last_n", "random"])
+def test_prepare_split_presets(split):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="prepare", overrides=[f"split={split}"])
+    assert cfg.split.protocol == split
+    assert cfg.prepare.out == f"{cfg.data.root}/prepared"
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="prepare", overrides=["split.ration=0.2"])
