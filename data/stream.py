@@ -412,19 +412,15 @@ class ExampleStream(IterableDataset):
         t = pa.concat_tables([self._file(f).read_row_groups(rgs) for f, rgs in by_file.items()])
         perm = np.random.default_rng([self.seed, self.epoch, self.rank, worker, wi]).permutation(t.num_rows)
         t = t.take(pa.array(perm[skip:])).combine_chunks()  # one C++ gather, list column included
-        c = t["customer_idx"].to_numpy().copy()
-        a = t["article_idx"].to_numpy().copy()
+        c = t["customer_idx"].to_numpy()
+        a = t["article_idx"].to_numpy()
         hist = t["history"].chunk(0) if t.num_rows else pa.array([], pa.list_(pa.int32()))
         h_off = hist.offsets.to_numpy().astype(np.int64)
-        h_val = hist.values.to_numpy()[h_off[0]:h_off[-1]].copy()
+        h_val = hist.values.to_numpy()[h_off[0]:h_off[-1]]
         oov = {}
-        for name, arr, card in (("customer_idx", c, self.tables.cards["customer_id"]),
-                                ("article_idx", a, self.tables.cards["article_id"]),
-                                ("history", h_val, self.tables.cards["article_id"])):
-            bad = (arr < 0) | (arr >= card)
-            if bad.any():  # ids outside the vocabulary: OOV row, counted
-                oov[name] = int(bad.sum())
-                arr[bad] = 0
+        c = _to_oov(c, self.tables.cards["customer_id"], "customer_idx", oov)
+        a = _to_oov(a, self.tables.cards["article_id"], "article_idx", oov)
+        h_val = _to_oov(h_val, self.tables.cards["article_id"], "history", oov)
         tb = self.tables
         desc = Jagged.from_lengths(*tb.desc(a)) if tb.has_desc else None
         return Columns(c, a, np.take(tb.customer, c, axis=1), np.take(tb.article, a, axis=1),
@@ -447,6 +443,15 @@ class ExampleStream(IterableDataset):
         state = self.__dict__.copy()
         state["_files"] = {}  # open files do not cross process boundaries
         return state
+
+
+def _to_oov(ids: np.ndarray, card: int, name: str, oov: dict) -> np.ndarray:
+    """Ids outside [0, card) become the OOV row 0, counted in ``oov``; copies only when needed."""
+    bad = (ids < 0) | (ids >= card)
+    if not bad.any():
+        return ids
+    oov[name] = int(bad.sum())
+    return np.where(bad, 0, ids).astype(ids.dtype)
 
 
 def _is_local(fs) -> bool:
