@@ -1,0 +1,104 @@
+"""Structured configs for training (model, loss, sharding, optimisers, loop, checkpoints)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from data.config import PrepareOptions, SplitConfig, StageConfig
+
+
+@dataclass
+class ModelConfig:
+    """Towers. An id-only config with no MLP (query: customer_id; item: article_id) is matrix factorisation."""
+
+    name: str = "two_tower"
+    id_dim: int = 64  # customer and article tables (the article table also embeds the history bag)
+    feature_dim: int = 16  # categorical feature tables
+    query_features: list = field(default_factory=lambda: [
+        "customer_id", "age_bucket", "club_status", "news_freq", "postal_code", "history"])
+    item_features: list = field(default_factory=lambda: [
+        "article_id", "product_type", "product_group", "colour_group", "department", "index", "section",
+        "garment_group", "desc_tokens"])
+    time_features: bool = True  # sin/cos of the time of year into the query tower
+    query_mlp: list = field(default_factory=lambda: [256])
+    item_mlp: list = field(default_factory=lambda: [256])
+    output_dim: int = 64
+    normalize: bool = True  # L2-normalise both towers' outputs
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05
+    logq: str = "static"  # off | static (training item frequencies) | streaming (Yi et al. 2019 estimate)
+    streaming_alpha: float = 0.01  # step size of the streaming frequency estimate
+    mask_accidental_hits: bool = True  # another row's positive that equals this row's is not a negative
+    cross_rank: bool = True  # candidates all-gathered from every rank
+    mixed_negatives: int = 0  # uniform random catalogue articles per batch, shared by all rows
+    hard_negatives: int = 0  # mined per row from a FAISS index of current item embeddings
+    hard_every: int = 0  # re-mine every N steps (0: each epoch)
+    hard_rank_lo: int = 20  # skip the nearest (near-duplicates and unlabelled positives) ...
+    hard_rank_hi: int = 200  # ... and sample from ranks [lo, hi)
+
+
+@dataclass
+class TableConstraint:
+    sharding_types: list = field(default_factory=list)  # e.g. [table_wise]; empty: planner chooses
+    compute_kernels: list = field(default_factory=list)  # e.g. [fused]
+
+
+@dataclass
+class ShardingConfig:
+    constraints: dict = field(default_factory=dict)  # table name -> TableConstraint
+    fused_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (CPU); + adam on GPU
+    fused_lr: float = 0.05
+    print_plan: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # dense parts (MLPs): AdamW
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = 1024  # per rank
+    epochs: int = 2
+    max_steps: int = -1  # stop early (for tests and benchmarks)
+    log_every: int = 50
+    checkpoint_every: int = 500  # steps; and always at the end
+    keep_checkpoints: int = 3
+    resume: bool = True  # from the latest complete checkpoint in the run directory
+    recall_k: list = field(default_factory=lambda: [12, 100])
+    validate: bool = True  # Recall@K on the validation set each epoch (exact search)
+    num_workers: int = 1  # data streams per rank (1: in the training process)
+    shuffle_rows: int = 65_536
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    progress: bool = True
+
+
+@dataclass
+class TrainJob(StageConfig):
+    split: SplitConfig = field(default_factory=SplitConfig)
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint_dir: Optional[str] = None  # default: <run_dir>/checkpoints
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainJob)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="loss", name="loss_schema", node=LossConfig)
+
+
+register()

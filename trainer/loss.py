@@ -1,0 +1,124 @@
+"""Sampled softmax over in-batch, cross-rank, uniform and mined hard negatives.
+
+For query row b with positive article p_b, the candidates are
+  * the positives of every row on every rank (in-batch, cross-rank when a process group is given;
+    gathered embeddings carry gradient only into this rank's slice),
+  * ``M`` uniform catalogue articles shared by all rows (mixed negatives),
+  * ``H`` hard negatives of its own (mined, see trainer.negatives).
+Logits are dot products over ``temperature``. With logQ correction each shared candidate's logit is
+reduced by the log of its expected count in the candidate set: ``log(N_batch * q_j)`` for in-batch
+candidates sampled by popularity ``q_j``, ``log(M / catalogue)`` for uniform ones (Yi et al. 2019;
+Yang et al. 2020). With accidental-hit masking, a candidate whose article equals the row's positive
+(other than the positive itself) is removed from the softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+MASKED = -1e9  # finite: keeps gradients exact zeros instead of NaN
+
+
+def gather_with_local_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """All-gathers ``x`` (same shape on every rank); the result's own slice is ``x`` itself, so
+    gradient flows to this rank's tensor only. Returns the tensor and this rank's slice index."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    rank = dist.get_rank(group)
+    parts[rank] = x
+    return torch.cat(parts), rank
+
+
+@dataclass
+class Negatives:
+    extra: torch.Tensor | None = None  # (M, D) uniform negatives, shared by all rows
+    extra_ids: torch.Tensor | None = None  # (M,)
+    hard: torch.Tensor | None = None  # (B, H, D) per-row hard negatives
+    hard_ids: torch.Tensor | None = None  # (B, H)
+
+
+class LogQ:
+    """Sampling-probability estimates q_j of articles in the in-batch candidate stream.
+
+    ``static``: training frequencies from data.prepare (smoothed). ``streaming``: the estimate of Yi et
+    al. 2019 from the gap between an article's appearances, updated with every step's candidates
+    (every rank sees the same gathered ids, so the estimate is identical everywhere).
+    """
+
+    def __init__(self, mode: str, n_items: int, counts: torch.Tensor | None = None, alpha: float = 0.01):
+        if mode not in ("off", "static", "streaming"):
+            raise ValueError(f"loss.logq={mode!r}: expected off, static or streaming")
+        self.mode, self.n_items, self.alpha = mode, n_items, alpha
+        if mode == "static":
+            if counts is None:
+                raise ValueError("loss.logq=static needs the item frequencies from data.prepare")
+            c = counts.double() + 1.0
+            self.prob = (c / c.sum()).float()
+        elif mode == "streaming":
+            self.last_seen = torch.zeros(n_items, dtype=torch.float64)
+            self.gap = torch.full((n_items,), float(n_items), dtype=torch.float64)
+
+    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.mode == "static":
+            return torch.log(self.prob.to(ids.device)[ids])
+        return torch.log(1.0 / self.gap.to(ids.device)[ids]).float()
+
+    def update(self, ids: torch.Tensor, step: int) -> None:
+        if self.mode != "streaming":
+            return
+        ids = torch.unique(ids.cpu())
+        seen = self.last_seen[ids]
+        gap = torch.where(seen > 0, step - seen, self.gap[ids])
+        self.gap[ids] = (1 - self.alpha) * self.gap[ids] + self.alpha * gap
+        self.last_seen[ids] = float(step)
+
+    def state_dict(self) -> dict:
+        return {"last_seen": self.last_seen, "gap": self.gap} if self.mode == "streaming" else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mode == "streaming":
+            self.last_seen.copy_(state["last_seen"])
+            self.gap.copy_(state["gap"])
+
+
+def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor, cfg,
+                   negatives: Negatives | None = None, logq: LogQ | None = None, group=None,
+                   catalog_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean softmax cross-entropy of each query against its positive; returns (loss, stats)."""
+    negatives = negatives or Negatives()
+    b = query.shape[0]
+    cand, rank = gather_with_local_grad(positive, group if cfg.cross_rank else None)
+    cand_ids, _ = gather_with_local_grad(positive_ids, group if cfg.cross_rank else None)
+    target = torch.arange(b, device=query.device) + rank * b
+    n_batch = cand.shape[0]
+    correction = []
+    if logq is not None and logq.mode != "off":
+        correction.append(torch.log(torch.tensor(float(n_batch), device=query.device)) + logq.log_q(cand_ids))
+    if negatives.extra is not None:
+        m = negatives.extra.shape[0]
+        cand = torch.cat([cand, negatives.extra])
+        cand_ids = torch.cat([cand_ids, negatives.extra_ids])
+        if correction:
+            n_cat = catalog_size or int(cand_ids.max()) + 1
+            correction.append(torch.full((m,), float(torch.log(torch.tensor(m / n_cat))), device=query.device))
+    logits = query @ cand.T / cfg.temperature
+    if correction:
+        logits = logits - torch.cat(correction)[None, :]
+    if cfg.mask_accidental_hits:
+        hit = cand_ids[None, :] == positive_ids[:, None]
+        hit[torch.arange(b), target] = False
+        logits = logits.masked_fill(hit, MASKED)
+    if negatives.hard is not None:
+        hard_logits = torch.einsum("bd,bhd->bh", query, negatives.hard) / cfg.temperature
+        hard_logits = hard_logits.masked_fill(negatives.hard_ids == positive_ids[:, None], MASKED)
+        logits = torch.cat([logits, hard_logits], dim=1)
+    loss = F.cross_entropy(logits, target)
+    with torch.no_grad():
+        acc = (logits.argmax(dim=1) == target).float().mean()
+    return loss, {"in_batch_acc": float(acc), "candidates": int(logits.shape[1])}
