@@ -115,11 +115,6 @@ class PrepareJob(StageConfig):
 # Stages that later issues fill in; registered now so every primary config composes.
 
 @dataclass
-class TrainJob(StageConfig):
-    pass
-
-
-@dataclass
 class IndexJob(StageConfig):
     pass
 
@@ -138,7 +133,6 @@ STAGES = {
     "synth": SynthJob,
     "ingest": IngestJob,
     "prepare": PrepareJob,
-    "train": TrainJob,
     "index": IndexJob,
     "evaluate": EvaluateJob,
     "recommend": RecommendJob,
@@ -147,7 +141,7 @@ STAGES = {
 
 def register() -> None:
     cs = ConfigStore.instance()
-    for stage, node in STAGES.items():
+    for stage, node in STAGES.items():  # train's schema is registered by trainer.config
         cs.store(name=f"{stage}_schema", node=node)
     cs.store(group="data", name="data_schema", node=DataConfig)
 

@@ -495,3 +495,20 @@ class BatchLoader:
 
 def make_loader(stream: ExampleStream, pin_memory: bool = False) -> BatchLoader:
     return BatchLoader(stream, pin_memory)
+
+
+def batch_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
+                      hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> Batch:
+    """A Batch for arbitrary rows (catalogue items, evaluation customers, extra negatives), built the
+    same way as streamed batches. Missing histories are empty bags."""
+    n = len(customer)
+    if hist_lengths is None:
+        hist_lengths, hist_values = np.zeros(n, np.int64), np.zeros(0, np.int32)
+    customer = np.asarray(customer, np.int32)
+    article = np.asarray(article, np.int32)
+    desc = Jagged.from_lengths(*tables.desc(article)) if tables.has_desc else None
+    cols = Columns(customer, article, np.take(tables.customer, customer, axis=1),
+                   np.take(tables.article, article, axis=1),
+                   Jagged.from_lengths(np.asarray(hist_lengths), np.asarray(hist_values, np.int32)), desc,
+                   tables.time_of_year(np.asarray(day, np.int64)))
+    return cols.pack(tables.item_keys()).unpack()

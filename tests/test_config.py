@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import trainer.config  # noqa: F401  (registers the train schema)
 from data.config import STAGES
 
 CONF = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
@@ -19,7 +20,7 @@ def test_presets_present():
     assert {"tiny", "small", "hm_scale", "hm", "movielens"} <= set(PRESETS)
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted([*STAGES, "train"]))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_stage_composes(stage, preset):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -1,0 +1,70 @@
+"""TorchRec sharding: planner, constraints from config, fused table optimiser, DMP wrapper."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+log = logging.getLogger(__name__)
+
+# Sharding types FBGEMM's CPU kernels support for EmbeddingBagCollection; the rest need CUDA.
+CPU_SHARDING = {"data_parallel", "table_wise", "column_wise", "table_column_wise"}
+ALL_SHARDING = CPU_SHARDING | {"row_wise", "table_row_wise", "grid_shard"}
+FUSED = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
+         "adam": torch.optim.Adam}
+CPU_FUSED = {"rowwise_adagrad", "adagrad", "sgd"}
+
+
+def check_constraints(cfg, device: torch.device, table_names: list[str]) -> dict[str, ParameterConstraints]:
+    """ParameterConstraints from config; what cannot run on this device is a clear error now."""
+    out = {}
+    for table, c in (cfg.constraints or {}).items():
+        if table not in table_names:
+            raise ValueError(f"sharding.constraints names table {table!r}; the model's tables are {table_names}")
+        types = list(c.get("sharding_types", []) or [])
+        for t in types:
+            if t not in ALL_SHARDING:
+                raise ValueError(f"sharding.constraints.{table}: unknown sharding type {t!r}; "
+                                 f"expected one of {sorted(ALL_SHARDING)}")
+            if device.type == "cpu" and t not in CPU_SHARDING:
+                raise ValueError(f"sharding.constraints.{table}: {t} sharding needs CUDA; on CPU use one of "
+                                 f"{sorted(CPU_SHARDING)}")
+        kernels = list(c.get("compute_kernels", []) or [])
+        out[table] = ParameterConstraints(sharding_types=types or None, compute_kernels=kernels or None)
+    if cfg.fused_optimizer not in FUSED:
+        raise ValueError(f"sharding.fused_optimizer={cfg.fused_optimizer!r}: expected one of {sorted(FUSED)}")
+    if device.type == "cpu" and cfg.fused_optimizer not in CPU_FUSED:
+        raise ValueError(f"sharding.fused_optimizer={cfg.fused_optimizer} needs CUDA; FBGEMM's CPU kernels "
+                         f"support {sorted(CPU_FUSED)}")
+    return out
+
+
+def shard(model: nn.Module, cfg, device: torch.device, pg=None) -> DistributedModelParallel:
+    """Plans and shards ``model`` (built on the meta device) over the process group."""
+    table_names = [t.name for t in model.tables]
+    constraints = check_constraints(cfg, device, table_names)
+    apply_optimizer_in_backward(FUSED[cfg.fused_optimizer], model.ebc.parameters(), {"lr": cfg.fused_lr})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    topology = Topology(world_size=world, compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    pg = pg or (dist.group.WORLD if dist.is_initialized() else None)
+    plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    if cfg.print_plan and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.info("sharding plan:\n%s", dmp.plan)
+    return dmp
+
+
+def dense_parameters(dmp: nn.Module):
+    """Parameters not updated by the fused in-backward table optimiser."""
+    return dict(in_backward_optimizer_filter(dmp.named_parameters())).values()

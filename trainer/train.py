@@ -1,0 +1,315 @@
+"""Train the two-tower model with TorchRec under torchrun.
+
+    torchrun --nproc_per_node=2 -m trainer.train data=tiny                 # 2 CPU processes (gloo)
+    torchrun --nproc_per_node=8 -m trainer.train data=hm_scale trainer.batch_size=8192
+    python -m trainer.train data=tiny model=mf                              # one process, MF baseline
+
+Reads ``prepare.out`` (run data.prepare first). Writes into the run directory: the resolved config,
+``checkpoints/step-N`` (resumed automatically), TensorBoard scalars under ``tb/`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import hydra
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data import config as _data_config  # noqa: F401  (registers the data configs)
+from data.io import join, read_json, write_json
+from data.runinfo import start_run
+from data.stream import ExampleStream, FeatureTables, batch_from_arrays, make_loader
+from trainer import checkpoint
+from trainer import config as _train_config  # noqa: F401  (registers the train configs)
+from trainer.loss import LogQ, Negatives, retrieval_loss
+from trainer.model import TwoTower, join_rows
+from trainer.negatives import HardNegativeMiner, uniform_negatives
+from trainer.sharding import dense_parameters, shard
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(cfg) -> tuple[torch.device, int, int]:
+    """nccl with CUDA, gloo otherwise; a one-process group when not started by torchrun."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29533")})
+        dist.init_process_group(backend)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+class Trainer:
+    """Owns the training state: sharded model, optimisers, data position, step, loss/miner state."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        loop = cfg.trainer
+        self.device, self.rank, self.world = init_distributed(loop)
+        self.prepared = cfg.prepare.out
+        self.manifest = read_json(join(self.prepared, "manifest.json"))
+        self.cards = self.manifest["cardinalities"]
+        self.n_items = int(self.cards["article_id"])
+        self.tables = FeatureTables(self.prepared, self.manifest)
+
+        torch.manual_seed(loop.seed)  # identical dense init on every rank; tables init per shard
+        model = TwoTower(cfg.model, self.cards, device="meta")
+        self.model = shard(model, cfg.sharding, self.device)
+        self.dense_opt = torch.optim.AdamW(dense_parameters(self.model), lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.keys = model.feature_keys
+
+        self.stream = ExampleStream(self.prepared, loop.batch_size, rank=self.rank, world_size=self.world,
+                                    seed=loop.seed, shuffle_rows=loop.shuffle_rows, num_workers=loop.num_workers)
+        self.loader = make_loader(self.stream, pin_memory=self.device.type == "cuda")
+        counts = torch.from_numpy(pq.read_table(join(self.prepared, "item_freq.parquet"))["count"].to_numpy())
+        self.logq = LogQ(cfg.loss.logq, self.n_items, counts, cfg.loss.streaming_alpha)
+        lc = cfg.loss
+        self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi) \
+            if lc.hard_negatives > 0 else None
+        self.step, self.epoch = 0, 0
+        self.ckpt_dir = cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints")
+        self.metrics: dict = {"val": [], "train": []}
+        self._stream_state: dict | None = None
+        self.tb = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    # ------------------------------------------------------------ state
+
+    def dense_state(self) -> dict:
+        return {"dense_opt": self.dense_opt.state_dict(), "logq": self.logq.state_dict(),
+                "miner": self.miner.embeddings if self.miner is not None and self.miner.ready else None,
+                "metrics": {"val": self.metrics["val"]}}
+
+    def save(self) -> None:
+        loop_state = {"step": self.step, "epoch": self.epoch, "stream": self.loader.state_dict()}
+        path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.model.fused_optimizer,
+                               self.dense_state(), loop_state, self.cfg.trainer.keep_checkpoints)
+        if self.rank == 0:
+            log.info("checkpoint %s", path)
+
+    def maybe_resume(self) -> bool:
+        if not self.cfg.trainer.resume:
+            return False
+        found = checkpoint.load_latest(self.ckpt_dir, self.model, self.model.fused_optimizer)
+        if found is None:
+            return False
+        dense, loop_state, path = found
+        self.dense_opt.load_state_dict(dense["dense_opt"])
+        self.logq.load_state_dict(dense["logq"])
+        if self.miner is not None and dense.get("miner") is not None:
+            self.miner.refresh(dense["miner"])
+        self.metrics["val"] = list(dense.get("metrics", {}).get("val", []))
+        self.step, self.epoch = loop_state["step"], loop_state["epoch"]
+        self._stream_state = loop_state["stream"]
+        if self.rank == 0:
+            log.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
+        return True
+
+    # ------------------------------------------------------------ embeddings
+
+    @torch.no_grad()
+    def item_embeddings(self, chunk: int = 4096) -> torch.Tensor:
+        """(catalogue, D) for every article_idx, each rank computing a slice, then all-gathered.
+        Every rank runs the same number of forward calls (the sharded tables need all of them)."""
+        n = self.n_items
+        per_rank = -(-n // self.world)
+        ids = np.arange(self.rank * per_rank, (self.rank + 1) * per_rank) % n
+        out = []
+        for lo in range(0, per_rank, chunk):
+            part = ids[lo:lo + chunk]
+            batch = batch_from_arrays(self.tables, np.zeros(len(part)), part, np.full(len(part), self._day()))
+            _, i = self.forward(batch)
+            out.append(i)
+        local = torch.cat(out)
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)[:n]
+
+    @torch.no_grad()
+    def query_embeddings(self, customer, day, hist_lengths, hist_values) -> torch.Tensor:
+        batch = batch_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
+        q, _ = self.forward(batch)
+        return q
+
+    def _day(self) -> int:
+        return int(np.datetime64(self.manifest["split"]["last_day"], "D").astype(np.int64))
+
+    def forward(self, batch, extra_items=None):
+        batch = batch.to(self.device, non_blocking=True)
+        extra = extra_items.to(self.device) if extra_items is not None else None
+        sparse = join_rows(batch.query, batch.item, self.keys, extra.item if extra is not None else None)
+        dense = batch.query_dense
+        if extra is not None:
+            dense = torch.cat([dense, dense.new_zeros(len(extra), dense.shape[1])])
+        return self.model(sparse, dense)
+
+    # ------------------------------------------------------------ training
+
+    def train_step(self, batch) -> tuple[float, dict]:
+        lc, loop = self.cfg.loss, self.cfg.trainer
+        b = len(batch)
+        extra = None
+        extra_ids = None
+        if lc.mixed_negatives > 0:
+            extra_ids = uniform_negatives(lc.mixed_negatives, self.n_items, loop.seed, self.step, self.rank)
+            extra = batch_from_arrays(self.tables, np.zeros(len(extra_ids)), extra_ids.numpy(),
+                                      np.full(len(extra_ids), self._day()))
+        q_all, i_all = self.forward(batch, extra)
+        q, pos = q_all[:b], i_all[:b]
+        neg = Negatives()
+        if extra is not None:
+            neg.extra, neg.extra_ids = i_all[b:], extra_ids.to(self.device)
+        if self.miner is not None and self.miner.ready:
+            hist = batch.query["history"]
+            hist_split = torch.split(hist.values(), hist.lengths().tolist())
+            hard_ids = self.miner.mine(q, batch.article_idx, list(hist_split), loop.seed, self.step, self.rank)
+            flat = hard_ids.reshape(-1).numpy()
+            hard_batch = batch_from_arrays(self.tables, np.zeros(len(flat)), flat, np.full(len(flat), self._day()))
+            _, h = self.forward(hard_batch)
+            neg.hard, neg.hard_ids = h.view(b, -1, h.shape[-1]), hard_ids.to(self.device)
+        pos_ids = batch.article_idx.to(self.device)
+        loss, stats = retrieval_loss(q, pos, pos_ids, lc, neg, self.logq, dist.group.WORLD, self.n_items)
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()  # the fused table optimiser steps inside backward
+        self.dense_opt.step()
+        if self.logq.mode == "streaming":
+            gathered = [torch.empty_like(pos_ids) for _ in range(self.world)]
+            dist.all_gather(gathered, pos_ids)
+            self.logq.update(torch.cat(gathered), self.step + 1)
+        return float(loss.detach()), stats
+
+    def maybe_refresh_miner(self, epoch_start: bool) -> None:
+        """Re-mines from current item embeddings: every ``hard_every`` steps, or at each epoch start."""
+        if self.miner is None:
+            return
+        every = self.cfg.loss.hard_every
+        if (every > 0 and self.step % every == 0) or (every == 0 and epoch_start):
+            self.miner.refresh(self.item_embeddings())
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Recall@K on the validation set by exact search over the whole catalogue."""
+        ev = pq.read_table(join(self.prepared, "eval", "val.parquet"))
+        n = ev.num_rows
+        per_rank = -(-n // self.world)
+        rows = np.arange(self.rank * per_rank, min((self.rank + 1) * per_rank, n))
+        items = self.item_embeddings()
+        ks = sorted(int(k) for k in self.cfg.trainer.recall_k)
+        hits = torch.zeros(len(ks), dtype=torch.float64)
+        chunk = 2048
+        n_calls = -(-per_rank // chunk)
+        for c in range(n_calls):  # the same number of forward calls on every rank
+            part = rows[c * chunk:(c + 1) * chunk]
+            real = len(part)
+            sub = ev.take(part if real else np.zeros(1, dtype=np.int64))  # a dummy row keeps step
+            hist = sub["history"].combine_chunks()
+            off = hist.offsets.to_numpy()
+            q = self.query_embeddings(sub["customer_idx"].to_numpy(), sub["day"].to_numpy(), np.diff(off),
+                                      hist.values.to_numpy()[off[0]:off[-1]])
+            if real == 0:
+                continue
+            scores = q @ items.T
+            scores[:, 0] = -torch.inf
+            top = scores.topk(max(ks), dim=1).indices.cpu()
+            for r, targets in enumerate(sub["targets"].to_pylist()[:real]):
+                t = torch.tensor(targets)
+                for j, k in enumerate(ks):
+                    hits[j] += torch.isin(top[r, :k], t).sum().item() / len(t)
+        counts = torch.tensor([float(len(rows))], dtype=torch.float64)
+        dist.all_reduce(hits)
+        dist.all_reduce(counts)
+        return {f"recall@{k}": float(hits[j] / counts[0]) for j, k in enumerate(ks)}
+
+    def fit(self) -> dict:
+        loop = self.cfg.trainer
+        self.maybe_resume()
+        per_epoch = len(self.loader)
+        total = per_epoch * loop.epochs if loop.max_steps < 0 else min(loop.max_steps, per_epoch * loop.epochs)
+        bar = tqdm(total=total, initial=self.step, desc="train", disable=not (loop.progress and self.rank == 0),
+                   mininterval=1.0)
+        t_last, n_last, done = time.perf_counter(), 0, 0 < loop.max_steps <= self.step
+        while self.epoch < loop.epochs and not done:
+            if self._stream_state is not None and self.step % per_epoch != 0:
+                self.loader.load_state_dict(self._stream_state)  # resume mid-epoch, exactly
+            else:
+                self.stream.set_epoch(self.epoch)
+                self.maybe_refresh_miner(epoch_start=True)
+            self._stream_state = None
+            for batch in self.loader:
+                if self.cfg.loss.hard_every > 0:
+                    self.maybe_refresh_miner(epoch_start=False)
+                loss, stats = self.train_step(batch)
+                self.step += 1
+                n_last += len(batch)
+                bar.update(1)
+                if self.step % loop.log_every == 0 or self.step == 1:
+                    self._log(loss, stats, n_last / max(time.perf_counter() - t_last, 1e-9))
+                    t_last, n_last = time.perf_counter(), 0
+                if 0 < loop.max_steps <= self.step:
+                    done = True
+                    break
+                if loop.checkpoint_every > 0 and self.step % loop.checkpoint_every == 0 and self.step % per_epoch:
+                    self.save()  # (epoch ends are saved below, after validation)
+            if done:
+                break
+            self.epoch += 1
+            if loop.validate:
+                val = {"epoch": self.epoch, "step": self.step, **self.validate()}
+                self.metrics["val"].append(val)
+                if self.rank == 0:
+                    log.info("validation after epoch %d: %s", self.epoch,
+                             " ".join(f"{k}={v:.4f}" for k, v in val.items() if k.startswith("recall")))
+                    for k, v in val.items():
+                        if k.startswith("recall"):
+                            self.tb.add_scalar(f"val/{k}", v, self.step)
+            if self.epoch < loop.epochs:
+                self.save()
+        bar.close()
+        self.save()
+        if self.rank == 0:
+            write_json({"step": self.step, "epoch": self.epoch, **self.metrics}, join(self.run_dir, "metrics.json"))
+            self.tb.close()
+        return self.metrics
+
+    def _log(self, loss: float, stats: dict, per_rank_rate: float) -> None:
+        total_rate = per_rank_rate * self.world
+        lr = self.dense_opt.param_groups[0]["lr"]
+        self.metrics["train"].append({"step": self.step, "loss": loss})
+        if self.rank == 0:
+            log.info("step %d epoch %d loss %.4f in-batch acc %.3f | %.0f ex/s total, %.0f ex/s per rank | lr %.2e",
+                     self.step, self.epoch, loss, stats["in_batch_acc"], total_rate, per_rank_rate, lr)
+            self.tb.add_scalar("train/loss", loss, self.step)
+            self.tb.add_scalar("train/examples_per_s", total_rate, self.step)
+            self.tb.add_scalar("train/in_batch_acc", stats["in_batch_acc"], self.step)
+            self.tb.add_scalar("train/lr", lr, self.step)
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    rank = int(os.environ.get("RANK", 0))
+    run_dir = start_run(cfg) if rank == 0 else str(cfg.run_dir)
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
