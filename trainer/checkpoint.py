@@ -8,6 +8,9 @@ Layout of one checkpoint, ``<dir>/step-<N>/``:
     rank-<r>.json        per-rank loop state: step, epoch, data stream position, RNG states
     COMPLETE             written last, by rank 0, after every rank finished: only such directories count
 
+DCP's own ``.metadata`` file is a pickle: load only checkpoints this project wrote (the run directory's
+own). Everything else is read without pickle (JSON, ``torch.load(weights_only=True)``).
+
 Resume takes the newest complete checkpoint whose load succeeds on every rank; a partial or corrupt one
 is skipped with a warning. The newest ``keep`` complete checkpoints are kept.
 """
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -104,7 +108,7 @@ def load_latest(root: str, model, fused_optimizer) -> tuple[dict, dict, str] | N
             with open(os.path.join(path, f"rank-{_rank()}.json")) as f:
                 loop_state = json.load(f)
             dense = torch.load(os.path.join(path, "dense.pt"), weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
             ok, err = False, e
         flag = torch.tensor([1 if ok else 0])
         if dist.is_initialized():

@@ -75,7 +75,7 @@ class Trainer:
         self.stream = ExampleStream(self.prepared, loop.batch_size, rank=self.rank, world_size=self.world,
                                     seed=loop.seed, shuffle_rows=loop.shuffle_rows, num_workers=loop.num_workers)
         self.loader = make_loader(self.stream, pin_memory=self.device.type == "cuda")
-        counts = torch.from_numpy(pq.read_table(join(self.prepared, "item_freq.parquet"))["count"].to_numpy())
+        counts = torch.from_numpy(pq.read_table(join(self.prepared, "item_freq.parquet"))["count"].to_numpy().copy())
         self.logq = LogQ(cfg.loss.logq, self.n_items, counts, cfg.loss.streaming_alpha)
         lc = cfg.loss
         self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi) \

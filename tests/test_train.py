@@ -1,0 +1,115 @@
+"""End-to-end training under a real `torchrun --nproc_per_node=2` (gloo, CPU), resume after SIGKILL,
+and skipping of partial or corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int = 2, port: int = 29611) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+            "-m", "trainer.train", f"prepare.out={prepared}", f"hydra.run.dir={run_dir}", "trainer.progress=false",
+            "sharding.print_plan=false", *overrides]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def final_weights(run_dir: pathlib.Path) -> dict:
+    ckpts = sorted(p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    out = run_dir / "final.pt"
+    dcp_to_torch_save(str(ckpts[-1]), str(out))
+    state = torch.load(out, weights_only=True)
+    return {k: v for k, v in state["model"].items()}
+
+
+def popularity_recall(prepared: str, k: int = 12) -> float:
+    ex = pq.read_table(f"{prepared}/examples", columns=["article_idx", "day"])
+    day, art = ex["day"].to_numpy(), ex["article_idx"].to_numpy()
+    recent = day > day.max() - 7
+    top = set(np.argsort(-np.bincount(art[recent]), kind="stable")[:k].tolist())
+    targets = pq.read_table(f"{prepared}/eval/val.parquet")["targets"].to_pylist()
+    return float(np.mean([len(top & set(t)) / len(t) for t in targets]))
+
+
+def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    run(train_cmd(prepared, tmp_path / "run", "trainer.epochs=3", "trainer.batch_size=256", "trainer.log_every=10",
+                  "trainer.recall_k=[12]"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    losses = [m["loss"] for m in metrics["train"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.5  # the loss decreases
+    recall = metrics["val"][-1]["recall@12"]
+    pop = popularity_recall(prepared)
+    assert recall > 1.2 * pop, (recall, pop)
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert any((tmp_path / "run" / "tb").iterdir())  # TensorBoard event file
+
+
+def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    common = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=15", "trainer.validate=false",
+              "trainer.log_every=5", "trainer.keep_checkpoints=10"]
+    run(train_cmd(prepared, tmp_path / "a", *common, port=29621))
+    # The same run, SIGKILLed (every process) once it has a complete checkpoint past step 30, then restarted.
+    cmd = train_cmd(prepared, tmp_path / "b", *common, port=29622)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    ckpt = tmp_path / "b" / "checkpoints"
+    while time.time() < deadline:
+        done = [p for p in ckpt.glob("step-*") if (p / "COMPLETE").exists()] if ckpt.exists() else []
+        if any(int(p.name[5:]) >= 30 for p in done):
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name[5:]) for p in ckpt.glob("step-*") if (p / "COMPLETE").exists())
+    assert killed_at < 180  # it really stopped before the end (2 epochs of ~90 steps)
+    resumed = run(cmd)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_partial_and_corrupt_checkpoints_are_skipped(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    common = ["trainer.epochs=1", "trainer.batch_size=512", "trainer.validate=false", "trainer.max_steps=10"]
+    run_dir = tmp_path / "run"
+    run(train_cmd(prepared, run_dir, *common, nproc=1, port=29631))
+    good = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    partial = run_dir / "checkpoints" / "step-00000500"  # no COMPLETE marker: a save that was cut off
+    partial.mkdir()
+    (partial / "rank-0.json").write_text("{}")
+    corrupt = run_dir / "checkpoints" / "step-00000900"  # marked complete but its data is garbage
+    corrupt.mkdir()
+    (corrupt / ".metadata").write_bytes(b"not a checkpoint")
+    (corrupt / "COMPLETE").write_text("900")
+    proc = run(train_cmd(prepared, run_dir, *common[:-1], "trainer.max_steps=12", nproc=1, port=29632))
+    out = proc.stdout + proc.stderr
+    assert "skipping unreadable checkpoint" in out and "step-00000900" in out
+    assert "skipping incomplete checkpoint" in out and "step-00000500" in out
+    assert f"resumed from {good}" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 12
