@@ -89,7 +89,7 @@ class LogQ:
 
 def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor, cfg,
                    negatives: Negatives | None = None, logq: LogQ | None = None, group=None,
-                   catalog_size: int | None = None) -> tuple[torch.Tensor, dict]:
+                   catalog_size: int | None = None, with_stats: bool = True) -> tuple[torch.Tensor, dict]:
     """Mean softmax cross-entropy of each query against its positive; returns (loss, stats)."""
     negatives = negatives or Negatives()
     b = query.shape[0]
@@ -107,18 +107,20 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
         if correction:
             n_cat = catalog_size or int(cand_ids.max()) + 1
             correction.append(torch.full((m,), float(torch.log(torch.tensor(m / n_cat))), device=query.device))
-    logits = query @ cand.T / cfg.temperature
+    logits = (query / cfg.temperature) @ cand.T  # scale the small side, not the B x N matrix
     if correction:
-        logits = logits - torch.cat(correction)[None, :]
+        logits.sub_(torch.cat(correction)[None, :])  # in place: matmul's backward needs only its inputs
     if cfg.mask_accidental_hits:
         hit = cand_ids[None, :] == positive_ids[:, None]
-        hit[torch.arange(b), target] = False
-        logits = logits.masked_fill(hit, MASKED)
+        hit[torch.arange(b, device=hit.device), target] = False
+        logits.masked_fill_(hit, MASKED)
     if negatives.hard is not None:
         hard_logits = torch.einsum("bd,bhd->bh", query, negatives.hard) / cfg.temperature
         hard_logits = hard_logits.masked_fill(negatives.hard_ids == positive_ids[:, None], MASKED)
         logits = torch.cat([logits, hard_logits], dim=1)
     loss = F.cross_entropy(logits, target)
-    with torch.no_grad():
-        acc = (logits.argmax(dim=1) == target).float().mean()
-    return loss, {"in_batch_acc": float(acc), "candidates": int(logits.shape[1])}
+    stats = {"candidates": int(logits.shape[1])}
+    if with_stats:
+        with torch.no_grad():
+            stats["in_batch_acc"] = float((logits.argmax(dim=1) == target).float().mean())
+    return loss, stats

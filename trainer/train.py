@@ -68,8 +68,9 @@ class Trainer:
         torch.manual_seed(loop.seed)  # identical dense init on every rank; tables init per shard
         model = TwoTower(cfg.model, self.cards, device="meta")
         self.model = shard(model, cfg.sharding, self.device)
-        self.dense_opt = torch.optim.AdamW(dense_parameters(self.model), lr=cfg.optim.lr,
-                                           weight_decay=cfg.optim.weight_decay)
+        dense = list(dense_parameters(self.model))  # none for matrix factorisation
+        self.dense_opt = torch.optim.AdamW(dense, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay) \
+            if dense else None
         self.keys = model.feature_keys
 
         self.stream = ExampleStream(self.prepared, loop.batch_size, rank=self.rank, world_size=self.world,
@@ -92,7 +93,7 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def dense_state(self) -> dict:
-        return {"dense_opt": self.dense_opt.state_dict(), "logq": self.logq.state_dict(),
+        return {"dense_opt": self.dense_opt.state_dict() if self.dense_opt else {}, "logq": self.logq.state_dict(),
                 "miner": self.miner.embeddings if self.miner is not None and self.miner.ready else None,
                 "metrics": {"val": self.metrics["val"]}}
 
@@ -110,7 +111,8 @@ class Trainer:
         if found is None:
             return False
         dense, loop_state, path = found
-        self.dense_opt.load_state_dict(dense["dense_opt"])
+        if self.dense_opt is not None:
+            self.dense_opt.load_state_dict(dense["dense_opt"])
         self.logq.load_state_dict(dense["logq"])
         if self.miner is not None and dense.get("miner") is not None:
             self.miner.refresh(dense["miner"])
@@ -161,7 +163,7 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
-    def train_step(self, batch) -> tuple[float, dict]:
+    def train_step(self, batch, with_stats: bool = True) -> tuple[float, dict]:
         lc, loop = self.cfg.loss, self.cfg.trainer
         b = len(batch)
         extra = None
@@ -184,10 +186,13 @@ class Trainer:
             _, h = self.forward(hard_batch)
             neg.hard, neg.hard_ids = h.view(b, -1, h.shape[-1]), hard_ids.to(self.device)
         pos_ids = batch.article_idx.to(self.device)
-        loss, stats = retrieval_loss(q, pos, pos_ids, lc, neg, self.logq, dist.group.WORLD, self.n_items)
-        self.dense_opt.zero_grad(set_to_none=True)
+        loss, stats = retrieval_loss(q, pos, pos_ids, lc, neg, self.logq, dist.group.WORLD, self.n_items,
+                                     with_stats=with_stats)
+        if self.dense_opt is not None:
+            self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # the fused table optimiser steps inside backward
-        self.dense_opt.step()
+        if self.dense_opt is not None:
+            self.dense_opt.step()
         if self.logq.mode == "streaming":
             gathered = [torch.empty_like(pos_ids) for _ in range(self.world)]
             dist.all_gather(gathered, pos_ids)
@@ -254,11 +259,12 @@ class Trainer:
             for batch in self.loader:
                 if self.cfg.loss.hard_every > 0:
                     self.maybe_refresh_miner(epoch_start=False)
-                loss, stats = self.train_step(batch)
+                logging_step = (self.step + 1) % loop.log_every == 0 or self.step == 0
+                loss, stats = self.train_step(batch, with_stats=logging_step)
                 self.step += 1
                 n_last += len(batch)
                 bar.update(1)
-                if self.step % loop.log_every == 0 or self.step == 1:
+                if logging_step:
                     self._log(loss, stats, n_last / max(time.perf_counter() - t_last, 1e-9))
                     t_last, n_last = time.perf_counter(), 0
                 if 0 < loop.max_steps <= self.step:
@@ -289,7 +295,7 @@ class Trainer:
 
     def _log(self, loss: float, stats: dict, per_rank_rate: float) -> None:
         total_rate = per_rank_rate * self.world
-        lr = self.dense_opt.param_groups[0]["lr"]
+        lr = self.dense_opt.param_groups[0]["lr"] if self.dense_opt else self.cfg.sharding.fused_lr
         self.metrics["train"].append({"step": self.step, "loss": loss})
         if self.rank == 0:
             log.info("step %d epoch %d loss %.4f in-batch acc %.3f | %.0f ex/s total, %.0f ex/s per rank | lr %.2e",
