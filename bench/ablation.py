@@ -1,0 +1,59 @@
+"""Loss ablation on synthetic data: which combination of logQ, accidental-hit masking, mixed and hard
+negatives retrieves best. Each row is a real `torchrun --nproc_per_node=N -m trainer.train` run.
+
+    .venv/bin/python bench/ablation.py                       # data=small, 1 epoch, 2 CPU processes
+    .venv/bin/python bench/ablation.py --data tiny --epochs 2
+
+Prints validation Recall@12/@100 per configuration; the defaults in conf/loss/default.yaml are the
+best row found this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+CONFIGS = {
+    "in-batch softmax": ["loss=in_batch"],
+    "+ logQ (static)": ["loss=in_batch", "loss.logq=static"],
+    "+ logQ + hit masking": ["loss=in_batch", "loss.logq=static", "loss.mask_accidental_hits=true"],
+    "+ logQ + masking + 256 mixed (default)": ["loss=default"],
+    "default, streaming logQ": ["loss=default", "loss.logq=streaming"],
+    "default + 4 hard negatives": ["loss=hard_negatives"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="small")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="subset of configuration names")
+    args = ap.parse_args()
+    rows = []
+    for name, overrides in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        run_dir = ROOT / "runs" / "ablation" / args.data / name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", "").replace(",", "")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+                        "-m", "trainer.train", f"data={args.data}", f"trainer.epochs={args.epochs}",
+                        "trainer.resume=false", "trainer.progress=false", "sharding.print_plan=false",
+                        f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        val = json.loads((run_dir / "metrics.json").read_text())["val"][-1]
+        rows.append((name, val["recall@12"], val["recall@100"], time.perf_counter() - t0))
+        print(f"{name:<42} recall@12 {val['recall@12']:.4f}  recall@100 {val['recall@100']:.4f}  "
+              f"({rows[-1][3]:.0f}s)", flush=True)
+    best = max(rows, key=lambda r: r[1])
+    print(f"best by recall@12: {best[0]}")
+
+
+if __name__ == "__main__":
+    main()
