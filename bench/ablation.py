@@ -26,6 +26,11 @@ CONFIGS = {
     "+ logQ + masking + 256 mixed (default)": ["loss=default"],
     "default, streaming logQ": ["loss=default", "loss.logq=streaming"],
     "default + 4 hard negatives": ["loss=hard_negatives"],
+    "streaming logQ, 1024 mixed": ["loss=default", "loss.logq=streaming", "loss.mixed_negatives=1024"],
+    "streaming logQ, 1024 mixed, T=0.1": ["loss=default", "loss.logq=streaming", "loss.mixed_negatives=1024",
+                                          "loss.temperature=0.1"],
+    "streaming logQ, 1024 mixed, 4 hard": ["loss=hard_negatives", "loss.logq=streaming",
+                                           "loss.mixed_negatives=1024"],
 }
 
 

@@ -409,12 +409,12 @@ class ExampleStream(IterableDataset):
         by_file: dict[str, list[int]] = {}
         for u in units:  # one multi-threaded read per file
             by_file.setdefault(u.file, []).append(u.row_group)
-        t = pa.concat_tables([self._file(f).read_row_groups(rgs) for f, rgs in by_file.items()])
+        t = pa.concat_tables([self._file(f).read_row_groups(rgs) for f, rgs in by_file.items()]).combine_chunks()
         perm = np.random.default_rng([self.seed, self.epoch, self.rank, worker, wi]).permutation(t.num_rows)
-        t = t.take(pa.array(perm[skip:])).combine_chunks()  # one C++ gather, list column included
+        t = t.take(pa.array(perm[skip:]))  # one C++ gather over contiguous columns, list column included
         c = t["customer_idx"].to_numpy()
         a = t["article_idx"].to_numpy()
-        hist = t["history"].chunk(0) if t.num_rows else pa.array([], pa.list_(pa.int32()))
+        hist = t["history"].combine_chunks()  # one chunk already: no copy
         h_off = hist.offsets.to_numpy().astype(np.int64)
         h_val = hist.values.to_numpy()[h_off[0]:h_off[-1]]
         oov = {}
