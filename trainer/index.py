@@ -1,0 +1,127 @@
+"""FAISS IVF index over item embeddings (inner product), built on GPU when possible, saved for CPU.
+
+    index = build(embeddings, kind="ivf_flat")          # nlist from catalogue size unless given
+    report = sweep(index, embeddings, queries, k=12)    # recall@k against exact IndexFlatIP, QPS
+    index.nprobe = choose_nprobe(report, target=0.95)
+
+The index stores row positions 0..N-1; ``save`` writes the article-id map beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from data.io import fs_and_path, join, read_table, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def default_nlist(n: int) -> int:
+    """~4·sqrt(N) lists, and never so many that fewer than 39 training points per list remain."""
+    return int(max(1, min(4 * math.sqrt(n), n // 39)))
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build(embeddings: np.ndarray, kind: str = "ivf_flat", nlist: int | None = None, pq_m: int = 16,
+          pq_bits: int = 8, train_size: int | None = None, use_gpu: bool | None = None, seed: int = 0) -> faiss.Index:
+    """Trains and fills an IVF index; returns a CPU index (moved back when built on GPU)."""
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, d = x.shape
+    nlist = nlist or default_nlist(n)
+    quantizer = faiss.IndexFlatIP(d)
+    if kind == "ivf_flat":
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    elif kind == "ivf_pq":
+        if d % pq_m:
+            raise ValueError(f"index.pq_m={pq_m} must divide the embedding dimension {d}")
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, pq_bits, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"index.kind={kind!r}: expected ivf_flat or ivf_pq")
+    need = 39 * nlist
+    size = min(n, max(need, train_size or 0))
+    if size < need:
+        raise ValueError(f"{n} items cannot train {nlist} lists (FAISS needs >= 39 x nlist = {need}); lower index.nlist")
+    sample = x[np.random.default_rng(seed).choice(n, size, replace=False)] if size < n else x
+    on_gpu = gpu_available() if use_gpu is None else use_gpu
+    if on_gpu:
+        res = faiss.StandardGpuResources()
+        gpu = faiss.index_cpu_to_gpu(res, 0, index)
+        gpu.train(sample)
+        gpu.add(x)
+        index = faiss.index_gpu_to_cpu(gpu)
+    else:
+        index.train(sample)
+        index.add(x)
+    log.info("built %s nlist=%d on %s from %d training points, %d items", kind, nlist,
+             "GPU" if on_gpu else "CPU", size, n)
+    return index
+
+
+def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    flat = faiss.IndexFlatIP(embeddings.shape[1])
+    flat.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+
+
+def recall_vs_exact(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact top-k found by the approximate top-k (per query, averaged)."""
+    n, k = exact.shape
+    width = int(max(approx.max(initial=0), exact.max(initial=0))) + 2
+    rows = np.arange(n, dtype=np.int64)[:, None] * width
+    return float(np.isin(approx + rows, exact + rows).sum() / exact.size)
+
+
+def sweep(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int = 12,
+          nprobes=(1, 2, 4, 8, 16, 32, 64, 128), exact: np.ndarray | None = None) -> list[dict]:
+    """recall@k against exact inner-product search and queries/s for each nprobe."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if exact is None:
+        exact = exact_top_k(embeddings, q, k)
+    rows = []
+    for p in nprobes:
+        if p > index.nlist:
+            break
+        index.nprobe = p
+        t0 = time.perf_counter()
+        approx = index.search(q, k)[1]
+        dt = time.perf_counter() - t0
+        rows.append({"nprobe": p, f"recall@{k}": recall_vs_exact(approx, exact), "qps": len(q) / dt})
+    return rows
+
+
+def choose_nprobe(rows: list[dict], target: float, k: int = 12) -> int:
+    """The smallest nprobe whose recall meets the target (else the best one measured)."""
+    for r in rows:
+        if r[f"recall@{k}"] >= target:
+            return r["nprobe"]
+    return max(rows, key=lambda r: r[f"recall@{k}"])["nprobe"]
+
+
+def save(index: faiss.Index, article_ids: np.ndarray, out: str, report: dict) -> None:
+    """``index.faiss`` (CPU), ``index_ids.parquet`` (row -> article_id) and ``index_report.json``."""
+    fs, path = fs_and_path(join(out, "index.faiss"))
+    fs.makedirs(fs_and_path(out)[1], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(faiss.serialize_index(index).tobytes())
+    write_parquet(pa.table({"row": pa.array(np.arange(len(article_ids)), pa.int64()),
+                            "article_id": pa.array(article_ids, pa.int64())}), join(out, "index_ids.parquet"))
+    write_json(report, join(out, "index_report.json"))
+
+
+def load(out: str) -> tuple[faiss.Index, np.ndarray]:
+    fs, path = fs_and_path(join(out, "index.faiss"))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{join(out, 'index.faiss')}: no index; run trainer.index first")
+    with fs.open(path, "rb") as f:
+        index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+    ids = read_table(join(out, "index_ids.parquet"))["article_id"].to_numpy()
+    return index, ids
