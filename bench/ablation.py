@@ -45,7 +45,8 @@ def main() -> None:
     for name, overrides in CONFIGS.items():
         if args.only and name not in args.only:
             continue
-        run_dir = ROOT / "runs" / "ablation" / args.data / name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", "").replace(",", "")
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name)  # Hydra overrides reject '=' and ','
+        run_dir = ROOT / "runs" / "ablation" / args.data / slug
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                         "-m", "trainer.train", f"data={args.data}", f"trainer.epochs={args.epochs}",

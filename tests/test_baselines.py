@@ -1,0 +1,50 @@
+"""Each baseline on a tiny hand-made log whose right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer import baselines as bl
+
+
+def inter(rows, n_customers=6, n_items=8):
+    c, a, d = (np.array(x) for x in zip(*rows))
+    return bl.Interactions(c, a, d, n_customers, n_items, window_days=7)
+
+
+# (customer, article, day). Items 1..7; item 6 is the recent best seller, item 7 was popular long ago.
+LOG = [(1, 1, 0), (1, 2, 0), (2, 1, 1), (2, 2, 1), (3, 1, 2), (3, 3, 2),
+       (4, 7, 0), (5, 7, 0), (4, 7, 1), (1, 6, 20), (2, 6, 21), (3, 6, 22), (4, 6, 23), (5, 5, 23)]
+
+
+def test_popularity_is_recent_popularity():
+    top = bl.popularity(inter(LOG), 2, 3)
+    assert top.shape == (2, 3) and top[0, :2].tolist() == [6, 5]  # 7 is old; 0 (OOV) never appears
+    assert 0 not in top
+
+
+def test_repurchase_puts_own_recent_items_first():
+    top = bl.repurchase(inter(LOG), [np.array([3, 5, 3]), np.array([], dtype=np.int64)], 4)
+    assert top[0, :2].tolist() == [3, 5] and top[0, 2] == 6  # then popularity
+    assert top[1, :2].tolist() == [6, 5]  # no history: popularity
+
+
+def test_covisitation_follows_baskets():
+    top = bl.covisitation(inter(LOG), [np.array([1])], 3)
+    assert top[0, :2].tolist() == [2, 3]  # 1 was bought with 2 twice, with 3 once
+
+
+def test_item_knn_follows_shared_buyers():
+    log = [(1, 1, 0), (1, 2, 0), (2, 1, 1), (2, 2, 1), (3, 3, 2), (3, 4, 2), (4, 4, 3), (5, 3, 3), (5, 1, 3)]
+    top = bl.item_knn(inter(log), [np.array([1])], 3)
+    assert top[0, 0] == 2  # buyers of 1 are {1,2,5}; of 2 {1,2}: the most similar
+
+
+def test_tfidf_follows_descriptions():
+    # tokens per article 0..7: 1 "red dress", 2 "red dress long", 3 "blue jeans", others empty
+    tokens = {1: [10, 11], 2: [10, 11, 12], 3: [13, 14]}
+    lengths = [len(tokens.get(i, [])) for i in range(8)]
+    offsets = np.r_[0, np.cumsum(lengths)]
+    values = np.array([t for i in range(8) for t in tokens.get(i, [])])
+    top = bl.tfidf(inter(LOG), [np.array([1])], offsets, values, 3)
+    assert top[0, 0] == 1 and top[0, 1] == 2  # itself, then the most similar description

@@ -1,0 +1,136 @@
+"""Strong simple baselines on the same split as the model, all vectorised over sparse matrices.
+
+Every recommender returns (queries, K) article indices for the evaluation customers, best first. All
+of them break ties, and fill lists they cannot complete, with recent popularity, so each list has K
+distinct items.
+
+* ``popularity``       the most bought articles of the last ``window_days`` of training;
+* ``repurchase``       the customer's own purchases, most recent first, then popularity (the classic
+                       H&M baseline);
+* ``covisitation``     articles bought in the same basket (customer and day) as the customer's
+                       purchases, weighted by how often ("bought together");
+* ``item_knn``         cosine similarity of articles' buyer vectors, summed over the customer's
+                       purchases (sparse item-kNN);
+* ``tfidf``            cosine similarity of TF-IDF vectors of the article descriptions to the mean
+                       vector of the customer's purchases (content).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+POP_EPS = 1e-6  # popularity as a tie-breaker below every real score
+
+
+class Interactions:
+    """Training purchases as sparse matrices: customers x articles, and baskets x articles."""
+
+    def __init__(self, customer: np.ndarray, article: np.ndarray, day: np.ndarray, n_customers: int, n_items: int,
+                 window_days: int = 7):
+        self.n_items = n_items
+        ones = np.ones(len(customer), dtype=np.float32)
+        self.user_item = sp.csr_matrix((ones, (customer, article)), shape=(n_customers, n_items))
+        self.user_item.data[:] = 1.0  # bought at all, not how often
+        basket = np.unique((customer.astype(np.int64) << 20) | (day.astype(np.int64) - day.min()),
+                           return_inverse=True)[1]
+        self.basket_item = sp.csr_matrix((ones, (basket, article)), shape=(int(basket.max()) + 1, n_items))
+        self.basket_item.data[:] = 1.0
+        recent = day > day.max() - window_days
+        self.popularity = np.bincount(article[recent], minlength=n_items).astype(np.float64)
+        self.popularity[0] = -1.0  # never recommend the OOV row
+        self.popularity_rank = np.argsort(-self.popularity, kind="stable")
+
+
+def _history_matrix(history: list[np.ndarray], n_items: int, recency: bool = False) -> sp.csr_matrix:
+    """Eval customers x articles from their histories (oldest first); with ``recency`` later items
+    weigh more (1, 2, 3, ...), else 1."""
+    lengths = np.array([len(h) for h in history])
+    cols = np.concatenate(history) if len(history) else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(history)), lengths)
+    vals = (np.concatenate([np.arange(1, n + 1) for n in lengths]).astype(np.float32) if recency
+            else np.ones(len(cols), np.float32))
+    m = sp.csr_matrix((vals, (rows, cols)), shape=(len(history), n_items))
+    m.sum_duplicates()
+    return m
+
+
+def _rank(scores: np.ndarray, popularity: np.ndarray, k: int) -> np.ndarray:
+    """Top-k by score, popularity breaking ties and filling; never the OOV row."""
+    s = scores + POP_EPS * (popularity / max(popularity.max(), 1.0))[None, :]
+    s[:, 0] = -np.inf
+    top = np.argpartition(-s, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _score_in_chunks(profile: sp.csr_matrix, item_item, popularity: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
+    out = []
+    for lo in range(0, profile.shape[0], chunk):
+        s = profile[lo:lo + chunk] @ item_item
+        s = s.toarray() if sp.issparse(s) else np.asarray(s)
+        out.append(_rank(s.astype(np.float64), popularity, k))
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def popularity(inter: Interactions, n_queries: int, k: int) -> np.ndarray:
+    return np.tile(inter.popularity_rank[inter.popularity_rank != 0][:k], (n_queries, 1))
+
+
+def repurchase(inter: Interactions, history: list[np.ndarray], k: int) -> np.ndarray:
+    h = _history_matrix(history, inter.n_items, recency=True)
+    out = []
+    for lo in range(0, h.shape[0], 512):
+        out.append(_rank(h[lo:lo + 512].toarray().astype(np.float64), inter.popularity, k))
+    return np.concatenate(out)
+
+
+def covisitation(inter: Interactions, history: list[np.ndarray], k: int) -> np.ndarray:
+    co = (inter.basket_item.T @ inter.basket_item).tocsr()
+    co.setdiag(0)
+    co.eliminate_zeros()
+    return _score_in_chunks(_history_matrix(history, inter.n_items), co, inter.popularity, k)
+
+
+def item_knn(inter: Interactions, history: list[np.ndarray], k: int, neighbours: int = 100) -> np.ndarray:
+    x = inter.user_item
+    co = (x.T @ x).tocsr().astype(np.float32)
+    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)
+    norms[norms == 0] = 1.0
+    inv = sp.diags(1.0 / norms)
+    sim = (inv @ co @ inv).tocsr()
+    sim.setdiag(0)
+    sim.eliminate_zeros()
+    sim = _keep_top_per_row(sim, neighbours)
+    return _score_in_chunks(_history_matrix(history, inter.n_items), sim.T.tocsr(), inter.popularity, k)
+
+
+def _keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """Keeps each row's n largest entries (the classic neighbourhood cut)."""
+    m = m.tocsr()
+    lengths = np.diff(m.indptr)
+    if lengths.max(initial=0) <= n:
+        return m
+    rows = np.repeat(np.arange(m.shape[0]), lengths)
+    order = np.lexsort((-m.data, rows))
+    rank = np.arange(len(order)) - np.repeat(m.indptr[:-1], lengths)
+    keep = order[rank < n]
+    return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+
+
+def tfidf(inter: Interactions, history: list[np.ndarray], token_offsets: np.ndarray, token_values: np.ndarray,
+          k: int) -> np.ndarray:
+    """token_offsets/values: description tokens per article_idx (CSR over 0..n_items-1)."""
+    n = inter.n_items
+    rows = np.repeat(np.arange(n), np.diff(token_offsets))
+    tf = sp.csr_matrix((np.ones(len(token_values), np.float32), (rows, token_values)),
+                       shape=(n, int(token_values.max(initial=0)) + 1))
+    tf.sum_duplicates()
+    df = np.asarray((tf > 0).sum(axis=0)).ravel()
+    idf = np.log((1 + n) / (1 + df)).astype(np.float32) + 1.0
+    vec = tf @ sp.diags(idf)
+    norms = np.sqrt(np.asarray(vec.multiply(vec).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    vec = (sp.diags(1.0 / norms) @ vec).tocsr()
+    profile = _history_matrix(history, n) @ vec
+    return _score_in_chunks(profile.tocsr(), vec.T.tocsr(), inter.popularity, k)
