@@ -115,11 +115,6 @@ class PrepareJob(StageConfig):
 # Stages that later issues fill in; registered now so every primary config composes.
 
 @dataclass
-class IndexJob(StageConfig):
-    pass
-
-
-@dataclass
 class EvaluateJob(StageConfig):
     pass
 
@@ -133,7 +128,6 @@ STAGES = {
     "synth": SynthJob,
     "ingest": IngestJob,
     "prepare": PrepareJob,
-    "index": IndexJob,
     "evaluate": EvaluateJob,
     "recommend": RecommendJob,
 }

@@ -94,9 +94,34 @@ class TrainJob(StageConfig):
     checkpoint_dir: Optional[str] = None  # default: <run_dir>/checkpoints
 
 
+@dataclass
+class ExportJob(StageConfig):
+    train_dir: str = "${paths.runs}/${data.name}/train"  # the train run whose checkpoint is exported
+
+
+@dataclass
+class IndexOptions:
+    kind: str = "ivf_flat"  # ivf_flat | ivf_pq
+    nlist: int = 0  # 0: ~4 sqrt(catalogue), at most catalogue / 39
+    pq_m: int = 16  # ivf_pq: sub-quantisers (must divide the dimension)
+    k: int = 12
+    target_recall: float = 0.95  # recall@k against exact search the chosen nprobe must meet
+    sweep_queries: int = 20_000
+    gpu: str = "auto"  # auto | true | false
+    seed: int = 0
+
+
+@dataclass
+class IndexJob(StageConfig):
+    export_dir: str = "${paths.runs}/${data.name}/export"
+    index: IndexOptions = field(default_factory=IndexOptions)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJob)
+    cs.store(name="export_schema", node=ExportJob)
+    cs.store(name="index_schema", node=IndexJob)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="loss", name="loss_schema", node=LossConfig)
 

@@ -1,5 +1,7 @@
 """FAISS IVF index over item embeddings (inner product), built on GPU when possible, saved for CPU.
 
+    python -m trainer.index data=small [index.kind=ivf_pq index.target_recall=0.98]
+
     index = build(embeddings, kind="ivf_flat")          # nlist from catalogue size unless given
     report = sweep(index, embeddings, queries, k=12)    # recall@k against exact IndexFlatIP, QPS
     index.nprobe = choose_nprobe(report, target=0.95)
@@ -14,10 +16,13 @@ import math
 import time
 
 import faiss
+import hydra
 import numpy as np
 import pyarrow as pa
 
 from data.io import fs_and_path, join, read_table, write_json, write_parquet
+from data.runinfo import start_run
+from trainer import config as _train_config  # noqa: F401  (registers the index schema)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ def build(embeddings: np.ndarray, kind: str = "ivf_flat", nlist: int | None = No
     else:
         raise ValueError(f"index.kind={kind!r}: expected ivf_flat or ivf_pq")
     need = 39 * nlist
-    size = min(n, max(need, train_size or 0))
+    size = min(n, max(need, train_size or 256 * nlist))  # FAISS uses at most 256 points per list
     if size < need:
         raise ValueError(f"{n} items cannot train {nlist} lists (FAISS needs >= 39 x nlist = {need}); lower index.nlist")
     sample = x[np.random.default_rng(seed).choice(n, size, replace=False)] if size < n else x
@@ -125,3 +130,57 @@ def load(out: str) -> tuple[faiss.Index, np.ndarray]:
         index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
     ids = read_table(join(out, "index_ids.parquet"))["article_id"].to_numpy()
     return index, ids
+
+
+def read_embeddings(url: str, id_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, (N, D) float32) from an export Parquet file (fixed-size list column ``embedding``)."""
+    t = read_table(url)
+    emb = t["embedding"].combine_chunks()
+    d = emb.type.list_size
+    return t[id_column].to_numpy(), emb.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+
+
+def main_job(cfg) -> dict:
+    """Builds the index from the export stage's item embeddings; sweeps nprobe with the validation
+    customers' embeddings as queries; keeps the smallest nprobe that meets index.target_recall."""
+    ic = cfg.index
+    article_idx, items = read_embeddings(join(cfg.export_dir, "items.parquet"), "article_idx")
+    art_ids = read_table(join(cfg.export_dir, "items.parquet"))["article_id"].to_numpy()
+    keep = article_idx > 0  # the OOV row is not an article
+    items, art_ids = items[keep], art_ids[keep]
+    _, queries = read_embeddings(join(cfg.export_dir, "users_val.parquet"), "customer_idx")
+    queries = queries[: ic.sweep_queries]
+    t0 = time.perf_counter()
+    index = build(items, kind=ic.kind, nlist=ic.nlist or None, pq_m=ic.pq_m, use_gpu=None if ic.gpu == "auto" else
+                  ic.gpu == "true", seed=ic.seed)
+    build_s = time.perf_counter() - t0
+    exact = exact_top_k(items, queries, ic.k)
+    t0 = time.perf_counter()
+    exact_top_k(items, queries, ic.k)
+    exact_qps = len(queries) / (time.perf_counter() - t0)
+    rows = sweep(index, items, queries, ic.k, exact=exact)
+    nprobe = choose_nprobe(rows, ic.target_recall, ic.k)
+    index.nprobe = nprobe
+    report = {"kind": ic.kind, "nlist": index.nlist, "items": int(len(items)), "build_s": round(build_s, 3),
+              "built_on": "GPU" if (gpu_available() and ic.gpu != "false") else "CPU", "nprobe": nprobe,
+              "target_recall": ic.target_recall, "exact_qps": exact_qps, "sweep": rows}
+    save(index, art_ids, cfg.run_dir, report)
+    return report
+
+
+@hydra.main(config_path="../conf", config_name="index", version_base="1.3")
+def main(cfg) -> dict:
+    start_run(cfg)
+    report = main_job(cfg)
+    k = cfg.index.k
+    log.info("index %s nlist=%d built in %.2fs on %s; nprobe=%d meets recall@%d >= %.2f",
+             report["kind"], report["nlist"], report["build_s"], report["built_on"], report["nprobe"], k,
+             cfg.index.target_recall)
+    for r in report["sweep"]:
+        log.info("  nprobe %4d  recall@%d %.4f  %10.0f QPS (%.1fx exact)", r["nprobe"], k, r[f"recall@{k}"],
+                 r["qps"], r["qps"] / report["exact_qps"])
+    return report
+
+
+if __name__ == "__main__":
+    main()

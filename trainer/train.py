@@ -55,7 +55,7 @@ def init_distributed(cfg) -> tuple[torch.device, int, int]:
 class Trainer:
     """Owns the training state: sharded model, optimisers, data position, step, loss/miner state."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str):
+    def __init__(self, cfg: DictConfig, run_dir: str, tensorboard: bool = True):
         self.cfg, self.run_dir = cfg, run_dir
         loop = cfg.trainer
         self.device, self.rank, self.world = init_distributed(loop)
@@ -86,7 +86,7 @@ class Trainer:
         self.metrics: dict = {"val": [], "train": []}
         self._stream_state: dict | None = None
         self.tb = None
-        if self.rank == 0:
+        if self.rank == 0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
