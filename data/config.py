@@ -115,11 +115,6 @@ class PrepareJob(StageConfig):
 # Stages that later issues fill in; registered now so every primary config composes.
 
 @dataclass
-class EvaluateJob(StageConfig):
-    pass
-
-
-@dataclass
 class RecommendJob(StageConfig):
     pass
 
@@ -128,7 +123,6 @@ STAGES = {
     "synth": SynthJob,
     "ingest": IngestJob,
     "prepare": PrepareJob,
-    "evaluate": EvaluateJob,
     "recommend": RecommendJob,
 }
 

@@ -117,11 +117,32 @@ class IndexJob(StageConfig):
     index: IndexOptions = field(default_factory=IndexOptions)
 
 
+@dataclass
+class EvaluateOptions:
+    period: str = "val"  # val | test
+    ks: list = field(default_factory=lambda: [12, 100])
+    exclude_seen: bool = False  # drop articles the customer bought in training
+    seen_margin: int = 200  # extra candidates fetched so that k remain after exclusion
+    popularity_days: int = 7
+    sampled_negatives: int = 100  # 0 turns the (optimistic) sampled protocol off
+    runs: dict = field(default_factory=dict)  # more exported models to compare: name -> export dir
+    seed: int = 0
+
+
+@dataclass
+class EvaluateJob(StageConfig):
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    export_dir: str = "${paths.runs}/${data.name}/export"
+    index_dir: Optional[str] = "${paths.runs}/${data.name}/index"
+    evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJob)
     cs.store(name="export_schema", node=ExportJob)
     cs.store(name="index_schema", node=IndexJob)
+    cs.store(name="evaluate_schema", node=EvaluateJob)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="loss", name="loss_schema", node=LossConfig)
 

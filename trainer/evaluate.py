@@ -1,0 +1,202 @@
+"""Evaluate the model against baselines on the held-out period: JSON + Markdown report.
+
+    python -m trainer.evaluate data=small                          # validation week
+    python -m trainer.evaluate data=small evaluate.exclude_seen=true
+    python -m trainer.evaluate data=small '+evaluate.runs={MF: runs/small/export-mf}'
+
+Full-catalogue retrieval: through the FAISS index of the index stage when it exists (at its chosen
+nprobe), else exact inner-product search. Baselines (trainer/baselines.py) use the same training
+interactions and the same evaluation customers. The sampled protocol (each customer's positives
+ranked among 100 random negatives) is reported separately and labelled optimistic: it is not
+comparable with full-catalogue numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faiss
+import hydra
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from omegaconf import DictConfig
+
+from data.io import fs_and_path, join, read_table, write_json
+from data.runinfo import start_run
+from trainer import baselines as bl
+from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
+from trainer import index as ix
+from trainer.metrics import evaluate as metrics
+
+log = logging.getLogger(__name__)
+
+
+def _exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def load_eval(prepared: str, period: str):
+    ev = pq.read_table(join(prepared, "eval", f"{period}.parquet"))
+    t = ev["targets"].combine_chunks()
+    offsets = t.offsets.to_numpy().astype(np.int64)
+    items = t.values.to_numpy().astype(np.int64)[offsets[0]:offsets[-1]]
+    hist = ev["history"].combine_chunks()
+    h_off = hist.offsets.to_numpy()
+    h_val = hist.values.to_numpy()
+    history = [h_val[h_off[i]:h_off[i + 1]].astype(np.int64) for i in range(ev.num_rows)]
+    return ev["customer_idx"].to_numpy(), offsets - offsets[0], items, history
+
+
+def seen_matrix(inter: bl.Interactions, customers: np.ndarray) -> sp.csr_matrix:
+    return inter.user_item[customers]
+
+
+def drop_seen(ranked: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
+    """First k items of each row not already bought (ranked must be longer than k)."""
+    n, width = ranked.shape
+    rows = np.repeat(np.arange(n), np.diff(seen.indptr))
+    stride = int(max(ranked.max(initial=0), seen.shape[1])) + 1
+    bought = np.isin(np.arange(n)[:, None] * stride + ranked, rows * stride + seen.indices)
+    order = np.argsort(bought, axis=1, kind="stable")  # unseen first, rank order kept
+    return np.take_along_axis(ranked, order, axis=1)[:, :k]
+
+
+def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int) -> tuple[np.ndarray, str]:
+    """Top-k article_idx per evaluation customer from exported embeddings."""
+    item_idx, items = ix.read_embeddings(join(export_dir, "items.parquet"), "article_idx")
+    user_idx, users = ix.read_embeddings(join(export_dir, "users_val.parquet"), "customer_idx")
+    pos = {c: i for i, c in enumerate(user_idx.tolist())}
+    missing = [c for c in customers.tolist() if c not in pos]
+    if missing:
+        raise ValueError(f"{export_dir}/users_val.parquet lacks {len(missing)} evaluation customers; re-run export")
+    q = users[[pos[c] for c in customers.tolist()]]
+    if index_dir and _exists(join(index_dir, "index.faiss")):
+        index, art_ids = ix.load(index_dir)
+        report = read_table(join(index_dir, "index_ids.parquet"))
+        del report
+        index.nprobe = int(_read_nprobe(index_dir))
+        rows = index.search(q, k)[1]
+        # index rows are the non-OOV articles in export order: map back to article_idx
+        keep = item_idx[item_idx > 0]
+        return np.where(rows >= 0, keep[np.clip(rows, 0, None)], -1), f"IVF (nprobe {index.nprobe})"
+    flat = faiss.IndexFlatIP(items.shape[1])
+    emb = items.copy()
+    emb[item_idx == 0] = 0.0
+    flat.add(emb)
+    rows = flat.search(q, k + 1)[1]
+    ranked = item_idx[rows]
+    ranked = np.where(ranked == 0, -1, ranked)
+    order = np.argsort(ranked < 0, axis=1, kind="stable")  # push the OOV row (if ranked) to the end
+    return np.take_along_axis(ranked, order, axis=1)[:, :k], "exact"
+
+
+def _read_nprobe(index_dir: str) -> int:
+    from data.io import read_json
+
+    return read_json(join(index_dir, "index_report.json"))["nprobe"]
+
+
+def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_neg: int, seed: int,
+                     n_items: int) -> dict:
+    """Each positive ranked against n_neg random articles: HitRate@10 and NDCG@10 (optimistic)."""
+    item_idx, item_emb = ix.read_embeddings(join(export_dir, "items.parquet"), "article_idx")
+    user_idx, users = ix.read_embeddings(join(export_dir, "users_val.parquet"), "customer_idx")
+    pos_of = {c: i for i, c in enumerate(user_idx.tolist())}
+    rows = np.repeat(np.arange(len(customers)), np.diff(offsets))
+    u = users[[pos_of[c] for c in customers[rows].tolist()]]
+    rng = np.random.default_rng(seed)
+    negs = rng.integers(1, n_items, size=(len(items), n_neg))
+    pos_score = (u * item_emb[items]).sum(1)
+    neg_score = np.einsum("nd,nkd->nk", u, item_emb[negs])
+    rank = (neg_score > pos_score[:, None]).sum(1)  # 0-based rank of the positive
+    return {"hitrate@10": float(np.mean(rank < 10)),
+            "ndcg@10": float(np.mean(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0))),
+            "negatives": n_neg, "pairs": int(len(items))}
+
+
+def run(cfg) -> dict:
+    ec = cfg.evaluate
+    prepared = cfg.prepare.out
+    customers, offsets, items, history = load_eval(prepared, ec.period)
+    manifest_n_items = int(pq.read_table(join(prepared, "item_freq.parquet")).num_rows)
+    ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx", "day"])
+    inter = bl.Interactions(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), ex["day"].to_numpy(),
+                            int(max(customers.max(), ex["customer_idx"].to_numpy().max())) + 1, manifest_n_items,
+                            window_days=ec.popularity_days)
+    k_max = max(ec.ks)
+    width = k_max + (ec.seen_margin if ec.exclude_seen else 0)
+    seen = seen_matrix(inter, customers) if ec.exclude_seen else None
+    rankings: dict[str, np.ndarray] = {}
+    notes: dict[str, str] = {}
+    timings: dict[str, float] = {}
+
+    def add(name: str, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        rankings[name] = drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
+
+    if _exists(join(cfg.export_dir, "items.parquet")):
+        def model():
+            r, how = model_ranking(cfg.export_dir, customers, cfg.index_dir, width)
+            notes["two-tower"] = how
+            return r
+        add("two-tower", model)
+    for name, export_dir in (ec.runs or {}).items():
+        add(name, lambda d=export_dir: model_ranking(d, customers, None, width)[0])
+    add("popularity (last week)", lambda: bl.popularity(inter, len(customers), width))
+    add("repurchase + popularity", lambda: bl.repurchase(inter, history, width))
+    add("co-visitation", lambda: bl.covisitation(inter, history, width))
+    add("item-kNN", lambda: bl.item_knn(inter, history, width))
+    art = pq.read_table(join(prepared, "features", "articles.parquet"), columns=["article_idx", "desc_tokens"]) \
+        if "desc_tokens" in pq.read_schema(join(prepared, "features", "articles.parquet")).names else None
+    if art is not None:
+        order = np.argsort(art["article_idx"].to_numpy())
+        tok = art["desc_tokens"].take(order).combine_chunks()
+        lengths = np.zeros(manifest_n_items, np.int64)
+        lengths[art["article_idx"].to_numpy()[order]] = np.diff(tok.offsets.to_numpy())
+        t_off = np.r_[0, np.cumsum(lengths)]
+        t_val = tok.values.to_numpy()[tok.offsets.to_numpy()[0]:tok.offsets.to_numpy()[-1]]
+        add("TF-IDF content", lambda: bl.tfidf(inter, history, t_off, t_val, width))
+
+    results = {name: metrics(r, offsets, items, ks=tuple(ec.ks), catalog_size=manifest_n_items - 1)
+               for name, r in rankings.items()}
+    report = {"period": ec.period, "customers": int(len(customers)), "exclude_seen": bool(ec.exclude_seen),
+              "full_catalogue": results, "retrieval": notes, "seconds": timings}
+    if ec.sampled_negatives and "two-tower" in rankings:
+        report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, offsets, items,
+                                                        ec.sampled_negatives, ec.seed, manifest_n_items)
+    write_json(report, join(cfg.run_dir, "evaluation.json"))
+    md = markdown(report, ec.ks)
+    with fs_and_path(join(cfg.run_dir, "evaluation.md"))[0].open(fs_and_path(join(cfg.run_dir, "evaluation.md"))[1], "w") as f:
+        f.write(md)
+    return report
+
+
+def markdown(report: dict, ks) -> str:
+    cols = [f"map@12"] + [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate")] + ["mrr", "coverage"]
+    lines = [f"Evaluation on the {report['period']} period: {report['customers']:,} customers, full-catalogue "
+             f"retrieval{' excluding already-bought articles' if report['exclude_seen'] else ''}.", "",
+             "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, m in report["full_catalogue"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols) + " |")
+    if "sampled_optimistic" in report:
+        s = report["sampled_optimistic"]
+        lines += ["", f"Sampled protocol (OPTIMISTIC, not comparable): each positive among {s['negatives']} random "
+                      f"negatives: HitRate@10 {s['hitrate@10']:.4f}, NDCG@10 {s['ndcg@10']:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    start_run(cfg)
+    report = run(cfg)
+    print(markdown(report, cfg.evaluate.ks))
+    return report
+
+
+if __name__ == "__main__":
+    main()
