@@ -68,3 +68,13 @@ def test_map12_matches_competition_apk_on_random_lists():
 def test_top_k_ties_go_to_lower_index():
     scores = np.array([[0.1, 0.5, 0.5, 0.9, 0.5]])
     assert top_k(scores, 3).tolist() == [[3, 1, 2]]
+
+
+def test_drop_seen_keeps_rank_order():
+    import scipy.sparse as sp
+
+    from trainer.evaluate import drop_seen
+
+    ranked = np.array([[5, 3, 9, 1, 7], [2, 4, 6, 8, 1]])
+    seen = sp.csr_matrix((np.ones(3), ([0, 0, 1], [3, 1, 8])), shape=(2, 10))
+    assert drop_seen(ranked, seen, 3).tolist() == [[5, 9, 7], [2, 4, 6]]
