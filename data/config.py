@@ -112,18 +112,11 @@ class PrepareJob(StageConfig):
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
 
 
-# Stages that later issues fill in; registered now so every primary config composes.
-
-@dataclass
-class RecommendJob(StageConfig):
-    pass
-
 
 STAGES = {
     "synth": SynthJob,
     "ingest": IngestJob,
     "prepare": PrepareJob,
-    "recommend": RecommendJob,
 }
 
 

@@ -20,7 +20,7 @@ def test_presets_present():
     assert {"tiny", "small", "hm_scale", "hm", "movielens"} <= set(PRESETS)
 
 
-@pytest.mark.parametrize("stage", sorted([*STAGES, "train", "export", "index", "evaluate"]))
+@pytest.mark.parametrize("stage", sorted([*STAGES, "train", "export", "index", "evaluate", "recommend"]))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_stage_composes(stage, preset):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

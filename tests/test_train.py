@@ -90,6 +90,21 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
     assert methods["popularity (last week)"]["recall@12"] == pytest.approx(pop, abs=1e-6)
     assert "OPTIMISTIC" in (tmp_path / "eval" / "evaluation.md").read_text()
 
+    # A submission for every customer: H&M's format, cold starts counted.
+    root = json.loads((pathlib.Path(prepared) / "manifest.json").read_text())["root"]
+    run([sys.executable, "-m", "trainer.recommend", f"train_dir={tmp_path / 'run'}", f"index_dir={tmp_path / 'index'}",
+         "recommend.submission=true", f"hydra.run.dir={tmp_path / 'rec'}"])
+    lines = (tmp_path / "rec" / "submission.csv").read_text().splitlines()
+    assert lines[0] == "customer_id,prediction"
+    customers = pq.read_table(f"{root}/customers.parquet")["customer_id"].to_pylist()
+    assert [line.split(",")[0] for line in lines[1:]] == customers
+    for line in lines[1:]:
+        preds = line.split(",")[1].split(" ")
+        assert len(preds) == 12 and all(len(p) == 10 and p.isdigit() for p in preds)
+    counts = json.loads((tmp_path / "rec" / "recommend_report.json").read_text())
+    assert counts["model"] + counts["cold_unknown_id"] + counts["cold_no_history"] == len(customers)
+    assert counts["cold_no_history"] > 0  # tiny has customers who never bought
+
 
 def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared

@@ -137,12 +137,29 @@ class EvaluateJob(StageConfig):
     evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
 
 
+@dataclass
+class RecommendOptions:
+    customers: list = field(default_factory=list)  # customer ids to recommend for (printed with names)
+    submission: bool = False  # write an H&M submission for every customer (or customers_file)
+    customers_file: Optional[str] = None  # a CSV with a customer_id column (e.g. sample_submission.csv)
+    output: Optional[str] = None  # submission path (default <run_dir>/submission.csv)
+    k: int = 12
+
+
+@dataclass
+class RecommendJob(StageConfig):
+    train_dir: str = "${paths.runs}/${data.name}/train"
+    index_dir: Optional[str] = "${paths.runs}/${data.name}/index"
+    recommend: RecommendOptions = field(default_factory=RecommendOptions)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJob)
     cs.store(name="export_schema", node=ExportJob)
     cs.store(name="index_schema", node=IndexJob)
     cs.store(name="evaluate_schema", node=EvaluateJob)
+    cs.store(name="recommend_schema", node=RecommendJob)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="loss", name="loss_schema", node=LossConfig)
 

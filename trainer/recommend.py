@@ -1,0 +1,146 @@
+"""Recommendations from a trained run: top-K articles for customers, or an H&M submission file.
+
+    python -m trainer.recommend data=small 'recommend.customers=[<customer_id>, ...]'   # prints names
+    python -m trainer.recommend data=small recommend.submission=true                   # every customer
+
+Each customer's query uses their last ``history_len`` purchases over all transactions, so the
+recommendations are for the days after the data ends. Candidates come from the index stage's FAISS
+index when it exists, else from exact search over the exported item embeddings. Cold-start customers
+(an id the model has never seen, or no purchase history) get the most popular articles of the last
+week instead; how many did is reported (and logged) with the output.
+
+The submission is ``customer_id,prediction`` with 12 space-separated 10-digit article ids per row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import faiss
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from data import features, vocab
+from data.io import fs_and_path, join, read_articles, read_customers, write_json
+from data.prepare import read_interactions
+from data.runinfo import start_run
+from data.schema import format_article_id
+from trainer import config as _train_config  # noqa: F401
+from trainer import index as ix
+from trainer.train import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def load_trainer(train_dir: str, run_dir: str) -> Trainer:
+    path = fs_and_path(join(train_dir, "config.yaml"))[1]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no train run here; train first or set train_dir")
+    cfg = OmegaConf.load(path)
+    cfg.checkpoint_dir = join(train_dir, "checkpoints")
+    cfg.trainer.resume, cfg.trainer.progress, cfg.sharding.print_plan = True, False, False
+    trainer = Trainer(cfg, run_dir, tensorboard=False)
+    if not trainer.maybe_resume():
+        raise FileNotFoundError(f"{cfg.checkpoint_dir}: no complete checkpoint")
+    return trainer
+
+
+def recommend(cfg: DictConfig, run_dir: str) -> dict:
+    rc = cfg.recommend
+    trainer = load_trainer(str(cfg.train_dir), run_dir)
+    prepared, root = trainer.prepared, trainer.manifest["root"]  # the tables the model was prepared from
+    vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
+    art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]  # article_idx -> article_id
+
+    if rc.submission:
+        raw = read_customers(root)["customer_id"] if not rc.customers_file else pcsv.read_csv(
+            fs_and_path(rc.customers_file)[1]).column("customer_id")
+    else:
+        raw = pa.array([str(c) for c in rc.customers], pa.string())
+    raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
+    cust_idx, _ = vocab.lookup(raw, vocabs["customer_id"])
+
+    c, a, d, _ = read_interactions(root, vocabs, progress=False)
+    last_day = int(d.max())
+    log_ = features.EventLog(c, d, a)
+    h_off, h_val = log_.history(cust_idx, np.full(len(cust_idx), last_day + 1, np.int32), trainer.manifest["history_len"])
+    h_len = np.diff(h_off)
+    recent = d > last_day - 7
+    popular = np.argsort(-np.bincount(a[recent], minlength=len(art_ids)), kind="stable")
+    popular = popular[popular != 0][: rc.k]
+
+    unknown = cust_idx == vocab.OOV
+    no_history = ~unknown & (h_len == 0)
+    warm = np.flatnonzero(~unknown & ~no_history)
+    ranked = np.tile(popular, (len(cust_idx), 1))
+
+    index_dir = cfg.index_dir
+    if index_dir and fs_and_path(join(index_dir, "index.faiss"))[0].exists(fs_and_path(join(index_dir, "index.faiss"))[1]):
+        index, index_article_ids = ix.load(index_dir)
+        from data.io import read_json
+        index.nprobe = read_json(join(index_dir, "index_report.json"))["nprobe"]
+        row_to_idx = vocab.lookup(pa.array(index_article_ids, pa.int64()), vocabs["article_id"])[0]
+    else:
+        items = trainer.item_embeddings().cpu().numpy().astype(np.float32)
+        items[0] = 0.0
+        index = faiss.IndexFlatIP(items.shape[1])
+        index.add(items)
+        row_to_idx = np.arange(len(items))
+    chunk = 4096
+    for lo in range(0, len(warm), chunk):
+        rows = warm[lo:lo + chunk]
+        starts = h_off[rows]
+        lengths = h_len[rows]
+        pos = np.arange(lengths.sum()) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.repeat(starts, lengths)
+        q = trainer.query_embeddings(cust_idx[rows], np.full(len(rows), last_day + 1), lengths, h_val[pos])
+        found = index.search(q.cpu().numpy().astype(np.float32), rc.k + 1)[1]
+        idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], 0)
+        order = np.argsort(idx == 0, axis=1, kind="stable")  # the OOV row (exact search) goes last
+        ranked[rows] = np.take_along_axis(idx, order, axis=1)[:, : rc.k]
+
+    counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),
+              "cold_no_history": int(no_history.sum())}
+    log.info("recommendations: %s", counts)
+    ids = art_ids[ranked]
+    if rc.submission:
+        k = ids.shape[1]
+        lists = pa.ListArray.from_arrays(pa.array(np.arange(0, ids.size + 1, k, dtype=np.int32)),
+                                         format_article_id(pa.array(ids.reshape(-1), pa.int64())))
+        text = pc.binary_join(lists, " ")
+        out = pa.table({"customer_id": raw, "prediction": text})
+        url = rc.output or join(run_dir, "submission.csv")
+        with fs_and_path(url)[0].open(fs_and_path(url)[1], "wb") as f:
+            f.write(b"customer_id,prediction\n")  # H&M's header, unquoted
+            pcsv.write_csv(out, f, pcsv.WriteOptions(include_header=False, quoting_style="none"))
+        counts["submission"] = url
+    else:
+        arts = read_articles(root)
+        names = dict(zip(arts["article_id"].to_pylist(), arts["prod_name"].to_pylist()))
+        for cid, row, cold in zip(raw.to_pylist(), ids.tolist(), (unknown | no_history).tolist()):
+            print(f"{cid}{'  (cold start: popular articles)' if cold else ''}")
+            for rank, aid in enumerate(row, 1):
+                print(f"  {rank:>2}. {format_article_id(pa.array([aid], pa.int64()))[0]}  {names.get(aid, '?')}")
+        counts["recommendations"] = {cid: row for cid, row in zip(raw.to_pylist(), ids.tolist())}
+    write_json(counts, join(run_dir, "recommend_report.json"))
+    return counts
+
+
+@hydra.main(config_path="../conf", config_name="recommend", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    run_dir = start_run(cfg)
+    try:
+        return recommend(cfg, run_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
