@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (synthetic "small" preset, or DATA=<preset>):
-# sets up .venv if needed, then runs the pipeline stages in order. Extra args are Hydra overrides
-# passed to every stage.
+# The main job on the embedded default (synthetic "small" preset, or DATA=<preset>): sets up .venv if
+# needed, then runs every stage in order and prints the evaluation table. Extra args are Hydra
+# overrides every stage accepts (data.*, paths.*); TRAIN_ARGS adds overrides for training only.
 #   bash launch/run.sh
-#   DATA=tiny bash launch/run.sh paths.datasets=/scratch/datasets
+#   DATA=tiny NPROC=2 TRAIN_ARGS="trainer.epochs=1 loss=hard_negatives" bash launch/run.sh paths.runs=/tmp/runs
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA="${DATA:-small}"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
-echo "[run] 1/2 synthesise data=$DATA" >&2
+if [[ -z "${NPROC:-}" ]]; then  # one process per GPU, else 2 CPU processes (gloo)
+  NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+step() { echo "[run] $*" >&2; }
+step "1/6 synthesise data=$DATA"
 "$PY" -m data.synth "data=$DATA" "$@"
-echo "[run] 2/2 prepare data=$DATA (vocabularies, week split, example shards)" >&2
+step "2/6 prepare (vocabularies, week split, example shards)"
 "$PY" -m data.prepare "data=$DATA" "$@"
+step "3/6 train on $NPROC process(es)"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m trainer.train "data=$DATA" \
+  trainer.resume=false "$@" ${TRAIN_ARGS:-}
+step "4/6 export embeddings"
+"$PY" -m trainer.export "data=$DATA" "$@"
+step "5/6 build the FAISS index"
+"$PY" -m trainer.index "data=$DATA" "$@"
+step "6/6 evaluate against baselines"
+"$PY" -m trainer.evaluate "data=$DATA" "$@"

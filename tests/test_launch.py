@@ -10,13 +10,16 @@ import subprocess
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_run_sh_runs_the_pipeline_stages(tmp_path):
+def test_run_sh_runs_every_stage(tmp_path):
     env = {**os.environ, "DATA": "tiny"}
     proc = subprocess.run(["bash", str(ROOT / "launch" / "run.sh"), f"paths.datasets={tmp_path}/datasets",
-                           f"paths.runs={tmp_path}/runs"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+                           f"paths.runs={tmp_path}/runs"],
+                          cwd=ROOT, env={**env, "NPROC": "2", "TRAIN_ARGS": "trainer.epochs=1 trainer.progress=false"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "datasets" / "tiny" / "prepared" / "manifest.json").read_text())
     assert manifest["examples"]["rows"] > 40_000 and manifest["eval"]["val"]["customers"] > 100
-    for stage in ("synth", "prepare"):
-        assert (tmp_path / "runs" / "tiny" / stage / "config.yaml").exists()
+    for stage in ("synth", "prepare", "train", "export", "index", "evaluate"):
+        assert (tmp_path / "runs" / "tiny" / stage / "config.yaml").exists(), stage
+    table = (tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.md").read_text()
+    assert "| two-tower |" in table and "| repurchase + popularity |" in table
+    assert "| two-tower |" in proc.stdout  # the table is printed at the end
