@@ -5,7 +5,9 @@ negatives retrieves best. Each row is a real `torchrun --nproc_per_node=N -m tra
     .venv/bin/python bench/ablation.py --data tiny --epochs 2
 
 Prints validation Recall@12/@100 per configuration; the defaults in conf/loss/default.yaml are the
-best row found this way.
+best row found this way. Measured (small, 1 epoch, 2 CPU processes, recall@12): in-batch 0.060;
++ static logQ 0.102; + masking 0.085; + 256 mixed 0.282; + 4 hard 0.297; streaming logQ with 256
+mixed 0.308; with 1024 mixed 0.318 (default); T=0.1 0.318; + 4 hard 0.317 (2.7x slower).
 """
 
 from __future__ import annotations
@@ -23,14 +25,12 @@ CONFIGS = {
     "in-batch softmax": ["loss=in_batch"],
     "+ logQ (static)": ["loss=in_batch", "loss.logq=static"],
     "+ logQ + hit masking": ["loss=in_batch", "loss.logq=static", "loss.mask_accidental_hits=true"],
-    "+ logQ + masking + 256 mixed (default)": ["loss=default"],
-    "default, streaming logQ": ["loss=default", "loss.logq=streaming"],
+    "+ logQ + masking + 256 mixed": ["loss=default", "loss.logq=static", "loss.mixed_negatives=256"],
+    "static logQ, 256 mixed, 4 hard": ["loss=hard_negatives", "loss.logq=static", "loss.mixed_negatives=256"],
+    "streaming logQ, 256 mixed": ["loss=default", "loss.mixed_negatives=256"],
+    "streaming logQ, 1024 mixed (default)": ["loss=default"],
+    "default, T=0.1": ["loss=default", "loss.temperature=0.1"],
     "default + 4 hard negatives": ["loss=hard_negatives"],
-    "streaming logQ, 1024 mixed": ["loss=default", "loss.logq=streaming", "loss.mixed_negatives=1024"],
-    "streaming logQ, 1024 mixed, T=0.1": ["loss=default", "loss.logq=streaming", "loss.mixed_negatives=1024",
-                                          "loss.temperature=0.1"],
-    "streaming logQ, 1024 mixed, 4 hard": ["loss=hard_negatives", "loss.logq=streaming",
-                                           "loss.mixed_negatives=1024"],
 }
 
 

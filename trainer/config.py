@@ -32,11 +32,11 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     temperature: float = 0.05
-    logq: str = "static"  # off | static (training item frequencies) | streaming (Yi et al. 2019 estimate)
+    logq: str = "streaming"  # off | static (training item frequencies) | streaming (Yi et al. 2019 estimate)
     streaming_alpha: float = 0.01  # step size of the streaming frequency estimate
     mask_accidental_hits: bool = True  # another row's positive that equals this row's is not a negative
     cross_rank: bool = True  # candidates all-gathered from every rank
-    mixed_negatives: int = 0  # uniform random catalogue articles per batch, shared by all rows
+    mixed_negatives: int = 1024  # uniform random catalogue articles per batch, shared by all rows
     hard_negatives: int = 0  # mined per row from a FAISS index of current item embeddings
     hard_every: int = 0  # re-mine every N steps (0: each epoch)
     hard_rank_lo: int = 20  # skip the nearest (near-duplicates and unlabelled positives) ...
