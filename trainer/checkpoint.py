@@ -92,9 +92,12 @@ def save(root: str, step: int, model, fused_optimizer, dense: dict, loop_state: 
     return path
 
 
-def load_latest(root: str, model, fused_optimizer) -> tuple[dict, dict, str] | None:
-    """Restores model and fused optimiser in place from the newest usable checkpoint; returns
-    (dense state, this rank's loop state, path), or None when there is none."""
+def load_latest(root: str, model, fused_optimizer, with_optimizer: bool = True) -> tuple[dict, dict, str] | None:
+    """Restores model (and fused optimiser) in place from the newest usable checkpoint; returns
+    (dense state, this rank's loop state, path), or None when there is none.
+
+    ``with_optimizer=False`` loads the weights only: the way to read a checkpoint on another world
+    size, whose plan may shard the tables (and so the optimiser state) differently."""
     candidates = step_dirs(root)
     for step, path, complete in reversed(candidates):
         if not complete:
@@ -103,7 +106,9 @@ def load_latest(root: str, model, fused_optimizer) -> tuple[dict, dict, str] | N
             continue
         ok, err = True, None
         try:
-            state = {"model": model.state_dict(), "fused": fused_optimizer.state_dict()}
+            state = {"model": model.state_dict()}
+            if with_optimizer:
+                state["fused"] = fused_optimizer.state_dict()
             dcp.load(state, checkpoint_id=path)
             with open(os.path.join(path, f"rank-{_rank()}.json")) as f:
                 loop_state = json.load(f)
@@ -118,7 +123,8 @@ def load_latest(root: str, model, fused_optimizer) -> tuple[dict, dict, str] | N
                 log.warning("skipping unreadable checkpoint %s: %s", path, err or "failed on another rank")
             continue
         model.load_state_dict(state["model"])
-        fused_optimizer.load_state_dict(state["fused"])
+        if with_optimizer:
+            fused_optimizer.load_state_dict(state["fused"])
         set_rng_state(loop_state["rng"])
         return dense, loop_state, path
     return None

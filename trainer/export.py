@@ -76,7 +76,7 @@ def export(cfg: DictConfig, run_dir: str) -> dict:
     train_cfg.trainer.progress = False
     train_cfg.sharding.print_plan = False
     trainer = Trainer(train_cfg, run_dir, tensorboard=False)
-    if not trainer.maybe_resume():
+    if not trainer.maybe_resume(weights_only=True):
         raise FileNotFoundError(f"{train_cfg.checkpoint_dir}: no complete checkpoint to export")
     items = trainer.item_embeddings()
     written = {"step": trainer.step}

@@ -47,7 +47,7 @@ def load_trainer(train_dir: str, run_dir: str) -> Trainer:
     cfg.checkpoint_dir = join(train_dir, "checkpoints")
     cfg.trainer.resume, cfg.trainer.progress, cfg.sharding.print_plan = True, False, False
     trainer = Trainer(cfg, run_dir, tensorboard=False)
-    if not trainer.maybe_resume():
+    if not trainer.maybe_resume(weights_only=True):
         raise FileNotFoundError(f"{cfg.checkpoint_dir}: no complete checkpoint")
     return trainer
 

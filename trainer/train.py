@@ -104,13 +104,19 @@ class Trainer:
         if self.rank == 0:
             log.info("checkpoint %s", path)
 
-    def maybe_resume(self) -> bool:
+    def maybe_resume(self, weights_only: bool = False) -> bool:
+        """Continues from the newest complete checkpoint; ``weights_only`` (export, recommend) skips the
+        optimiser state, which a different world size may have sharded differently."""
         if not self.cfg.trainer.resume:
             return False
-        found = checkpoint.load_latest(self.ckpt_dir, self.model, self.model.fused_optimizer)
+        found = checkpoint.load_latest(self.ckpt_dir, self.model, self.model.fused_optimizer,
+                                       with_optimizer=not weights_only)
         if found is None:
             return False
         dense, loop_state, path = found
+        if weights_only:
+            self.step, self.epoch = loop_state["step"], loop_state["epoch"]
+            return True
         if self.dense_opt is not None:
             self.dense_opt.load_state_dict(dense["dense_opt"])
         self.logq.load_state_dict(dense["logq"])
