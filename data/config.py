@@ -96,6 +96,7 @@ class SplitConfig:
 class PrepareOptions:
     out: str = "${data.root}/prepared"  # vocabularies, feature tables, example shards, eval sets
     history_len: int = 20  # last N purchases strictly before the transaction's day
+    train_days: int = 0  # > 0: training examples from the last N training days only (0: all)
     age_edges: list = field(default_factory=lambda: [20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70])
     postal_buckets: int = 65_536  # postal codes are hashed into this many buckets
     desc_tokens: bool = True  # hashed tokens of detail_desc as an article feature

@@ -143,6 +143,9 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
     if len(train_rows) == 0:
         raise ValueError(f"split {split_cfg.protocol}: no training rows")
     train_log = features.EventLog(c[train_rows], d[train_rows], a[train_rows], order=train_rows)
+    if cfg.train_days > 0:  # examples from the most recent days only; histories still see all of training
+        recent_from = int(d[train_rows].max()) - cfg.train_days + 1
+        train_rows = train_rows[d[train_rows] >= recent_from]
 
     freq = np.bincount(a[train_rows], minlength=art_cards["article_id"])
     write_parquet(pa.table({"article_idx": pa.array(np.arange(len(freq), dtype=np.int32)),
@@ -180,7 +183,8 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
         "row_group_rows": cfg.row_group_rows,
         "examples": {"rows": int(len(train_rows)), "shards": shards},
         "eval": evals,
-        "transactions": {**read_counts, "kept": int(len(c)), "train": int(len(train_rows))},
+        "transactions": {**read_counts, "kept": int(len(c)), "train": int((labels == split.TRAIN).sum()),
+                         "train_examples": int(len(train_rows))},
         "seconds": round(time.perf_counter() - t0, 2),
         "peak_rss_mb": peak_rss_mb(),
         "config": OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else None,

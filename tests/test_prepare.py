@@ -185,3 +185,13 @@ def test_prepare_on_synth_has_no_target_in_training(tiny_prepared):
     assert pc.max(pc.list_value_length(ex["history"])).as_py() <= m["history_len"]
     assert ev.num_rows == m["eval"]["val"]["customers"] > 100
     assert m["transactions"]["train"] + m["eval"]["val"]["target_rows"] == m["transactions"]["kept"]
+
+
+def test_train_days_limits_examples_not_histories(tmp_path):
+    rows = [(0, 0, 0), (0, 1, 5), (0, 2, 9), (0, 3, 12)]  # day 12 is validation with val_days=2
+    root, out = str(tmp_path / "d"), str(tmp_path / "p")
+    write_dataset(root, 1, 4, rows)
+    m = run(root, out, {"val_days": 2}, train_days=5)
+    ex = examples(out)
+    assert [(e["article_idx"], e["day"] - EPOCH_D0, e["history"]) for e in ex] == [(2, 5, [1]), (3, 9, [1, 2])]
+    assert m["transactions"]["train"] == 3 and m["transactions"]["train_examples"] == 2
