@@ -134,6 +134,28 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
+    # Preemption as Slurm does it: SIGTERM to every process. The ranks agree, checkpoint the step they
+    # are at, leave a PREEMPTED marker and stop; a restart resumes and ends the same.
+    cmd = train_cmd(prepared, tmp_path / "c", *common, port=29623)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    log_file = tmp_path / "c" / "train.log"
+    while time.time() < deadline + 300:
+        if log_file.exists() and "step 20 " in log_file.read_text():
+            break
+        assert proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) is not None
+    stopped_at = int((tmp_path / "c" / "PREEMPTED").read_text())
+    assert 20 <= stopped_at < 180
+    assert (tmp_path / "c" / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").exists()
+    run(cmd)
+    assert not (tmp_path / "c" / "PREEMPTED").exists()
+    c = final_weights(tmp_path / "c")
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+
 
 def test_partial_and_corrupt_checkpoints_are_skipped(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared

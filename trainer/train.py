@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 
 import hydra
@@ -85,12 +86,29 @@ class Trainer:
         self.ckpt_dir = cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints")
         self.metrics: dict = {"val": [], "train": []}
         self._stream_state: dict | None = None
+        # Preemption (Slurm sends SIGTERM; `--signal=USR1@T` warns before the time limit): finish the
+        # step, checkpoint on every rank, leave a PREEMPTED marker and stop; a restart resumes.
+        self._stop_signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.tb = None
         if self.rank == 0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
     # ------------------------------------------------------------ state
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks agree, so all checkpoint together)."""
+        flag = torch.tensor([self._stop_signal], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def marker(self) -> str:
+        return os.path.join(self.run_dir, "PREEMPTED")
 
     def dense_state(self) -> dict:
         return {"dense_opt": self.dense_opt.state_dict() if self.dense_opt else {}, "logq": self.logq.state_dict(),
@@ -278,6 +296,8 @@ class Trainer:
                     break
                 if loop.checkpoint_every > 0 and self.step % loop.checkpoint_every == 0 and self.step % per_epoch:
                     self.save()  # (epoch ends are saved below, after validation)
+                if self.stop_requested():
+                    return self._preempted(bar)
             if done:
                 break
             self.epoch += 1
@@ -296,7 +316,21 @@ class Trainer:
         self.save()
         if self.rank == 0:
             write_json({"step": self.step, "epoch": self.epoch, **self.metrics}, join(self.run_dir, "metrics.json"))
-            self.tb.close()
+            if os.path.exists(self.marker()):
+                os.remove(self.marker())
+            if self.tb is not None:
+                self.tb.close()
+        return self.metrics
+
+    def _preempted(self, bar) -> dict:
+        bar.close()
+        self.save()
+        if self.rank == 0:
+            with open(self.marker(), "w") as f:
+                f.write(f"{self.step}\n")
+            log.warning("stop signal %d: checkpointed at step %d and stopped; run again to resume",
+                        self._stop_signal, self.step)
+        self.metrics["preempted_at"] = self.step
         return self.metrics
 
     def _log(self, loss: float, stats: dict, per_rank_rate: float) -> None:
