@@ -98,7 +98,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--notebook-steps", type=int, default=5)
     args = ap.parse_args()
-    os.environ.setdefault("MASTER_PORT", "29577")
     streamed, in_memory = trainer_rates(args.data, args.steps, args.warmup, args.batch)
     notebook = notebook_rate(args.data, args.notebook_steps, args.batch)
     print(f"data={args.data}, batch {args.batch}, dim 32, {torch.get_num_threads()} threads")

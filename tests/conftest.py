@@ -110,3 +110,18 @@ def tiny_prepared(tiny_synth, tmp_path_factory) -> tuple[str, dict]:
     manifest = prepare(data, OmegaConf.structured(SplitConfig()),
                        prepare_options(out, row_group_rows=1024, shard_rows=12_000), progress=False)
     return out, manifest
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm on localhost (installed if missing), stopped at the end."""
+    from slurm_cluster import LocalSlurm, SlurmUnavailable
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        cluster.stop()
+        pytest.skip(f"no local Slurm: {e}")
+    yield cluster
+    cluster.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import time
 
 import hydra
@@ -46,10 +47,12 @@ def init_distributed(cfg) -> tuple[torch.device, int, int]:
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29533")})
-        dist.init_process_group(backend)
+        if "WORLD_SIZE" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # one process (a plain run, a submitit sweep job): no port to collide on
+            store = tempfile.NamedTemporaryFile(prefix="twotower-pg-", delete=False).name
+            os.remove(store)
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     return device, dist.get_rank(), dist.get_world_size()
 
 

@@ -1,0 +1,108 @@
+"""slurm/ against a real single-node Slurm: sbatch training, preemption and requeue, a dependent
+pipeline chain, and a Hydra multirun sweep through the submitit launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_train import final_weights
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+COMMON = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=15", "trainer.validate=false",
+          "trainer.log_every=5", "trainer.keep_checkpoints=10", "sharding.print_plan=false"]
+
+
+def submit_train(slurm, prepared: str, run_dir: pathlib.Path, name: str) -> int:
+    return slurm.sbatch(f"--job-name={name}", "--cpus-per-task=2", f"--output={run_dir.parent}/{name}-%j.out",
+                        str(ROOT / "slurm" / "train.sbatch"), f"prepare.out={prepared}", *COMMON,
+                        env={"NPROC_PER_NODE": "2", "RUN_DIR": str(run_dir), "TWOTOWER_ROOT": str(ROOT),
+                             "TWOTOWER_PYTHON": sys.executable}, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tiny_prepared, tmp_path_factory):
+    prepared, _ = tiny_prepared
+    run_dir = tmp_path_factory.mktemp("slurm-runs") / "plain"
+    job = submit_train(slurm, prepared, run_dir, "plain")
+    state = slurm.wait(job)
+    out = "".join(p.read_text() for p in run_dir.parent.glob("plain-*.out"))
+    assert state == "COMPLETED", out[-3000:]
+    return run_dir, out
+
+
+def test_train_sbatch_completes(uninterrupted):
+    run_dir, out = uninterrupted
+    assert "1 node(s) x 2" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epoch"] == 2 and metrics["step"] > 0
+    assert any((p / "COMPLETE").exists() for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def test_requeue_resumes_from_checkpoint_bit_exact(slurm, tiny_prepared, uninterrupted, tmp_path):
+    prepared, _ = tiny_prepared
+    run_dir = tmp_path / "preempted"
+    job = submit_train(slurm, prepared, run_dir, "preempted")
+    deadline = time.time() + 300
+    log = run_dir / "train.log"
+    while time.time() < deadline and not (log.exists() and "step 20 " in log.read_text()):
+        assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job_state(job)
+        time.sleep(0.2)
+    slurm.scontrol("requeue", str(job))  # what preemption does: SIGTERM to every process, job back in queue
+    state = slurm.wait(job, timeout=900)
+    out = "".join(p.read_text() for p in tmp_path.glob("preempted-*.out"))
+    assert state == "COMPLETED", out[-3000:]
+    assert "restart 1" in out  # the job ran a second time
+    text = log.read_text()
+    assert "stop signal 15: checkpointed at step" in text and "resumed from" in text
+    ref, got = final_weights(uninterrupted[0]), final_weights(run_dir)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_pipeline_chain_runs_in_dependency_order(slurm, tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    root = json.loads((pathlib.Path(prepared) / "manifest.json").read_text())["root"]
+    env = {**slurm.env, "RUN_DIR": str(tmp_path / "chain"), "PIPELINE_NAME": "chain", "NPROC_PER_NODE": "2",
+           "TWOTOWER_ROOT": str(ROOT), "TWOTOWER_PYTHON": sys.executable,
+           "STAGE_SBATCH": f"--output={tmp_path}/%x-%j.out", "TRAIN_SBATCH": f"--cpus-per-task=2 --output={tmp_path}/%x-%j.out"}
+    out = subprocess.run(["bash", str(ROOT / "slurm" / "submit_pipeline.sh"), f"data.root={root}",
+                          f"prepare.out={tmp_path}/prepared", "trainer.epochs=1", "trainer.max_steps=20",
+                          "trainer.validate=false", "sharding.print_plan=false", "prepare.row_group_rows=1024"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    jobs = [int(j) for j in out.stdout.split()]
+    assert len(jobs) == 5
+    for job in jobs:
+        assert slurm.wait(job, timeout=900) == "COMPLETED", "".join(p.read_text() for p in tmp_path.glob("*.out"))[-3000:]
+    report = json.loads((tmp_path / "chain-evaluate" / "evaluation.json").read_text())
+    assert "two-tower" in report["full_catalogue"]
+
+
+def test_multirun_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "trainer.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+           f"prepare.out={prepared}", "trainer.epochs=1", "trainer.max_steps=15", "trainer.validate=false",
+           "trainer.batch_size=256", "trainer.progress=false", "sharding.print_plan=false",
+           "hydra.launcher.cpus_per_task=1", "loss.temperature=0.05,0.1"]
+    proc = subprocess.run(cmd, env=slurm.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    points = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").exists())
+    assert points == ["loss.temperature=0.05", "loss.temperature=0.1"]
+    for p in points:
+        assert json.loads((sweep / p / "metrics.json").read_text())["step"] == 15
+    # Re-submitting the same sweep resumes each point from its checkpoint instead of starting over.
+    proc = subprocess.run(cmd[:-4] + ["trainer.max_steps=20", *cmd[-3:]], env=slurm.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for p in points:
+        assert "resumed from" in (sweep / p / "train.log").read_text()
+        assert json.loads((sweep / p / "metrics.json").read_text())["step"] == 20
