@@ -57,6 +57,12 @@ def test_requeue_resumes_from_checkpoint_bit_exact(slurm, tiny_prepared, uninter
         assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job_state(job)
         time.sleep(0.2)
     slurm.scontrol("requeue", str(job))  # what preemption does: SIGTERM to every process, job back in queue
+    for _ in range(120):  # Slurm holds a requeued job back for a while; let it start at once
+        if slurm.job_state(job) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env,
+                           capture_output=True)
+            break
+        time.sleep(0.5)
     state = slurm.wait(job, timeout=900)
     out = "".join(p.read_text() for p in tmp_path.glob("preempted-*.out"))
     assert state == "COMPLETED", out[-3000:]
@@ -70,13 +76,13 @@ def test_requeue_resumes_from_checkpoint_bit_exact(slurm, tiny_prepared, uninter
 
 def test_pipeline_chain_runs_in_dependency_order(slurm, tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
-    root = json.loads((pathlib.Path(prepared) / "manifest.json").read_text())["root"]
+    root = pathlib.Path(json.loads((pathlib.Path(prepared) / "manifest.json").read_text())["root"])
     env = {**slurm.env, "RUN_DIR": str(tmp_path / "chain"), "PIPELINE_NAME": "chain", "NPROC_PER_NODE": "2",
            "TWOTOWER_ROOT": str(ROOT), "TWOTOWER_PYTHON": sys.executable,
-           "STAGE_SBATCH": f"--output={tmp_path}/%x-%j.out", "TRAIN_SBATCH": f"--cpus-per-task=2 --output={tmp_path}/%x-%j.out"}
-    out = subprocess.run(["bash", str(ROOT / "slurm" / "submit_pipeline.sh"), f"data.root={root}",
-                          f"prepare.out={tmp_path}/prepared", "trainer.epochs=1", "trainer.max_steps=20",
-                          "trainer.validate=false", "sharding.print_plan=false", "prepare.row_group_rows=1024"],
+           "STAGE_SBATCH": f"--output={tmp_path}/%x-%j.out", "TRAIN_SBATCH": f"--cpus-per-task=2 --output={tmp_path}/%x-%j.out",
+           "TRAIN_ARGS": "trainer.epochs=1 trainer.max_steps=20 trainer.validate=false sharding.print_plan=false"}
+    out = subprocess.run(["bash", str(ROOT / "slurm" / "submit_pipeline.sh"), f"data={root.name}",
+                          f"paths.datasets={root.parent}", f"paths.runs={tmp_path}/runs"],
                          env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     jobs = [int(j) for j in out.stdout.split()]
     assert len(jobs) == 5
@@ -96,7 +102,7 @@ def test_multirun_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
     proc = subprocess.run(cmd, env=slurm.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     points = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").exists())
-    assert points == ["loss.temperature=0.05", "loss.temperature=0.1"]
+    assert points == ["loss.temperature=0.05,trainer.batch_size=256", "loss.temperature=0.1,trainer.batch_size=256"]
     for p in points:
         assert json.loads((sweep / p / "metrics.json").read_text())["step"] == 15
     # Re-submitting the same sweep resumes each point from its checkpoint instead of starting over.
