@@ -23,3 +23,17 @@ def test_run_sh_runs_every_stage(tmp_path):
     table = (tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.md").read_text()
     assert "| two-tower |" in table and "| repurchase + popularity |" in table
     assert "| two-tower |" in proc.stdout  # the table is printed at the end
+
+
+def test_torchrun_wrapper_derives_run_dir_and_resumes(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    env = {**os.environ, "NPROC": "2"}
+    args = ["bash", str(ROOT / "launch" / "torchrun.sh"), f"prepare.out={prepared}", f"paths.runs={tmp_path}",
+            "trainer.max_steps=10", "trainer.validate=false", "trainer.progress=false", "trainer.batch_size=256"]
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dirs = list((tmp_path / "small").iterdir())
+    assert len(run_dirs) == 1 and "trainer.max_steps-10" in run_dirs[0].name
+    assert json.loads((run_dirs[0] / "metrics.json").read_text())["step"] == 10
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed from" in (run_dirs[0] / "train.log").read_text()
