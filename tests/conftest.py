@@ -114,14 +114,13 @@ def tiny_prepared(tiny_synth, tmp_path_factory) -> tuple[str, dict]:
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """A real single-node Slurm on localhost (installed if missing), stopped at the end."""
-    from slurm_cluster import LocalSlurm, SlurmUnavailable
+    """A real single-node Slurm on localhost (installed if missing), stopped at the end. A set-up
+    that fails is a test failure, not a skip: CI must not pass without having run these."""
+    from slurm_cluster import LocalSlurm
 
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
-    except SlurmUnavailable as e:
+        yield cluster
+    finally:
         cluster.stop()
-        pytest.skip(f"no local Slurm: {e}")
-    yield cluster
-    cluster.stop()
