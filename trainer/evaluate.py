@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from omegaconf import DictConfig
 
-from data.io import fs_and_path, join, read_table, write_json
+from data.io import fs_and_path, join, read_json, write_json
 from data.runinfo import start_run
 from trainer import baselines as bl
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
@@ -74,9 +74,7 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
         raise ValueError(f"{export_dir}/users_val.parquet lacks {len(missing)} evaluation customers; re-run export")
     q = users[[pos[c] for c in customers.tolist()]]
     if index_dir and _exists(join(index_dir, "index.faiss")):
-        index, art_ids = ix.load(index_dir)
-        report = read_table(join(index_dir, "index_ids.parquet"))
-        del report
+        index, _ = ix.load(index_dir)
         index.nprobe = int(_read_nprobe(index_dir))
         rows = index.search(q, k)[1]
         # index rows are the non-OOV articles in export order: map back to article_idx
@@ -94,8 +92,6 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
 
 
 def _read_nprobe(index_dir: str) -> int:
-    from data.io import read_json
-
     return read_json(join(index_dir, "index_report.json"))["nprobe"]
 
 
@@ -171,7 +167,8 @@ def run(cfg) -> dict:
                                                         ec.sampled_negatives, ec.seed, manifest_n_items)
     write_json(report, join(cfg.run_dir, "evaluation.json"))
     md = markdown(report, ec.ks)
-    with fs_and_path(join(cfg.run_dir, "evaluation.md"))[0].open(fs_and_path(join(cfg.run_dir, "evaluation.md"))[1], "w") as f:
+    fs, path = fs_and_path(join(cfg.run_dir, "evaluation.md"))
+    with fs.open(path, "w") as f:
         f.write(md)
     return report
 

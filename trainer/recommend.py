@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data import features, vocab
-from data.io import fs_and_path, join, read_articles, read_customers, write_json
+from data.io import fs_and_path, join, read_articles, read_customers, read_json, write_json
 from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
@@ -82,9 +82,9 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     ranked = np.tile(popular, (len(cust_idx), 1))
 
     index_dir = cfg.index_dir
-    if index_dir and fs_and_path(join(index_dir, "index.faiss"))[0].exists(fs_and_path(join(index_dir, "index.faiss"))[1]):
+    index_file = fs_and_path(join(index_dir, "index.faiss")) if index_dir else None
+    if index_file and index_file[0].exists(index_file[1]):
         index, index_article_ids = ix.load(index_dir)
-        from data.io import read_json
         index.nprobe = read_json(join(index_dir, "index_report.json"))["nprobe"]
         row_to_idx = vocab.lookup(pa.array(index_article_ids, pa.int64()), vocabs["article_id"])[0]
     else:
