@@ -38,6 +38,15 @@ from trainer.sharding import dense_parameters, shard
 log = logging.getLogger(__name__)
 
 
+class _QuietFbgemm(logging.Filter):
+    """FBGEMM logs a dozen lines per table-batched kernel (its full argument dict among them) on the
+    root logger at INFO; they drown the training log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and str(record.msg).startswith("[TBE="))
+
+
+
 def init_distributed(cfg) -> tuple[torch.device, int, int]:
     """nccl with CUDA, gloo otherwise; a one-process group when not started by torchrun."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -61,6 +70,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: str, tensorboard: bool = True):
         self.cfg, self.run_dir = cfg, run_dir
+        logging.getLogger().addFilter(_QuietFbgemm())  # here: Hydra has configured logging by now
         loop = cfg.trainer
         self.device, self.rank, self.world = init_distributed(loop)
         self.prepared = cfg.prepare.out
