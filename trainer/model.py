@@ -67,12 +67,16 @@ class TwoTower(nn.Module):
             self.item_tower = nn.Identity()
         self.feature_keys = [*self.query_features, *self.item_features]
 
-    def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both towers for every row of ``sparse``; rows without query (or item) features give
-        meaningless vectors on that side, which callers slice away."""
+    def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,
+                n_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query vectors for the first ``n_query`` rows (all by default) and item vectors for every row
+        of ``sparse``; rows without query (or item) features give meaningless vectors on that side,
+        which callers slice away. Extra candidate rows come after the queries, so the query tower skips
+        them."""
         pooled = self.ebc(sparse).to_dict()
-        q = torch.cat([pooled[f] for f in self.query_features]
-                      + ([query_dense] if self.cfg.time_features else []), dim=1)
+        n = n_query if n_query is not None else sparse.stride()
+        q = torch.cat([pooled[f][:n] for f in self.query_features]
+                      + ([query_dense[:n]] if self.cfg.time_features else []), dim=1)
         i = torch.cat([pooled[f] for f in self.item_features], dim=1)
         q, i = self.query_tower(q), self.item_tower(i)
         if self.cfg.normalize:

@@ -193,10 +193,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         extra = extra_items.to(self.device) if extra_items is not None else None
         sparse = join_rows(batch.query, batch.item, self.keys, extra.item if extra is not None else None)
-        dense = batch.query_dense
-        if extra is not None:
-            dense = torch.cat([dense, dense.new_zeros(len(extra), dense.shape[1])])
-        return self.model(sparse, dense)
+        return self.model(sparse, batch.query_dense, len(batch))  # extra rows: item tower only
 
     # ------------------------------------------------------------ training
 
