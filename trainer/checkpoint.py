@@ -92,12 +92,19 @@ def save(root: str, step: int, model, fused_optimizer, dense: dict, loop_state: 
     return path
 
 
-def load_latest(root: str, model, fused_optimizer, with_optimizer: bool = True) -> tuple[dict, dict, str] | None:
+def saved_world_size(path: str) -> int:
+    """How many ranks wrote the checkpoint (one rank-<r>.json each)."""
+    return sum(1 for name in os.listdir(path) if re.match(r"^rank-\d+\.json$", name))
+
+
+def load_latest(root: str, model, fused_optimizer, with_optimizer: bool = True,
+                world_size: int | None = None) -> tuple[dict, dict, str, int] | None:
     """Restores model (and fused optimiser) in place from the newest usable checkpoint; returns
     (dense state, this rank's loop state, path), or None when there is none.
 
-    ``with_optimizer=False`` loads the weights only: the way to read a checkpoint on another world
-    size, whose plan may shard the tables (and so the optimiser state) differently."""
+    ``with_optimizer=False`` loads the weights only. A checkpoint written by another number of ranks
+    than ``world_size`` is read that way too (its plan may shard the tables, and so the optimiser
+    state, differently), with rank 0's loop state. Returns (dense, loop state, path, saved world)."""
     candidates = step_dirs(root)
     for step, path, complete in reversed(candidates):
         if not complete:
@@ -105,12 +112,15 @@ def load_latest(root: str, model, fused_optimizer, with_optimizer: bool = True) 
                 log.warning("skipping incomplete checkpoint %s (no %s marker)", path, MARKER)
             continue
         ok, err = True, None
+        saved_world = saved_world_size(path)
+        same_world = world_size is None or saved_world == world_size
+        optimizer_too = with_optimizer and same_world
         try:
             state = {"model": model.state_dict()}
-            if with_optimizer:
+            if optimizer_too:
                 state["fused"] = fused_optimizer.state_dict()
             dcp.load(state, checkpoint_id=path)
-            with open(os.path.join(path, f"rank-{_rank()}.json")) as f:
+            with open(os.path.join(path, f"rank-{_rank() if same_world else 0}.json")) as f:
                 loop_state = json.load(f)
             dense = torch.load(os.path.join(path, "dense.pt"), weights_only=True)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
@@ -123,8 +133,8 @@ def load_latest(root: str, model, fused_optimizer, with_optimizer: bool = True) 
                 log.warning("skipping unreadable checkpoint %s: %s", path, err or "failed on another rank")
             continue
         model.load_state_dict(state["model"])
-        if with_optimizer:
+        if optimizer_too:
             fused_optimizer.load_state_dict(state["fused"])
         set_rng_state(loop_state["rng"])
-        return dense, loop_state, path
+        return dense, loop_state, path, saved_world
     return None

@@ -141,12 +141,24 @@ class Trainer:
         if not self.cfg.trainer.resume:
             return False
         found = checkpoint.load_latest(self.ckpt_dir, self.model, self.model.fused_optimizer,
-                                       with_optimizer=not weights_only)
+                                       with_optimizer=not weights_only, world_size=self.world)
         if found is None:
             return False
-        dense, loop_state, path = found
+        dense, loop_state, path, saved_world = found
+        resized = saved_world != self.world
         if weights_only:
             self.step, self.epoch = loop_state["step"], loop_state["epoch"]
+            return True
+        if resized:  # the tables are planned anew: their optimiser state and the data position restart
+            if self.rank == 0:
+                log.warning("world size changed from %d to %d: resuming weights, dense optimiser and step "
+                            "from %s; the table optimiser state restarts and epoch %d starts over",
+                            saved_world, self.world, path, loop_state["epoch"])
+            if self.dense_opt is not None:
+                self.dense_opt.load_state_dict(dense["dense_opt"])
+            self.logq.load_state_dict(dense["logq"])
+            self.step, self.epoch = loop_state["step"], loop_state["epoch"]
+            self._stream_state = None  # so fit() starts the epoch from its beginning
             return True
         if self.dense_opt is not None:
             self.dense_opt.load_state_dict(dense["dense_opt"])
