@@ -1,10 +1,16 @@
 """Index benchmark at H&M scale: 105,542 items x 64 dims, 1,371,980 queries, CPU.
 
 IVF (inner product) against exact IndexFlatIP: build time, recall@12 against exact, and queries/s,
-side by side in one run. Embeddings are clustered (a mixture of 2,000 directions), like trained ones.
+side by side in one run.
+
+Synthetic embeddings mimic a trained two-tower space: items sit around 2,000 sub-styles that group into
+24 styles; a customer blends one to three sub-styles (taste) plus noise. ``--queries independent``
+draws queries around unrelated directions instead, the worst case for any IVF index (a customer whose
+taste matches no item cluster). ``--embeddings DIR`` uses a real export (items.parquet, users_*.parquet).
 
     .venv/bin/python bench/index.py
-    .venv/bin/python bench/index.py --queries 200000 --kind ivf_pq
+    .venv/bin/python bench/index.py --queries-from independent
+    .venv/bin/python bench/index.py --embeddings runs/small/export
 
 Goal: IVF recall@12 >= 0.95 of exact at >= 5x the exact QPS.
 """
@@ -18,15 +24,44 @@ import time
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from trainer import index as ix  # noqa: E402
 
 
-def clustered(n: int, d: int, centers: int, rng: np.random.Generator, spread: float = 0.35) -> np.ndarray:
-    c = rng.normal(size=(centers, d)).astype(np.float32)
-    x = c[rng.integers(0, centers, n)] + spread * rng.normal(size=(n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def noise(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.normal(size=(n, d)).astype(np.float32)
+
+
+def synthetic(items: int, queries: int, d: int, queries_from: str, rng: np.random.Generator):
+    styles = noise(24, d, rng)
+    sub = styles[rng.integers(0, 24, 2000)] + 0.8 * noise(2000, d, rng)
+    x = unit(sub[rng.integers(0, 2000, items)] + 0.35 * noise(items, d, rng))
+    if queries_from == "independent":  # centres unrelated to the items'
+        other = noise(2000, d, rng)
+        return x, unit(other[rng.integers(0, 2000, queries)] + 0.35 * noise(queries, d, rng))
+    q = np.zeros((queries, d), np.float32)
+    blend = rng.integers(1, 4, queries)  # each customer likes one to three sub-styles
+    for j in range(3):
+        w = rng.random(queries).astype(np.float32) * (blend > j)
+        q += w[:, None] * sub[rng.integers(0, 2000, queries)]
+    return x, unit(q / np.linalg.norm(q, axis=1, keepdims=True) * np.linalg.norm(sub, axis=1).mean()
+                   + 0.5 * noise(queries, d, rng))
+
+
+def exported(directory: str) -> tuple[np.ndarray, np.ndarray]:
+    root = pathlib.Path(directory)
+    items = pq.read_table(root / "items.parquet", columns=["embedding"]).column(0).combine_chunks()
+    users = pa.concat_tables([pq.read_table(p, columns=["embedding"]) for p in sorted(root.glob("users_*.parquet"))])
+    as_matrix = lambda col, d: col.flatten().to_numpy().reshape(-1, d).astype(np.float32)  # noqa: E731
+    d = items.type.list_size
+    return as_matrix(items, d), as_matrix(users.column(0).combine_chunks(), d)
 
 
 def main() -> None:
@@ -35,12 +70,17 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1_371_980)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--kind", default="ivf_flat")
+    ap.add_argument("--queries-from", choices=["blend", "independent"], default="blend")
+    ap.add_argument("--embeddings", help="an export directory to use instead of synthetic embeddings")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--exact-sample", type=int, default=20_000, help="queries timed and scored exactly")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    items = clustered(args.items, args.dim, 2000, rng)
-    queries = clustered(args.queries, args.dim, 2000, rng)
+    if args.embeddings:
+        items, queries = exported(args.embeddings)
+        args.items, args.dim = items.shape
+    else:
+        items, queries = synthetic(args.items, args.queries, args.dim, args.queries_from, rng)
     sample = queries[: args.exact_sample]
 
     t0 = time.perf_counter()
@@ -60,7 +100,8 @@ def main() -> None:
     full_qps = len(queries) / (time.perf_counter() - t0)
     chosen = next(r for r in rows if r["nprobe"] == nprobe)
 
-    print(f"{args.items:,} items x {args.dim} dims, {args.kind}, nlist {index.nlist}, built in {build_s:.1f}s "
+    source = args.embeddings or f"synthetic, queries from {args.queries_from}"
+    print(f"{args.items:,} items x {args.dim} dims ({source}), {args.kind}, nlist {index.nlist}, built in {build_s:.1f}s "
           f"({faiss.omp_get_max_threads()} threads)")
     print(f"{'nprobe':>7} {'recall@12':>10} {'QPS':>12} {'x exact':>8}")
     for r in rows:
