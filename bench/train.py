@@ -6,6 +6,11 @@ dim 32, measured side by side in one run:
   * notebook way: a per-row Dataset over raw transactions with Python-dict id lookups, dense
     nn.Embedding tables updated by Adam, in-batch softmax.
 
+The trainer runs twice: with the notebook's model and loss (id embeddings only, in-batch softmax:
+``model=mf loss=in_batch``), so the ratio compares the machinery on the same work; and with the
+default model and loss (features, history bag, MLP towers, logQ, masking, 1,024 mixed negatives),
+which does several times the work per example.
+
     .venv/bin/python bench/train.py                 # needs datasets/hm_scale (data.synth + data.prepare)
     .venv/bin/python bench/train.py --data small    # quicker, smaller vocabularies
 
@@ -33,28 +38,48 @@ import trainer.config  # noqa: E402,F401
 from trainer.train import Trainer  # noqa: E402
 
 
-def trainer_rates(data: str, steps: int, warmup: int, batch: int) -> tuple[float, float]:
+SAME_AS_NOTEBOOK = ["model=mf", "loss=in_batch", "loss.cross_rank=false"]
+
+
+def make_trainer(data: str, batch: int, extra: list[str]) -> Trainer:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            f"data={data}", "model.id_dim=32", "model.feature_dim=16", "model.output_dim=32",
+            f"data={data}", *extra, "model.id_dim=32", "model.feature_dim=16", "model.output_dim=32",
             f"trainer.batch_size={batch}", "trainer.progress=false", "sharding.print_plan=false",
             "trainer.validate=false", "trainer.resume=false", f"paths.datasets={ROOT}/datasets",
-            "run_dir=" + tempfile.mkdtemp()])
-    t = Trainer(cfg, cfg.run_dir)
+            "trainer.log_every=1000000", "run_dir=" + tempfile.mkdtemp()])
+    t = Trainer(cfg, cfg.run_dir, tensorboard=False)
     t.stream.set_epoch(0)
+    t.step = 1  # past the first step's statistics, as in a run between log lines
+    return t
+
+
+def trainer_rates(data: str, steps: int, warmup: int, batch: int, extra: list[str]) -> dict[str, float]:
+    """Examples/s of unpipelined steps fed by the stream, of the same steps over batches held in
+    memory, and of TrainPipelineSparseDist steps fed by the stream."""
+    t = make_trainer(data, batch, [*extra, "trainer.pipeline=off"])
     it = iter(t.loader)
     for _ in range(warmup):
-        t.train_step(next(it))
+        t.train_step(next(it), with_stats=False)
     t0 = time.perf_counter()
     for _ in range(steps):
-        t.train_step(next(it))
+        t.train_step(next(it), with_stats=False)
     streamed = steps * batch / (time.perf_counter() - t0)
     held = [next(it) for _ in range(steps)]
     t0 = time.perf_counter()
     for b in held:
-        t.train_step(b)
+        t.train_step(b, with_stats=False)
     in_memory = steps * batch / (time.perf_counter() - t0)
-    return streamed, in_memory
+    del t, it, held
+    p = make_trainer(data, batch, [*extra, "trainer.pipeline=on"])
+    gen = p._steps()
+    for _ in range(warmup):
+        next(gen)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(gen)
+    pipelined = steps * batch / (time.perf_counter() - t0)
+    return {"streamed": streamed, "in_memory": in_memory, "pipelined": pipelined}
 
 
 class NotebookTwoTower(torch.nn.Module):
@@ -98,13 +123,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--notebook-steps", type=int, default=5)
     args = ap.parse_args()
-    streamed, in_memory = trainer_rates(args.data, args.steps, args.warmup, args.batch)
+    rates = {"same model and loss as the notebook": trainer_rates(args.data, args.steps, args.warmup, args.batch,
+                                                                   SAME_AS_NOTEBOOK),
+             "default model and loss": trainer_rates(args.data, args.steps, args.warmup, args.batch, [])}
     notebook = notebook_rate(args.data, args.notebook_steps, args.batch)
-    print(f"data={args.data}, batch {args.batch}, dim 32, {torch.get_num_threads()} threads")
-    print(f"{'trainer':<32} {'examples/s':>12} {'ratio':>10}")
-    print(f"{'trainer, stream-fed':<32} {streamed:>12,.0f} {streamed / notebook:>9.1f}x notebook")
-    print(f"{'trainer, in-memory batches':<32} {in_memory:>12,.0f} {streamed / in_memory:>9.2f} stream/in-memory")
-    print(f"{'notebook way':<32} {notebook:>12,.0f} {1.0:>9.1f}x")
+    print(f"data={args.data}, batch {args.batch}, dim 32, {torch.get_num_threads()} threads, one process; "
+          f"examples/s (x notebook)")
+    print(f"{'trainer':<36} {'stream-fed':>18} {'in-memory':>18} {'stream/in-mem':>14} {'pipelined, stream':>20}")
+    for name, r in rates.items():
+        print(f"{name:<36} {r['streamed']:>10,.0f} ({r['streamed'] / notebook:>4.1f}x) "
+              f"{r['in_memory']:>10,.0f} ({r['in_memory'] / notebook:>4.1f}x) {r['streamed'] / r['in_memory']:>14.2f} "
+              f"{r['pipelined']:>12,.0f} ({r['pipelined'] / notebook:>4.1f}x)")
+    print(f"{'notebook way (MF, in-batch softmax)':<36} {notebook:>10,.0f} ( 1.0x)")
 
 
 if __name__ == "__main__":

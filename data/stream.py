@@ -15,7 +15,11 @@ StatefulDataLoader) to get that with ``num_workers > 0``.
 
 A batch holds two KeyedJaggedTensors built straight from numpy columns: the query side (customer id,
 customer features, and the purchase history as a jagged bag of article ids) and the item side (article
-id and article features, description tokens as a bag), plus dense time-of-year features.
+id and article features, description tokens as a bag), plus dense time-of-year features. With
+``extra_items=M`` each batch also carries M uniformly drawn catalogue articles (the loss's mixed
+negatives), drawn from (seed, epoch, rank, worker, batch) so resume stays exact. Given the model's
+feature keys, :class:`BatchLoader` joins everything into the one KJT the model reads (``batch.sparse``),
+which is what TorchRec's TrainPipelineSparseDist needs to prefetch the embedding input-dist.
 """
 
 from __future__ import annotations
@@ -45,6 +49,36 @@ EXAMPLE_SCHEMA = pa.schema([
     ("history", pa.list_(pa.int32())),
 ])
 QUERY_KEYS = ["customer_id", *features.CUSTOMER_FEATURES, "history"]
+EXTRA_ITEMS_SALT = 0x6E6567  # keeps the extra-item draws apart from the window permutations
+
+
+def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
+              extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
+    """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
+    only; their query features are empty bags)."""
+    qd, idd = query.to_dict(), item.to_dict()
+    ed = extra_items.to_dict() if extra_items is not None else {}
+    m = extra_items.stride() if extra_items is not None else 0
+    values, lengths = [], []
+    for k in keys:
+        if k in qd:
+            jt = qd[k]
+            values.append(jt.values())
+            lengths.append(torch.cat([jt.lengths(), jt.lengths().new_zeros(m)]) if m else jt.lengths())
+        else:
+            jt = idd[k]
+            values.append(torch.cat([jt.values(), ed[k].values()]) if m else jt.values())
+            lengths.append(torch.cat([jt.lengths(), ed[k].lengths()]) if m else jt.lengths())
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+class _KeyedPlaceholder(torch.fx._symbolic_trace.PHBase):
+    """An FX placeholder that remembers which batch attribute it stands for (TorchRec's pipeline reads
+    ``ph_key`` to fetch a sharded module's input from the batch)."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.ph_key = key
 
 
 class StreamError(ValueError):
@@ -60,23 +94,36 @@ class Batch(Pipelineable):
     query_dense: torch.Tensor  # (B, 2): sin, cos of the time of year
     customer_idx: torch.Tensor  # (B,) int64
     article_idx: torch.Tensor  # (B,) int64: the positive item of each row
+    extra_item: KeyedJaggedTensor | None = None  # M extra catalogue articles (mixed negatives)
+    extra_ids: torch.Tensor | None = None  # (M,) int64: their article_idx
+    sparse: KeyedJaggedTensor | None = None  # the model's keys: B rows, then M item-only rows
+
+    def _map(self, fn) -> "Batch":
+        return Batch(*(None if getattr(self, f) is None else fn(getattr(self, f)) for f in self._fields()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(*(getattr(self, f).to(device=device, non_blocking=non_blocking) for f in self._fields()))
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream) -> None:
         for f in self._fields():
-            getattr(self, f).record_stream(stream)
+            if getattr(self, f) is not None:
+                getattr(self, f).record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(*(getattr(self, f).pin_memory() for f in self._fields()))
+        return self._map(lambda t: t.pin_memory())
 
     @staticmethod
     def _fields() -> tuple[str, ...]:
-        return ("query", "item", "query_dense", "customer_idx", "article_idx")
+        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids", "sparse")
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
+
+    def to_proxy_tuple(self, model) -> dict:
+        """FX concrete args for TwoTower.forward(sparse, query_dense, n_query), so TorchRec's pipeline
+        traces the model and finds that the embedding collection reads ``batch.sparse``."""
+        return {"sparse": _KeyedPlaceholder("sparse"), "query_dense": _KeyedPlaceholder("query_dense"),
+                "n_query": _KeyedPlaceholder("n_query")}
 
 
 @dataclass
@@ -258,11 +305,23 @@ class PackedBatch:
     n_query_values: int
     n_item_values: int
     item_keys: tuple[str, ...]
+    extra: "PackedBatch | None" = None  # the extra catalogue articles, packed the same way
 
     def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(self.buf.pin_memory(), self.batch, self.n_query_values, self.n_item_values, self.item_keys)
+        return PackedBatch(self.buf.pin_memory(), self.batch, self.n_query_values, self.n_item_values, self.item_keys,
+                           self.extra.pin_memory() if self.extra is not None else None)
 
-    def unpack(self) -> Batch:
+    def unpack(self, keys: list[str] | None = None) -> Batch:
+        """Views into the buffer; with the model's ``keys``, also the joined ``sparse`` KJT."""
+        batch = self._unpack_one()
+        if self.extra is not None:
+            extra = self.extra._unpack_one()
+            batch.extra_item, batch.extra_ids = extra.item, extra.article_idx
+        if keys is not None:
+            batch.sparse = join_rows(batch.query, batch.item, keys, batch.extra_item)
+        return batch
+
+    def _unpack_one(self) -> Batch:
         b, nq, ni = self.batch, self.n_query_values, self.n_item_values
         nqk, nik = len(QUERY_KEYS), len(self.item_keys)
         cuts = np.cumsum([nq, ni, b * nqk, b * nik, b, b, b])
@@ -286,7 +345,7 @@ class ExampleStream(IterableDataset):
     """See the module docstring. ``state_dict``/``load_state_dict`` resume mid-epoch exactly."""
 
     def __init__(self, prepared: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_rows: int = 65_536, num_workers: int = 1, prefetch: int = 2):
+                 shuffle_rows: int = 65_536, num_workers: int = 1, prefetch: int = 2, extra_items: int = 0):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -295,6 +354,7 @@ class ExampleStream(IterableDataset):
         self.shuffle_rows = shuffle_rows
         self.prefetch = max(1, prefetch)  # windows read ahead, each on its own thread
         self.num_workers = max(1, num_workers)
+        self.extra_items = extra_items
         self.units, self.manifest = discover_units(prepared)
         self.tables = FeatureTables(prepared, self.manifest)
         self.history_len = self.manifest["history_len"]
@@ -381,6 +441,8 @@ class ExampleStream(IterableDataset):
                 pos = 0
                 while len(cols) - pos >= self.batch_size and self.batches_done < plan.quota:
                     packed = cols.slice(pos, pos + self.batch_size).pack(keys)
+                    if self.extra_items > 0:
+                        packed.extra = self._extra_items(worker).pack(keys)
                     pos += self.batch_size
                     self.batches_done += 1  # before yield: a state taken after this batch resumes after it
                     yield packed if self.packed else packed.unpack()
@@ -388,6 +450,12 @@ class ExampleStream(IterableDataset):
         finally:  # also when the consumer stops early: no reader thread outlives the epoch
             pool.shutdown(wait=True, cancel_futures=True)
         self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _extra_items(self, worker: int) -> Columns:
+        """Uniform catalogue articles (1..N-1; 0 is the OOV row) with their features, for this batch."""
+        rng = np.random.default_rng([self.seed, EXTRA_ITEMS_SALT, self.epoch, self.rank, worker, self.batches_done])
+        ids = rng.integers(1, self.tables.cards["article_id"], self.extra_items).astype(np.int32)
+        return columns_for(self.tables, np.zeros(len(ids), np.int32), ids, np.zeros(len(ids), np.int64))
 
     def _windows(self, units: list[Unit]) -> list[list[Unit]]:
         windows, cur, rows = [], [], 0
@@ -469,10 +537,10 @@ class BatchLoader:
     Call ``stream.set_epoch(e)`` before each epoch (as with DistributedSampler).
     """
 
-    def __init__(self, stream: ExampleStream, pin_memory: bool = False):
+    def __init__(self, stream: ExampleStream, pin_memory: bool = False, keys: list[str] | None = None):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        self.stream = stream
+        self.stream, self.keys = stream, keys
         stream.packed = True
         n = stream.num_workers if stream.num_workers > 1 else 0
         self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=n, collate_fn=_identity,
@@ -481,7 +549,7 @@ class BatchLoader:
 
     def __iter__(self):
         for packed in self.loader:
-            yield packed.unpack()
+            yield packed.unpack(self.keys)
 
     def __len__(self) -> int:
         return self.stream.batches_per_epoch()
@@ -493,22 +561,27 @@ class BatchLoader:
         self.loader.load_state_dict(state)
 
 
-def make_loader(stream: ExampleStream, pin_memory: bool = False) -> BatchLoader:
-    return BatchLoader(stream, pin_memory)
+def make_loader(stream: ExampleStream, pin_memory: bool = False, keys: list[str] | None = None) -> BatchLoader:
+    """``keys``: the model's feature keys, to get ``batch.sparse`` joined on the loader side."""
+    return BatchLoader(stream, pin_memory, keys)
 
 
 def batch_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
                       hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> Batch:
     """A Batch for arbitrary rows (catalogue items, evaluation customers, extra negatives), built the
     same way as streamed batches. Missing histories are empty bags."""
+    return columns_for(tables, customer, article, day, hist_lengths, hist_values).pack(tables.item_keys()).unpack()
+
+
+def columns_for(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
+                hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> Columns:
     n = len(customer)
     if hist_lengths is None:
         hist_lengths, hist_values = np.zeros(n, np.int64), np.zeros(0, np.int32)
     customer = np.asarray(customer, np.int32)
     article = np.asarray(article, np.int32)
     desc = Jagged.from_lengths(*tables.desc(article)) if tables.has_desc else None
-    cols = Columns(customer, article, np.take(tables.customer, customer, axis=1),
+    return Columns(customer, article, np.take(tables.customer, customer, axis=1),
                    np.take(tables.article, article, axis=1),
                    Jagged.from_lengths(np.asarray(hist_lengths), np.asarray(hist_values, np.int32)), desc,
                    tables.time_of_year(np.asarray(day, np.int64)))
-    return cols.pack(tables.item_keys()).unpack()

@@ -41,6 +41,34 @@ def final_weights(run_dir: pathlib.Path) -> dict:
     return {k: v for k, v in state["model"].items()}
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each worker in its own session, so killing the
+    launcher's process group would leave the workers running)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
+                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except FileNotFoundError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def sigkill_all(proc: subprocess.Popen) -> int:
+    """SIGKILLs the launcher and every worker at once, like a node failure; returns how many died."""
+    victims = [proc.pid, *descendants(proc.pid)]
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    return len(victims)
+
+
 def popularity_recall(prepared: str, k: int = 12) -> float:
     ex = pq.read_table(f"{prepared}/examples", columns=["article_idx", "day"])
     day, art = ex["day"].to_numpy(), ex["article_idx"].to_numpy()
@@ -111,8 +139,11 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     common = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=15", "trainer.validate=false",
               "trainer.log_every=5", "trainer.keep_checkpoints=10"]
     run(train_cmd(prepared, tmp_path / "a", *common, port=29621))
-    # The same run, SIGKILLed (every process) once it has a complete checkpoint past step 30, then restarted.
-    cmd = train_cmd(prepared, tmp_path / "b", *common, port=29622)
+    # The same run, SIGKILLed (every process) once it has a complete checkpoint past step 30, then restarted;
+    # through TorchRec's TrainPipelineSparseDist this time, which must change nothing: it only reorders
+    # the embedding input-dist, and checkpoints the position of the last trained batch, not of the
+    # batches it has pulled ahead.
+    cmd = train_cmd(prepared, tmp_path / "b", *common, "trainer.pipeline=on", port=29622)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -123,20 +154,21 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
             break
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert sigkill_all(proc) >= 3  # torchrun and its two workers
     killed_at = max(int(p.name[5:]) for p in ckpt.glob("step-*") if (p / "COMPLETE").exists())
     assert killed_at < 180  # it really stopped before the end (2 epochs of ~90 steps)
     resumed = run(cmd)
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    out = resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpt / f'step-{killed_at:08d}'} " in out
+    assert "Module 'ebc' will be pipelined" in out
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
     # Preemption as Slurm does it: SIGTERM to every process. The ranks agree, checkpoint the step they
-    # are at, leave a PREEMPTED marker and stop; a restart resumes and ends the same.
-    cmd = train_cmd(prepared, tmp_path / "c", *common, port=29623)
+    # are at, leave a PREEMPTED marker and stop; a restart resumes and ends the same (unpipelined).
+    cmd = train_cmd(prepared, tmp_path / "c", *common, "trainer.pipeline=off", port=29623)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     log_file = tmp_path / "c" / "train.log"

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from data.stream import join_rows  # noqa: F401  (re-exported: the model's input layout)
+
 ARTICLE_TABLE = "t_article"
 SHARED_WITH_ARTICLE = {"article_id", "history"}
 
@@ -84,21 +86,3 @@ class TwoTower(nn.Module):
         return q, i
 
 
-def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
-              extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
-    """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
-    only; their query features are empty bags)."""
-    qd, idd = query.to_dict(), item.to_dict()
-    ed = extra_items.to_dict() if extra_items is not None else {}
-    m = extra_items.stride() if extra_items is not None else 0
-    values, lengths = [], []
-    for k in keys:
-        if k in qd:
-            jt = qd[k]
-            values.append(jt.values())
-            lengths.append(torch.cat([jt.lengths(), jt.lengths().new_zeros(m)]) if m else jt.lengths())
-        else:
-            jt = idd[k]
-            values.append(torch.cat([jt.values(), ed[k].values()]) if m else jt.values())
-            lengths.append(torch.cat([jt.lengths(), ed[k].lengths()]) if m else jt.lengths())
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))

@@ -15,6 +15,7 @@ import os
 import signal
 import tempfile
 import time
+from collections import deque
 
 import hydra
 import numpy as np
@@ -32,7 +33,7 @@ from trainer import checkpoint
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer.loss import LogQ, Negatives, retrieval_loss
 from trainer.model import TwoTower, join_rows
-from trainer.negatives import HardNegativeMiner, uniform_negatives
+from trainer.negatives import HardNegativeMiner
 from trainer.sharding import dense_parameters, shard
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,31 @@ def init_distributed(cfg) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
+class _QuietPipeline(logging.Filter):
+    """TrainPipelineSparseDist logs at INFO on every epoch end; keep only what it pipelined, and warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "pipelined" in str(record.msg)
+
+
+class _NoDenseOptimizer:
+    """What the pipeline steps when the model has no dense parameters (matrix factorisation)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
 class Trainer:
     """Owns the training state: sharded model, optimisers, data position, step, loss/miner state."""
 
     def __init__(self, cfg: DictConfig, run_dir: str, tensorboard: bool = True):
         self.cfg, self.run_dir = cfg, run_dir
         logging.getLogger().addFilter(_QuietFbgemm())  # here: Hydra has configured logging by now
+        for name in ("train_pipelines", "utils"):
+            logging.getLogger(f"torchrec.distributed.train_pipeline.{name}").addFilter(_QuietPipeline())
         loop = cfg.trainer
         self.device, self.rank, self.world = init_distributed(loop)
         self.prepared = cfg.prepare.out
@@ -87,14 +107,20 @@ class Trainer:
             if dense else None
         self.keys = model.feature_keys
 
+        # The stream draws the mixed negatives and joins the model's KJT, so that a batch's embedding
+        # input is one attribute (batch.sparse) that TrainPipelineSparseDist can prefetch.
         self.stream = ExampleStream(self.prepared, loop.batch_size, rank=self.rank, world_size=self.world,
-                                    seed=loop.seed, shuffle_rows=loop.shuffle_rows, num_workers=loop.num_workers)
-        self.loader = make_loader(self.stream, pin_memory=self.device.type == "cuda")
+                                    seed=loop.seed, shuffle_rows=loop.shuffle_rows, num_workers=loop.num_workers,
+                                    extra_items=cfg.loss.mixed_negatives)
+        self.loader = make_loader(self.stream, pin_memory=self.device.type == "cuda", keys=self.keys)
         counts = torch.from_numpy(pq.read_table(join(self.prepared, "item_freq.parquet"))["count"].to_numpy().copy())
         self.logq = LogQ(cfg.loss.logq, self.n_items, counts, cfg.loss.streaming_alpha)
         lc = cfg.loss
         self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi) \
             if lc.hard_negatives > 0 else None
+        self.pipeline = self._make_pipeline() if self._use_pipeline() else None
+        self._trained_state: dict | None = None  # loader state after the last trained batch (pipelined)
+        self._with_stats = True
         self.step, self.epoch = 0, 0
         self.ckpt_dir = cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints")
         self.metrics: dict = {"val": [], "train": []}
@@ -129,7 +155,9 @@ class Trainer:
                 "metrics": {"val": self.metrics["val"]}}
 
     def save(self) -> None:
-        loop_state = {"step": self.step, "epoch": self.epoch, "stream": self.loader.state_dict()}
+        # The pipeline has pulled batches ahead; the position saved is the one after the last trained batch.
+        stream = self._trained_state if self._trained_state is not None else self.loader.state_dict()
+        loop_state = {"step": self.step, "epoch": self.epoch, "stream": stream}
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.model.fused_optimizer,
                                self.dense_state(), loop_state, self.cfg.trainer.keep_checkpoints)
         if self.rank == 0:
@@ -209,20 +237,39 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
-    def train_step(self, batch, with_stats: bool = True) -> tuple[float, dict]:
+    def _use_pipeline(self) -> bool:
+        mode = self.cfg.trainer.pipeline
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"trainer.pipeline={mode!r}: expected auto, on or off")
+        if self.cfg.loss.hard_negatives > 0:  # mined negatives need a second, unpipelined table lookup
+            if mode == "on":
+                raise ValueError("trainer.pipeline=on cannot run with loss.hard_negatives > 0 (the mined "
+                                 "negatives need a second embedding lookup per step); use pipeline=auto or off")
+            return False
+        return mode == "on" or (mode == "auto" and self.device.type == "cuda")
+
+    def _make_pipeline(self):
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        return TrainPipelineSparseDist(self.model, self.dense_opt or _NoDenseOptimizer(), self.device,
+                                       execute_all_batches=True, custom_model_fwd=self._pipelined_forward)
+
+    def _pipelined_forward(self, batch):
+        loss, stats, pos_ids = self.forward_loss(batch, self._with_stats)
+        return loss, (loss.detach(), stats, pos_ids)
+
+    def forward_loss(self, batch, with_stats: bool = True):
+        """The step's loss from a loader batch (with ``sparse`` joined and the mixed negatives drawn)."""
         lc, loop = self.cfg.loss, self.cfg.trainer
         b = len(batch)
-        extra = None
-        extra_ids = None
-        if lc.mixed_negatives > 0:
-            extra_ids = uniform_negatives(lc.mixed_negatives, self.n_items, loop.seed, self.step, self.rank)
-            extra = batch_from_arrays(self.tables, np.zeros(len(extra_ids)), extra_ids.numpy(),
-                                      np.full(len(extra_ids), self._day()))
-        q_all, i_all = self.forward(batch, extra)
+        if batch.sparse is None:
+            raise ValueError("training batches come from the trainer's loader (batch.sparse joined)")
+        dev = batch.to(self.device, non_blocking=True)
+        q_all, i_all = self.model(dev.sparse, dev.query_dense, b)  # extra rows: item tower only
         q, pos = q_all[:b], i_all[:b]
         neg = Negatives()
-        if extra is not None:
-            neg.extra, neg.extra_ids = i_all[b:], extra_ids.to(self.device)
+        if lc.mixed_negatives > 0:
+            neg.extra, neg.extra_ids = i_all[b:], dev.extra_ids
         if self.miner is not None and self.miner.ready:
             hist = batch.query["history"]
             hist_split = torch.split(hist.values(), hist.lengths().tolist())
@@ -231,19 +278,63 @@ class Trainer:
             hard_batch = batch_from_arrays(self.tables, np.zeros(len(flat)), flat, np.full(len(flat), self._day()))
             _, h = self.forward(hard_batch)
             neg.hard, neg.hard_ids = h.view(b, -1, h.shape[-1]), hard_ids.to(self.device)
-        pos_ids = batch.article_idx.to(self.device)
+        pos_ids = dev.article_idx
         loss, stats = retrieval_loss(q, pos, pos_ids, lc, neg, self.logq, dist.group.WORLD, self.n_items,
                                      with_stats=with_stats)
+        return loss, stats, pos_ids
+
+    def train_step(self, batch, with_stats: bool = True) -> tuple[float, dict]:
+        """One unpipelined step."""
+        loss, stats, pos_ids = self.forward_loss(batch, with_stats)
         if self.dense_opt is not None:
             self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # the fused table optimiser steps inside backward
         if self.dense_opt is not None:
             self.dense_opt.step()
+        self._after_step(pos_ids)
+        return float(loss.detach()), stats
+
+    def _after_step(self, pos_ids: torch.Tensor) -> None:
         if self.logq.mode == "streaming":
             gathered = [torch.empty_like(pos_ids) for _ in range(self.world)]
             dist.all_gather(gathered, pos_ids)
             self.logq.update(torch.cat(gathered), self.step + 1)
-        return float(loss.detach()), stats
+
+    def _steps(self):
+        """Trains on this epoch's batches; yields (examples, loss, stats) after each step."""
+        loop = self.cfg.trainer
+        if self.pipeline is None:
+            for batch in self.loader:
+                if self.cfg.loss.hard_every > 0:
+                    self.maybe_refresh_miner(epoch_start=False)
+                loss, stats = self.train_step(batch, with_stats=self._logging_step())
+                yield len(batch), loss, stats
+            return
+        states: deque = deque()
+
+        def tracked():
+            for batch in self.loader:
+                states.append(self.loader.state_dict())
+                yield batch
+
+        batches = tracked()
+        while True:
+            self._with_stats = self._logging_step()
+            try:
+                loss, stats, pos_ids = self.pipeline.progress(batches)
+            except StopIteration:
+                return
+            self._after_step(pos_ids)
+            self._trained_state = states.popleft()
+            yield len(pos_ids), float(loss), stats
+
+    def _logging_step(self) -> bool:
+        return (self.step + 1) % self.cfg.trainer.log_every == 0 or self.step == 0
+
+    def _detach_pipeline(self) -> None:
+        """Gives the tables their own forward back (for validation and export; training re-attaches)."""
+        if self.pipeline is not None:
+            self.pipeline.detach()
 
     def maybe_refresh_miner(self, epoch_start: bool) -> None:
         """Re-mines from current item embeddings: every ``hard_every`` steps, or at each epoch start."""
@@ -302,13 +393,10 @@ class Trainer:
                 self.stream.set_epoch(self.epoch)
                 self.maybe_refresh_miner(epoch_start=True)
             self._stream_state = None
-            for batch in self.loader:
-                if self.cfg.loss.hard_every > 0:
-                    self.maybe_refresh_miner(epoch_start=False)
-                logging_step = (self.step + 1) % loop.log_every == 0 or self.step == 0
-                loss, stats = self.train_step(batch, with_stats=logging_step)
+            for n_examples, loss, stats in self._steps():
+                logging_step = self._logging_step()
                 self.step += 1
-                n_last += len(batch)
+                n_last += n_examples
                 bar.update(1)
                 if logging_step:
                     self._log(loss, stats, n_last / max(time.perf_counter() - t_last, 1e-9))
@@ -323,6 +411,7 @@ class Trainer:
             if done:
                 break
             self.epoch += 1
+            self._detach_pipeline()
             if loop.validate:
                 val = {"epoch": self.epoch, "step": self.step, **self.validate()}
                 self.metrics["val"].append(val)
@@ -335,6 +424,7 @@ class Trainer:
             if self.epoch < loop.epochs:
                 self.save()
         bar.close()
+        self._detach_pipeline()
         self.save()
         if self.rank == 0:
             write_json({"step": self.step, "epoch": self.epoch, **self.metrics}, join(self.run_dir, "metrics.json"))
@@ -346,6 +436,7 @@ class Trainer:
 
     def _preempted(self, bar) -> dict:
         bar.close()
+        self._detach_pipeline()
         self.save()
         if self.rank == 0:
             with open(self.marker(), "w") as f:
