@@ -133,6 +133,7 @@ def run(cfg) -> dict:
         t0 = time.perf_counter()
         r = fn()
         timings[name] = round(time.perf_counter() - t0, 3)
+        log.info("%s: top-%d for %d customers in %.1fs", name, width, len(customers), timings[name])
         rankings[name] = drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
 
     if _exists(join(cfg.export_dir, "items.parquet")):
