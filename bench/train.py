@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,32 +55,38 @@ def make_trainer(data: str, batch: int, extra: list[str]) -> Trainer:
     return t
 
 
-def trainer_rates(data: str, steps: int, warmup: int, batch: int, extra: list[str]) -> dict[str, float]:
-    """Examples/s of unpipelined steps fed by the stream, of the same steps over batches held in
-    memory, and of TrainPipelineSparseDist steps fed by the stream."""
-    t = make_trainer(data, batch, [*extra, "trainer.pipeline=off"])
-    it = iter(t.loader)
-    for _ in range(warmup):
-        t.train_step(next(it), with_stats=False)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        t.train_step(next(it), with_stats=False)
-    streamed = steps * batch / (time.perf_counter() - t0)
-    held = [next(it) for _ in range(steps)]
-    t0 = time.perf_counter()
-    for b in held:
-        t.train_step(b, with_stats=False)
-    in_memory = steps * batch / (time.perf_counter() - t0)
-    del t, it, held
-    p = make_trainer(data, batch, [*extra, "trainer.pipeline=on"])
-    gen = p._steps()
-    for _ in range(warmup):
-        next(gen)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        next(gen)
-    pipelined = steps * batch / (time.perf_counter() - t0)
-    return {"streamed": streamed, "in_memory": in_memory, "pipelined": pipelined}
+class TrainerRuns:
+    """One configuration measured three ways: unpipelined steps fed by the stream, the same steps over
+    batches already in memory, and TrainPipelineSparseDist steps fed by the stream."""
+
+    def __init__(self, data: str, batch: int, extra: list[str]):
+        self.batch = batch
+        self.plain = make_trainer(data, batch, [*extra, "trainer.pipeline=off"])
+        self.plain_batches = iter(self.plain.loader)
+        self.piped = make_trainer(data, batch, [*extra, "trainer.pipeline=on"])
+        self.piped_steps = self.piped._steps()
+
+    def warm_up(self, steps: int) -> None:
+        for _ in range(steps):
+            self.plain.train_step(next(self.plain_batches), with_stats=False)
+            next(self.piped_steps)
+
+    def round(self, steps: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.plain.train_step(next(self.plain_batches), with_stats=False)
+        streamed = steps * self.batch / (time.perf_counter() - t0)
+        held = [next(self.plain_batches) for _ in range(steps)]
+        time.sleep(2.0)  # let the stream's read-ahead threads finish, so they don't slow the in-memory steps
+        t0 = time.perf_counter()
+        for b in held:
+            self.plain.train_step(b, with_stats=False)
+        in_memory = steps * self.batch / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(self.piped_steps)
+        pipelined = steps * self.batch / (time.perf_counter() - t0)
+        return {"streamed": streamed, "in_memory": in_memory, "pipelined": pipelined}
 
 
 class NotebookTwoTower(torch.nn.Module):
@@ -93,48 +100,64 @@ class NotebookTwoTower(torch.nn.Module):
                 torch.nn.functional.normalize(self.article(a), dim=-1))
 
 
-def notebook_rate(data: str, steps: int, batch: int) -> float:
-    from stream import NotebookDataset  # bench/stream.py: the same per-row, dict-based dataset
+class NotebookRun:
+    def __init__(self, data: str, steps: int, batch: int, rounds: int):
+        from stream import NotebookDataset  # bench/stream.py: the same per-row, dict-based dataset
 
-    ds = NotebookDataset(str(ROOT / "datasets" / data), n_rows=batch * (steps + 2))
-    model = NotebookTwoTower(len(ds.cust_index) + 1, len(ds.art_index) + 1, 32)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True)
-    it = iter(loader)
-    b = next(it)  # warm-up
-    t0 = time.perf_counter()
-    n = 0
-    for _ in range(steps):
-        b = next(it)
-        q, i = model(b["customer"], b["article"])
+        ds = NotebookDataset(str(ROOT / "datasets" / data), n_rows=batch * (rounds * steps + 2))
+        self.model = NotebookTwoTower(len(ds.cust_index) + 1, len(ds.art_index) + 1, 32)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batches = iter(torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True))
+        self.step()  # warm-up
+
+    def step(self) -> int:
+        b = next(self.batches)
+        q, i = self.model(b["customer"], b["article"])
         loss = torch.nn.functional.cross_entropy(q @ i.T / 0.05, torch.arange(len(q)))
-        opt.zero_grad()
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
-        n += len(q)
-    return n / (time.perf_counter() - t0)
+        self.opt.step()
+        return len(q)
+
+    def round(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        n = sum(self.step() for _ in range(steps))
+        return n / (time.perf_counter() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="hm_scale")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20, help="trainer steps per round and way")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2048)
-    ap.add_argument("--notebook-steps", type=int, default=5)
+    ap.add_argument("--notebook-steps", type=int, default=4, help="notebook steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
     args = ap.parse_args()
-    rates = {"same model and loss as the notebook": trainer_rates(args.data, args.steps, args.warmup, args.batch,
-                                                                   SAME_AS_NOTEBOOK),
-             "default model and loss": trainer_rates(args.data, args.steps, args.warmup, args.batch, [])}
-    notebook = notebook_rate(args.data, args.notebook_steps, args.batch)
+    configs = {"same model and loss as the notebook": TrainerRuns(args.data, args.batch, SAME_AS_NOTEBOOK),
+               "default model and loss": TrainerRuns(args.data, args.batch, [])}
+    for c in configs.values():
+        c.warm_up(args.warmup)
+    notebook = NotebookRun(args.data, args.notebook_steps, args.batch, args.rounds)
+    rounds: dict[str, list[dict]] = {name: [] for name in configs}
+    nb: list[float] = []
+    for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits every way
+        for name, c in configs.items():
+            rounds[name].append(c.round(args.steps))
+        nb.append(notebook.round(args.notebook_steps))
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    nb_rate = med(nb)
     print(f"data={args.data}, batch {args.batch}, dim 32, {torch.get_num_threads()} threads, one process; "
-          f"examples/s (x notebook)")
+          f"examples/s, median of {args.rounds} interleaved rounds (x notebook)")
     print(f"{'trainer':<36} {'stream-fed':>18} {'in-memory':>18} {'stream/in-mem':>14} {'pipelined, stream':>20}")
-    for name, r in rates.items():
-        print(f"{name:<36} {r['streamed']:>10,.0f} ({r['streamed'] / notebook:>4.1f}x) "
-              f"{r['in_memory']:>10,.0f} ({r['in_memory'] / notebook:>4.1f}x) {r['streamed'] / r['in_memory']:>14.2f} "
-              f"{r['pipelined']:>12,.0f} ({r['pipelined'] / notebook:>4.1f}x)")
-    print(f"{'notebook way (MF, in-batch softmax)':<36} {notebook:>10,.0f} ( 1.0x)")
+    for name, rs in rounds.items():
+        r = {k: med([x[k] for x in rs]) for k in rs[0]}
+        ratio = med([x["streamed"] / x["in_memory"] for x in rs])
+        print(f"{name:<36} {r['streamed']:>10,.0f} ({r['streamed'] / nb_rate:>4.1f}x) "
+              f"{r['in_memory']:>10,.0f} ({r['in_memory'] / nb_rate:>4.1f}x) {ratio:>14.2f} "
+              f"{r['pipelined']:>12,.0f} ({r['pipelined'] / nb_rate:>4.1f}x)")
+    print(f"{'notebook way (MF, in-batch softmax)':<36} {nb_rate:>10,.0f} ( 1.0x)   rounds: "
+          + ", ".join(f"{x:,.0f}" for x in nb))
 
 
 if __name__ == "__main__":

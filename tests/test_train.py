@@ -138,7 +138,7 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     common = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=15", "trainer.validate=false",
               "trainer.log_every=5", "trainer.keep_checkpoints=10"]
-    run(train_cmd(prepared, tmp_path / "a", *common, port=29621))
+    run(train_cmd(prepared, tmp_path / "a", *common, "trainer.pipeline=off", port=29621))
     # The same run, SIGKILLed (every process) once it has a complete checkpoint past step 30, then restarted;
     # through TorchRec's TrainPipelineSparseDist this time, which must change nothing: it only reorders
     # the embedding input-dist, and checkpoints the position of the last trained batch, not of the

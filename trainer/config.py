@@ -80,7 +80,7 @@ class LoopConfig:
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     # TorchRec's TrainPipelineSparseDist (the next batch's embedding input-dist overlaps this step):
-    # auto = on with CUDA, off on CPU (measured no faster there: bench/train.py); never with mined hard negatives
+    # auto = on with CUDA or more than one rank, off in a single CPU process; never with mined hard negatives
     pipeline: str = "auto"  # auto | on | off
     progress: bool = True
 
