@@ -19,7 +19,8 @@ def clustered(n: int, d: int, centers: int, seed: int = 0) -> np.ndarray:
 def test_ivf_recall_against_exact(kind):
     items, queries = clustered(6000, 32, 50), clustered(300, 32, 50, seed=1)
     index = ix.build(items, kind=kind, use_gpu=False)
-    assert index.nlist == ix.default_nlist(6000) == 153
+    assert index.nlist == ix.default_nlist(6000) == 153  # capped: 6000 // 39
+    assert ix.default_nlist(105_542) == 2598  # 8 * sqrt(105542) = 2598.9, under 105542 // 39 = 2706
     rows = ix.sweep(index, items, queries, k=12, nprobes=(1, 8, 64))
     recall = [r["recall@12"] for r in rows]
     assert recall == sorted(recall)  # more probes, more recall

