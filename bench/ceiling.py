@@ -44,10 +44,11 @@ def generator_at(cfg: SynthConfig, week: int) -> tuple[synth.Generator, dict, di
     return gen, {"customer_id": customers["customer_id"]}, {"article_id": articles["article_id"]}
 
 
-def ceiling_ranking(data_root: str, k: int = 12, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def ceiling_ranking(data_root: str, prepared: str | None = None, k: int = 12,
+                    chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     manifest = json.loads(pathlib.Path(data_root, "manifest.json").read_text())
     cfg = SynthConfig(**manifest["config"])
-    prepared = f"{data_root}/prepared"
+    prepared = prepared or f"{data_root}/prepared"
     customers, offsets, items, _ = load_eval(prepared, "val")
     val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
     first_val_day = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
