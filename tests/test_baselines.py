@@ -48,3 +48,25 @@ def test_tfidf_follows_descriptions():
     values = np.array([t for i in range(8) for t in tokens.get(i, [])])
     top = bl.tfidf(inter(LOG), [np.array([1])], offsets, values, 3)
     assert top[0, 0] == 1 and top[0, 1] == 2  # itself, then the most similar description
+
+
+def test_sparse_ranking_equals_dense_ranking():
+    """_rank_sparse (used at H&M scale, never densifying) against the dense _rank: same lists, with
+    scores that tie, rows with fewer scored articles than k, empty rows and scores on the OOV row."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n_rows, n_items, k = 300, 400, 25
+    scores = sp.random(n_rows, n_items, density=0.04, random_state=1, format="csr")
+    scores.data = rng.integers(1, 4, len(scores.data)).astype(np.float64)  # many equal scores
+    keep = np.ones(n_rows)
+    keep[::7] = 0  # some rows have nothing scored
+    scores = (sp.diags(keep) @ scores).tocsr()
+    popularity = rng.permutation(n_items).astype(np.float64)  # distinct: the tie-break is total
+    popularity[0] = -1.0
+    rank = np.argsort(-popularity, kind="stable")
+    dense = bl._rank(scores.toarray(), popularity, k)
+    sparse = bl._rank_sparse(scores, popularity, rank, k)
+    assert (np.diff(scores.indptr) < k).any() and (np.diff(scores.indptr) > k).any()
+    assert np.array_equal(sparse, dense)
+    assert (sparse != 0).all()

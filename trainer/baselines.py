@@ -64,12 +64,46 @@ def _rank(scores: np.ndarray, popularity: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
-def _score_in_chunks(profile: sp.csr_matrix, item_item, popularity: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
+def _rank_sparse(scores: sp.csr_matrix, popularity: np.ndarray, popularity_rank: np.ndarray, k: int) -> np.ndarray:
+    """``_rank`` for sparse scores without densifying: each row's scored articles by score (popularity
+    breaking ties), then the most popular articles it lacks. Same lists as ``_rank`` on the dense matrix."""
+    s = scores.tocsr()
+    s.eliminate_zeros()
+    n = s.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(s.indptr))
+    cols, vals = s.indices.astype(np.int64), s.data
+    keep = cols != 0  # never the OOV row
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((-popularity[cols], -vals, rows))
+    rows, cols = rows[order], cols[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n))[rows]
+    top = rank < k
+    out = np.empty((n, k), np.int64)
+    out[rows[top], rank[top]] = cols[top]
+    have = np.bincount(rows[top], minlength=n)
+    if (have < k).any():  # fill from popularity, skipping what the row already lists
+        cand = popularity_rank[popularity_rank != 0][:k + int(have.max())]
+        stride = int(max(cand.max(initial=0), cols.max(initial=0))) + 1
+        taken = np.isin(np.arange(n)[:, None] * stride + cand[None, :], rows[top] * stride + cols[top])
+        fill = cand[np.argsort(taken, axis=1, kind="stable")]  # untaken first, popularity order kept
+        slot = np.arange(k)[None, :] - have[:, None]  # position in the fill list of each empty slot
+        r, c = np.nonzero(slot >= 0)
+        out[r, c] = fill[r, slot[r, c]]
+    return out
+
+
+def _score_in_chunks(profile: sp.csr_matrix, item_item, inter: "Interactions", k: int, chunk: int = 4096,
+                     dense_above: float = 0.05) -> np.ndarray:
+    """profile @ item_item in row chunks, ranked sparse (or dense once the scores fill > 5% of the row)."""
     out = []
     for lo in range(0, profile.shape[0], chunk):
         s = profile[lo:lo + chunk] @ item_item
+        if sp.issparse(s) and s.nnz <= dense_above * s.shape[0] * s.shape[1]:
+            out.append(_rank_sparse(s, inter.popularity, inter.popularity_rank, k))
+            continue
         s = s.toarray() if sp.issparse(s) else np.asarray(s)
-        out.append(_rank(s.astype(np.float64), popularity, k))
+        for j in range(0, len(s), 512):  # bounded dense work
+            out.append(_rank(s[j:j + 512].astype(np.float64), inter.popularity, k))
     return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
 
@@ -79,17 +113,14 @@ def popularity(inter: Interactions, n_queries: int, k: int) -> np.ndarray:
 
 def repurchase(inter: Interactions, history: list[np.ndarray], k: int) -> np.ndarray:
     h = _history_matrix(history, inter.n_items, recency=True)
-    out = []
-    for lo in range(0, h.shape[0], 512):
-        out.append(_rank(h[lo:lo + 512].toarray().astype(np.float64), inter.popularity, k))
-    return np.concatenate(out)
+    return _rank_sparse(h, inter.popularity, inter.popularity_rank, k)
 
 
 def covisitation(inter: Interactions, history: list[np.ndarray], k: int) -> np.ndarray:
     co = (inter.basket_item.T @ inter.basket_item).tocsr()
     co.setdiag(0)
     co.eliminate_zeros()
-    return _score_in_chunks(_history_matrix(history, inter.n_items), co, inter.popularity, k)
+    return _score_in_chunks(_history_matrix(history, inter.n_items), co, inter, k)
 
 
 def item_knn(inter: Interactions, history: list[np.ndarray], k: int, neighbours: int = 100) -> np.ndarray:
@@ -102,7 +133,7 @@ def item_knn(inter: Interactions, history: list[np.ndarray], k: int, neighbours:
     sim.setdiag(0)
     sim.eliminate_zeros()
     sim = _keep_top_per_row(sim, neighbours)
-    return _score_in_chunks(_history_matrix(history, inter.n_items), sim.T.tocsr(), inter.popularity, k)
+    return _score_in_chunks(_history_matrix(history, inter.n_items), sim.T.tocsr(), inter, k)
 
 
 def _keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
@@ -133,4 +164,4 @@ def tfidf(inter: Interactions, history: list[np.ndarray], token_offsets: np.ndar
     norms[norms == 0] = 1.0
     vec = (sp.diags(1.0 / norms) @ vec).tocsr()
     profile = _history_matrix(history, n) @ vec
-    return _score_in_chunks(profile.tocsr(), vec.T.tocsr(), inter.popularity, k)
+    return _score_in_chunks(profile.tocsr(), vec.T.tocsr(), inter, k)
