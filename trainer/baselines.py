@@ -8,7 +8,8 @@ distinct items.
 * ``repurchase``       the customer's own purchases, most recent first, then popularity (the classic
                        H&M baseline);
 * ``covisitation``     articles bought in the same basket (customer and day) as the customer's
-                       purchases, weighted by how often ("bought together");
+                       purchases, weighted by how often ("bought together"), each article's 100
+                       most co-bought;
 * ``item_knn``         cosine similarity of articles' buyer vectors, summed over the customer's
                        purchases (sparse item-kNN);
 * ``tfidf``            cosine similarity of TF-IDF vectors of the article descriptions to the mean
@@ -92,7 +93,7 @@ def _rank_sparse(scores: sp.csr_matrix, popularity: np.ndarray, popularity_rank:
     return out
 
 
-def _score_in_chunks(profile: sp.csr_matrix, item_item, inter: "Interactions", k: int, chunk: int = 4096,
+def _score_in_chunks(profile: sp.csr_matrix, item_item, inter: "Interactions", k: int, chunk: int = 1024,
                      dense_above: float = 0.05) -> np.ndarray:
     """profile @ item_item in row chunks, ranked sparse (or dense once the scores fill > 5% of the row)."""
     out = []
@@ -116,10 +117,13 @@ def repurchase(inter: Interactions, history: list[np.ndarray], k: int) -> np.nda
     return _rank_sparse(h, inter.popularity, inter.popularity_rank, k)
 
 
-def covisitation(inter: Interactions, history: list[np.ndarray], k: int) -> np.ndarray:
+def covisitation(inter: Interactions, history: list[np.ndarray], k: int, neighbours: int = 100) -> np.ndarray:
     co = (inter.basket_item.T @ inter.basket_item).tocsr()
     co.setdiag(0)
     co.eliminate_zeros()
+    # each article's most co-bought articles only: as good on `small` (MAP@12 0.0984 vs 0.0982 with
+    # every pair) and the scores stay sparse at H&M scale
+    co = _keep_top_per_row(co, neighbours)
     return _score_in_chunks(_history_matrix(history, inter.n_items), co, inter, k)
 
 
