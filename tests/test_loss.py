@@ -150,3 +150,18 @@ def test_cross_rank_negatives_two_gloo_processes():
         hit[torch.arange(b), torch.arange(b) + r * b] = False
         torch.nn.functional.cross_entropy(logits.masked_fill(hit, -1e9), torch.arange(b) + r * b).backward()
         assert torch.allclose(q_grad, q.grad) and torch.allclose(p_grad, p_local.grad)
+
+
+def test_in_batch_accuracy_ranks_by_raw_similarity():
+    """Hand-worked: the best candidate by dot product, counted right when it is the row's article
+    (a duplicate of the positive in another row counts); logQ does not change it."""
+    e = torch.eye(3)
+    pos = torch.stack([e[0], e[1], e[2], e[0]])
+    ids = torch.tensor([10, 11, 12, 10])
+    q = torch.stack([e[0], e[2], e[2], e[1]]) * 0.9 + 0.01  # rows 0 and 2 point at their own article
+    extra = torch.stack([e[1] * 2.0])  # a mixed negative that outscores article 11 for row 3
+    neg = Negatives(extra=extra, extra_ids=torch.tensor([99]))
+    counts = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1000, 1, 1] + [1] * 87, dtype=torch.float64)
+    for logq in (None, LogQ("static", 100, counts)):
+        _, stats = retrieval_loss(q, pos, ids, cfg(cross_rank=False), neg, logq, catalog_size=100)
+        assert stats["in_batch_acc"] == pytest.approx(2 / 4)
