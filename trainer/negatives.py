@@ -1,6 +1,7 @@
-"""Negative sources beyond the batch: uniform catalogue samples and mined hard negatives.
+"""Mined hard negatives (the uniform catalogue samples are drawn by data.stream, per batch).
 
-Both are deterministic functions of (seed, step, rank), so a resumed run draws the same negatives.
+Mining is a deterministic function of (seed, step, rank) and the checkpointed index, so a resumed run
+draws the same negatives.
 """
 
 from __future__ import annotations
@@ -8,12 +9,6 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import torch
-
-
-def uniform_negatives(n: int, catalog_size: int, seed: int, step: int, rank: int) -> torch.Tensor:
-    """``n`` article indices uniform over 1..catalog_size-1 (0 is the OOV row)."""
-    g = torch.Generator().manual_seed(hash((seed, step, rank, 17)) & 0x7FFFFFFF)
-    return torch.randint(1, catalog_size, (n,), generator=g)
 
 
 class HardNegativeMiner:
