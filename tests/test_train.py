@@ -222,3 +222,19 @@ def test_resume_on_another_world_size(tiny_prepared, tmp_path):
     out = proc.stdout + proc.stderr
     assert "world size changed from 2 to 1" in out
     assert json.loads((run_dir / "metrics.json").read_text())["step"] == 14
+
+
+def test_mined_hard_negatives_train_unpipelined(tiny_prepared, tmp_path):
+    """loss=hard_negatives on 2 ranks: the miner's second table lookup runs unpipelined (auto), the
+    model learns, and pipeline=on is refused with a reason."""
+    prepared, _ = tiny_prepared
+    common = ["loss=hard_negatives", "trainer.batch_size=256", "trainer.recall_k=[12]"]
+    proc = run(train_cmd(prepared, tmp_path / "run", *common, "trainer.epochs=2", port=29661))
+    out = proc.stdout + proc.stderr
+    assert "will be pipelined" not in out
+    recall = json.loads((tmp_path / "run" / "metrics.json").read_text())["val"][-1]["recall@12"]
+    assert recall > 1.2 * popularity_recall(prepared), recall
+    refused = subprocess.run(train_cmd(prepared, tmp_path / "on", *common, "trainer.pipeline=on", port=29662),
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert "cannot run with loss.hard_negatives" in refused.stdout + refused.stderr
