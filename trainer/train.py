@@ -229,11 +229,10 @@ class Trainer:
     def _day(self) -> int:
         return int(np.datetime64(self.manifest["split"]["last_day"], "D").astype(np.int64))
 
-    def forward(self, batch, extra_items=None):
+    def forward(self, batch):
+        """Query and item vectors of a batch built outside the loader (catalogue, customers, mined items)."""
         batch = batch.to(self.device, non_blocking=True)
-        extra = extra_items.to(self.device) if extra_items is not None else None
-        sparse = join_rows(batch.query, batch.item, self.keys, extra.item if extra is not None else None)
-        return self.model(sparse, batch.query_dense, len(batch))  # extra rows: item tower only
+        return self.model(join_rows(batch.query, batch.item, self.keys), batch.query_dense, len(batch))
 
     # ------------------------------------------------------------ training
 
