@@ -7,10 +7,31 @@ override (``data.n_custmers=5``) fails at composition instead of being ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A config field with a fixed set of values: a wrong value fails when Hydra composes the config.
+    Members compare equal to their strings and print as them (``cfg.split.protocol == "week"``)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Source(Choice):
+    synth = "synth"
+    hm = "hm"
+    movielens = "movielens"
+
+
+class Protocol(Choice):
+    week = "week"
+    leave_last_n = "leave_last_n"
+    random = "random"
 
 
 @dataclass
@@ -40,7 +61,7 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING  # names the dataset directory under paths.datasets
-    source: str = "synth"  # synth | hm | movielens
+    source: Source = Source.synth
     root: str = "${paths.datasets}/${data.name}"  # canonical tables (any fsspec URL)
     raw_dir: Optional[str] = None  # hm: folder with articles.csv, customers.csv, transactions_train.csv
     movielens_variant: str = "ml-100k"  # ml-100k | ml-1m
@@ -84,7 +105,7 @@ class IngestJob(StageConfig):
 class SplitConfig:
     """Which interactions are evaluation targets; none of them reaches a training example or feature."""
 
-    protocol: str = "week"  # week | leave_last_n | random
+    protocol: Protocol = Protocol.week
     val_days: int = 7  # week: the last val_days (before any test period) are validation
     test_days: int = 0  # week: an optional test period after validation (7 for H&M's protocol)
     n: int = 1  # leave_last_n: each customer's last n purchases (customers with more than n)

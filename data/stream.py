@@ -17,14 +17,14 @@ A batch holds two KeyedJaggedTensors built straight from numpy columns: the quer
 customer features, and the purchase history as a jagged bag of article ids) and the item side (article
 id and article features, description tokens as a bag), plus dense time-of-year features. With
 ``extra_items=M`` each batch also carries M uniformly drawn catalogue articles (the loss's mixed
-negatives), drawn from (seed, epoch, rank, worker, batch) so resume stays exact. Given the model's
-feature keys, :class:`BatchLoader` joins everything into the one KJT the model reads (``batch.sparse``),
-which is what TorchRec's TrainPipelineSparseDist needs to prefetch the embedding input-dist.
+negatives), drawn from (seed, epoch, rank, worker, batch) so resume stays exact. How these become the
+model's input is the trainer's business (trainer/inputs.py); the stream knows features, not models.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from torchrec.streamable import Pipelineable
 
 from data import features
 from data.io import fs_and_path, join, read_json, read_table
@@ -52,42 +51,13 @@ QUERY_KEYS = ["customer_id", *features.CUSTOMER_FEATURES, "history"]
 EXTRA_ITEMS_SALT = 0x6E6567  # keeps the extra-item draws apart from the window permutations
 
 
-def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
-              extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
-    """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
-    only; their query features are empty bags)."""
-    qd, idd = query.to_dict(), item.to_dict()
-    ed = extra_items.to_dict() if extra_items is not None else {}
-    m = extra_items.stride() if extra_items is not None else 0
-    values, lengths = [], []
-    for k in keys:
-        if k in qd:
-            jt = qd[k]
-            values.append(jt.values())
-            lengths.append(torch.cat([jt.lengths(), jt.lengths().new_zeros(m)]) if m else jt.lengths())
-        else:
-            jt = idd[k]
-            values.append(torch.cat([jt.values(), ed[k].values()]) if m else jt.values())
-            lengths.append(torch.cat([jt.lengths(), ed[k].lengths()]) if m else jt.lengths())
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
-
-
-class _KeyedPlaceholder(torch.fx._symbolic_trace.PHBase):
-    """An FX placeholder that remembers which batch attribute it stands for (TorchRec's pipeline reads
-    ``ph_key`` to fetch a sharded module's input from the batch)."""
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.ph_key = key
-
-
 class StreamError(ValueError):
     pass
 
 
 @dataclass
-class Batch(Pipelineable):
-    """One training batch; movable to a device as a unit (TorchRec's train pipelines need that)."""
+class Batch:
+    """One batch of examples as KJTs and tensors, movable to a device as a unit."""
 
     query: KeyedJaggedTensor
     item: KeyedJaggedTensor
@@ -96,7 +66,6 @@ class Batch(Pipelineable):
     article_idx: torch.Tensor  # (B,) int64: the positive item of each row
     extra_item: KeyedJaggedTensor | None = None  # M extra catalogue articles (mixed negatives)
     extra_ids: torch.Tensor | None = None  # (M,) int64: their article_idx
-    sparse: KeyedJaggedTensor | None = None  # the model's keys: B rows, then M item-only rows
 
     def _map(self, fn) -> "Batch":
         return Batch(*(None if getattr(self, f) is None else fn(getattr(self, f)) for f in self._fields()))
@@ -104,26 +73,15 @@ class Batch(Pipelineable):
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
-    def record_stream(self, stream) -> None:
-        for f in self._fields():
-            if getattr(self, f) is not None:
-                getattr(self, f).record_stream(stream)
-
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t.pin_memory())
 
     @staticmethod
     def _fields() -> tuple[str, ...]:
-        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids", "sparse")
+        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids")
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
-
-    def to_proxy_tuple(self, model) -> dict:
-        """FX concrete args for TwoTower.forward(sparse, query_dense, n_query), so TorchRec's pipeline
-        traces the model and finds that the embedding collection reads ``batch.sparse``."""
-        return {"sparse": _KeyedPlaceholder("sparse"), "query_dense": _KeyedPlaceholder("query_dense"),
-                "n_query": _KeyedPlaceholder("n_query")}
 
 
 @dataclass
@@ -311,14 +269,12 @@ class PackedBatch:
         return PackedBatch(self.buf.pin_memory(), self.batch, self.n_query_values, self.n_item_values, self.item_keys,
                            self.extra.pin_memory() if self.extra is not None else None)
 
-    def unpack(self, keys: list[str] | None = None) -> Batch:
-        """Views into the buffer; with the model's ``keys``, also the joined ``sparse`` KJT."""
+    def unpack(self) -> Batch:
+        """Views into the buffer."""
         batch = self._unpack_one()
         if self.extra is not None:
             extra = self.extra._unpack_one()
             batch.extra_item, batch.extra_ids = extra.item, extra.article_idx
-        if keys is not None:
-            batch.sparse = join_rows(batch.query, batch.item, keys, batch.extra_item)
         return batch
 
     def _unpack_one(self) -> Batch:
@@ -530,6 +486,13 @@ def _identity(x):
     return x
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 (Slurm sends them to every process) to the training
+    process, which decides when to stop; a worker killed by them would break the final checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class BatchLoader:
     """torchdata's StatefulDataLoader over the stream, unpacking batches in the main process.
 
@@ -537,19 +500,20 @@ class BatchLoader:
     Call ``stream.set_epoch(e)`` before each epoch (as with DistributedSampler).
     """
 
-    def __init__(self, stream: ExampleStream, pin_memory: bool = False, keys: list[str] | None = None):
+    def __init__(self, stream: ExampleStream, pin_memory: bool = False):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        self.stream, self.keys = stream, keys
+        self.stream = stream
         stream.packed = True
         n = stream.num_workers if stream.num_workers > 1 else 0
         self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=n, collate_fn=_identity,
                                          pin_memory=pin_memory, persistent_workers=False,
-                                         prefetch_factor=4 if n else None)
+                                         prefetch_factor=4 if n else None,
+                                         worker_init_fn=_ignore_stop_signals if n else None)
 
     def __iter__(self):
         for packed in self.loader:
-            yield packed.unpack(self.keys)
+            yield packed.unpack()
 
     def __len__(self) -> int:
         return self.stream.batches_per_epoch()
@@ -561,9 +525,8 @@ class BatchLoader:
         self.loader.load_state_dict(state)
 
 
-def make_loader(stream: ExampleStream, pin_memory: bool = False, keys: list[str] | None = None) -> BatchLoader:
-    """``keys``: the model's feature keys, to get ``batch.sparse`` joined on the loader side."""
-    return BatchLoader(stream, pin_memory, keys)
+def make_loader(stream: ExampleStream, pin_memory: bool = False) -> BatchLoader:
+    return BatchLoader(stream, pin_memory)
 
 
 def batch_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,

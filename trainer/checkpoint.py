@@ -1,18 +1,25 @@
-"""Checkpoints: torch.distributed.checkpoint for the sharded state, small files for the rest.
+"""Checkpoints of one run: a dict of Stateful parts saved and loaded whole with torch.distributed.checkpoint.
 
-Layout of one checkpoint, ``<dir>/step-<N>/``:
+Layout of ``<folder>/step-<N>/``:
 
-    (DCP files)          sharded model (tables as ShardedTensors, dense weights) + fused optimiser state
-    dense.pt             dense optimiser and loss/miner state (replicated; written by rank 0, read with
-                         weights_only=True)
-    rank-<r>.json        per-rank loop state: step, epoch, data stream position, RNG states
-    COMPLETE             written last, by rank 0, after every rank finished: only such directories count
+    (DCP files)   every part's tensors: the sharded model, the optimisers' state, the loader position
+                  and RNG per rank, the train state, logQ and miner state
+    run.json      written by rank 0 after every rank finished: the run fingerprint, the resolved config
+                  of the run that wrote it, step, world size and a completion sequence number; its
+                  presence marks the checkpoint complete
 
-DCP's own ``.metadata`` file is a pickle: load only checkpoints this project wrote (the run directory's
-own). Everything else is read without pickle (JSON, ``torch.load(weights_only=True)``).
+A save goes to ``.step-<N>.partial`` and is renamed into place once complete, so a checkpoint that
+exists is whole, and the newest complete checkpoint is never touched before a newer one is in place.
+Saving a step that is already complete does nothing. Keep-last-K counts complete checkpoints in the
+order they completed; leftover partial directories are removed when the manager starts.
 
-Resume takes the newest complete checkpoint whose load succeeds on every rank; a partial or corrupt one
-is skipped with a warning. The newest ``keep`` complete checkpoints are kept.
+Loading takes the newest complete checkpoint. A different fingerprint is an error naming the keys; a
+tensor whose saved shape differs from the model's is an error naming the tensor; a checkpoint that
+cannot be read (corrupt files) is skipped with a warning for the next older one. Written by another
+number of ranks, only the parts that do not depend on the ranks are loaded (the caller is told).
+
+Everything saved is a tensor (trainer/state.py): loading unpickles nothing but DCP's own metadata, so
+load only checkpoints written by this project (the run's own directory).
 """
 
 from __future__ import annotations
@@ -20,121 +27,216 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
+import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer import distributed as D
+from trainer.fingerprint import differences, short_id
+from trainer.state import BLOB
+
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
-MARKER = "COMPLETE"
+RUN_FILE = "run.json"
+PER_RANK = {"rng", "loader"}  # parts keyed by rank: meaningless on another world size
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+class CheckpointError(RuntimeError):
+    pass
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+@dataclass
+class Found:
+    path: str
+    step: int
+    seq: int
+    info: dict  # run.json
 
 
-def step_dirs(root: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) for every step-N directory, oldest first."""
-    if not os.path.isdir(root):
+@dataclass
+class Loaded:
+    path: str
+    step: int
+    saved_world: int
+    parts: list[str]  # the parts restored
+
+
+def _read_run(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, RUN_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def complete_checkpoints(folder: str) -> list[Found]:
+    """Complete checkpoints, oldest completed first."""
+    if not os.path.isdir(folder):
         return []
     out = []
-    for name in os.listdir(root):
+    for name in os.listdir(folder):
         m = STEP_DIR.match(name)
-        if m:
-            path = os.path.join(root, name)
-            out.append((int(m.group(1)), path, os.path.exists(os.path.join(path, MARKER))))
-    return sorted(out)
-
-
-def rng_state() -> dict:
-    return {"python": repr(random.getstate()), "numpy": repr(np.random.get_state()[1].tolist()),
-            "torch": torch.get_rng_state().tolist()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def save(root: str, step: int, model, fused_optimizer, dense: dict, loop_state: dict, keep: int) -> str:
-    path = os.path.join(root, f"step-{step:08d}")
-    if _rank() == 0:
-        if os.path.exists(path):  # a partial attempt at this step from an earlier, killed run
-            shutil.rmtree(path)
-        os.makedirs(path)
-    _barrier()
-    dcp.save({"model": model.state_dict(), "fused": fused_optimizer.state_dict()}, checkpoint_id=path)
-    with open(os.path.join(path, f"rank-{_rank()}.json.tmp"), "w") as f:
-        json.dump({**loop_state, "rng": rng_state()}, f)
-    os.replace(os.path.join(path, f"rank-{_rank()}.json.tmp"), os.path.join(path, f"rank-{_rank()}.json"))
-    if _rank() == 0:
-        torch.save(dense, os.path.join(path, "dense.pt.tmp"))
-        os.replace(os.path.join(path, "dense.pt.tmp"), os.path.join(path, "dense.pt"))
-    _barrier()
-    if _rank() == 0:
-        with open(os.path.join(path, MARKER + ".tmp"), "w") as f:
-            f.write(str(step))
-        os.replace(os.path.join(path, MARKER + ".tmp"), os.path.join(path, MARKER))
-        complete = [p for _, p, ok in step_dirs(root) if ok]
-        for old in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
-
-
-def saved_world_size(path: str) -> int:
-    """How many ranks wrote the checkpoint (one rank-<r>.json each)."""
-    return sum(1 for name in os.listdir(path) if re.match(r"^rank-\d+\.json$", name))
-
-
-def load_latest(root: str, model, fused_optimizer, with_optimizer: bool = True,
-                world_size: int | None = None) -> tuple[dict, dict, str, int] | None:
-    """Restores model (and fused optimiser) in place from the newest usable checkpoint; returns
-    (dense state, this rank's loop state, path), or None when there is none.
-
-    ``with_optimizer=False`` loads the weights only. A checkpoint written by another number of ranks
-    than ``world_size`` is read that way too (its plan may shard the tables, and so the optimiser
-    state, differently), with rank 0's loop state. Returns (dense, loop state, path, saved world)."""
-    candidates = step_dirs(root)
-    for step, path, complete in reversed(candidates):
-        if not complete:
-            if _rank() == 0:
-                log.warning("skipping incomplete checkpoint %s (no %s marker)", path, MARKER)
+        if not m:
             continue
-        ok, err = True, None
-        saved_world = saved_world_size(path)
-        same_world = world_size is None or saved_world == world_size
-        optimizer_too = with_optimizer and same_world
-        try:
-            state = {"model": model.state_dict()}
-            if optimizer_too:
-                state["fused"] = fused_optimizer.state_dict()
-            dcp.load(state, checkpoint_id=path)
-            with open(os.path.join(path, f"rank-{_rank() if same_world else 0}.json")) as f:
-                loop_state = json.load(f)
-            dense = torch.load(os.path.join(path, "dense.pt"), weights_only=True)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
-            ok, err = False, e
-        flag = torch.tensor([1 if ok else 0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() == 0:
-            if _rank() == 0 or err is not None:
-                log.warning("skipping unreadable checkpoint %s: %s", path, err or "failed on another rank")
-            continue
-        model.load_state_dict(state["model"])
-        if optimizer_too:
-            fused_optimizer.load_state_dict(state["fused"])
-        set_rng_state(loop_state["rng"])
-        return dense, loop_state, path, saved_world
-    return None
+        path = os.path.join(folder, name)
+        info = _read_run(path)
+        if info is not None:
+            out.append(Found(path, int(m.group(1)), int(info.get("seq", 0)), info))
+    return sorted(out, key=lambda f: (f.seq, f.step))
+
+
+def latest(folder: str) -> Found | None:
+    found = complete_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def _flat_sizes(state: dict, prefix: str = "") -> dict[str, tuple[torch.Tensor, tuple]]:
+    """Flattened ``fqn -> (tensor, global shape)`` the way DCP names them (dots between keys)."""
+    out = {}
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_sizes(v, key + "."))
+        elif isinstance(v, torch.Tensor):
+            out[key] = (v, tuple(v.size()))
+    return out
+
+
+def _fit_blobs(state: dict, saved: dict, prefix: str = "") -> None:
+    """Resizes the JSON blob templates to the saved sizes (their length varies from save to save)."""
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _fit_blobs(v, saved, key + ".")
+        elif k == BLOB and key in saved:
+            state[k] = torch.empty(tuple(saved[key].size), dtype=torch.uint8)
+
+
+class CheckpointManager:
+    def __init__(self, folder: str, parts: dict, fingerprint: dict, keep: int = 3, config: dict | None = None):
+        self.folder, self.parts, self.fingerprint, self.keep = folder, parts, fingerprint, keep
+        self.config = config  # the run's resolved config, recorded in each checkpoint
+        self.fp_id = short_id(fingerprint)
+
+    # ------------------------------------------------------------ start of a run
+
+    def prepare(self, resume: bool) -> None:
+        """Removes leftovers of interrupted saves; with ``resume=False`` removes the checkpoints of an
+        earlier run in this folder (they would otherwise be resumed or exported as this run's)."""
+        if D.rank() == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            for name in sorted(os.listdir(self.folder)):
+                path = os.path.join(self.folder, name)
+                partial = name.startswith(".step-") or (STEP_DIR.match(name) and _read_run(path) is None)
+                if partial:
+                    log.warning("removing incomplete checkpoint %s (an interrupted save)", path)
+                    shutil.rmtree(path, ignore_errors=True)
+            old = complete_checkpoints(self.folder)
+            if old and not resume:
+                log.warning("trainer.resume=false: removing %d checkpoint(s) of an earlier run in %s (steps %s)",
+                            len(old), self.folder, ", ".join(str(f.step) for f in old))
+                for f in old:
+                    shutil.rmtree(f.path, ignore_errors=True)
+        D.barrier()
+
+    # ------------------------------------------------------------ save
+
+    def save(self, step: int) -> str | None:
+        """Saves every part at ``step``; a no-op when step ``step`` is already complete. Returns the path."""
+        final = os.path.join(self.folder, f"step-{step:08d}")
+        if D.every_rank(_read_run(final) is not None):
+            return None
+        partial = os.path.join(self.folder, f".step-{step:08d}.partial")
+        if D.rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        D.barrier()
+        dcp.save({name: part.state_dict() for name, part in self.parts.items()}, checkpoint_id=partial)
+        D.barrier()
+        if D.rank() == 0:
+            done = complete_checkpoints(self.folder)
+            info = {"step": step, "seq": (done[-1].seq + 1) if done else 1, "world_size": D.world_size(),
+                    "fingerprint": self.fingerprint, "fingerprint_id": self.fp_id, "time": time.time(),
+                    "parts": sorted(self.parts), "config": self.config}
+            tmp = os.path.join(partial, RUN_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=1, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(partial, RUN_FILE))
+            if os.path.exists(final):  # an incomplete directory of this step (no run.json): replace it
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            self._rotate()
+            log.info("checkpoint %s", final)
+        D.barrier()
+        return final
+
+    def _rotate(self) -> None:
+        if self.keep <= 0:
+            return
+        for old in complete_checkpoints(self.folder)[:-self.keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+
+    # ------------------------------------------------------------ load
+
+    def check(self, found: Found) -> None:
+        saved = found.info.get("fingerprint")
+        if saved is None:
+            raise CheckpointError(f"{found.path}: {RUN_FILE} has no run fingerprint; not a checkpoint of this "
+                                  "project's format")
+        diff = differences(saved, self.fingerprint)
+        if diff:
+            raise CheckpointError(
+                f"{found.path} belongs to another run (fingerprint {found.info.get('fingerprint_id')}, now "
+                f"{self.fp_id}); it differs in:\n  " + "\n  ".join(diff)
+                + "\nResume with the same settings, point at another run directory, or start over with "
+                  "trainer.resume=false")
+
+    def load(self, only: set[str] | None = None) -> Loaded | None:
+        """Restores the parts from the newest complete checkpoint; ``only`` limits them (e.g. the model
+        for inference). On another world size, the per-rank parts are left out. None if there is none."""
+        candidates = complete_checkpoints(self.folder)
+        for found in reversed(candidates):
+            self.check(found)
+            saved_world = int(found.info.get("world_size", D.world_size()))
+            names = [n for n in self.parts if (only is None or n in only)
+                     and not (n in PER_RANK and saved_world != D.world_size())]
+            try:
+                meta = dcp.FileSystemReader(found.path).read_metadata().state_dict_metadata
+                ok, err = True, None
+            except Exception as e:  # noqa: BLE001 - an unreadable metadata file: try the next one
+                meta, ok, err = {}, False, e
+            if D.every_rank(ok):
+                state = {n: self.parts[n].state_dict() for n in names}
+                _fit_blobs(state, meta)
+                self._check_shapes(found.path, state, meta)
+                try:
+                    dcp.load(state, checkpoint_id=found.path)
+                except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
+                    ok, err = False, e
+            if not D.every_rank(ok):
+                if D.rank() == 0 or err is not None:
+                    log.warning("skipping unreadable checkpoint %s: %s", found.path, err or "failed on another rank")
+                continue
+            for n in names:
+                self.parts[n].load_state_dict(state[n])
+            return Loaded(found.path, found.step, saved_world, names)
+        return None
+
+    @staticmethod
+    def _check_shapes(path: str, state: dict, meta: dict) -> None:
+        bad = []
+        for key, (_, size) in _flat_sizes(state).items():
+            m = meta.get(key)
+            if m is None:
+                bad.append(f"{key}: missing in the checkpoint")
+            elif hasattr(m, "size") and tuple(m.size) != size:
+                bad.append(f"{key}: {tuple(m.size)} in the checkpoint, {size} now")
+        if bad:
+            raise CheckpointError(f"{path} does not fit this run:\n  " + "\n  ".join(bad[:20]))

@@ -7,7 +7,48 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from data.config import PrepareOptions, SplitConfig, StageConfig
+from data.config import Choice, PrepareOptions, SplitConfig, StageConfig
+
+
+class LogQMode(Choice):
+    off = "off"  # no correction
+    static = "static"  # training item frequencies from data.prepare
+    streaming = "streaming"  # the estimate of Yi et al. 2019, updated every step
+
+
+class FusedOptimizer(Choice):
+    rowwise_adagrad = "rowwise_adagrad"
+    adagrad = "adagrad"
+    sgd = "sgd"
+    adam = "adam"  # CUDA only (FBGEMM's CPU kernels have no Adam)
+
+
+class Pipeline(Choice):
+    auto = "auto"  # on with CUDA or more than one rank, off in one CPU process
+    on = "on"
+    off = "off"
+
+
+class Device(Choice):
+    auto = "auto"  # CUDA when every local rank has a GPU of its own, else CPU (more ranks than GPUs: an error)
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Backend(Choice):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class IndexKind(Choice):
+    ivf_flat = "ivf_flat"
+    ivf_pq = "ivf_pq"
+
+
+class Period(Choice):
+    val = "val"
+    test = "test"
 
 
 @dataclass
@@ -32,7 +73,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     temperature: float = 0.05
-    logq: str = "streaming"  # off | static (training item frequencies) | streaming (Yi et al. 2019 estimate)
+    logq: LogQMode = LogQMode.streaming
     streaming_alpha: float = 0.01  # step size of the streaming frequency estimate
     mask_accidental_hits: bool = True  # another row's positive that equals this row's is not a negative
     cross_rank: bool = True  # candidates all-gathered from every rank
@@ -52,7 +93,7 @@ class TableConstraint:
 @dataclass
 class ShardingConfig:
     constraints: dict = field(default_factory=dict)  # table name -> TableConstraint
-    fused_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (CPU); + adam on GPU
+    fused_optimizer: FusedOptimizer = FusedOptimizer.rowwise_adagrad
     fused_lr: float = 0.05
     print_plan: bool = True
 
@@ -77,11 +118,11 @@ class LoopConfig:
     num_workers: int = 1  # data streams per rank (1: in the training process)
     shuffle_rows: int = 65_536
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    device: Device = Device.auto
+    backend: Backend = Backend.auto
     # TorchRec's TrainPipelineSparseDist (the next batch's embedding input-dist overlaps this step):
     # auto = on with CUDA or more than one rank, off in a single CPU process; never with mined hard negatives
-    pipeline: str = "auto"  # auto | on | off
+    pipeline: Pipeline = Pipeline.auto
     progress: bool = True
 
 
@@ -104,13 +145,13 @@ class ExportJob(StageConfig):
 
 @dataclass
 class IndexOptions:
-    kind: str = "ivf_flat"  # ivf_flat | ivf_pq
+    kind: IndexKind = IndexKind.ivf_flat
     nlist: int = 0  # 0: ~8 sqrt(catalogue), at most catalogue / 39
     pq_m: int = 16  # ivf_pq: sub-quantisers (must divide the dimension)
     k: int = 12
     target_recall: float = 0.95  # recall@k against exact search the chosen nprobe must meet
     sweep_queries: int = 20_000
-    gpu: str = "auto"  # auto | true | false
+    gpu: Optional[bool] = None  # None: on the GPU when faiss has GPU support and a GPU is present
     seed: int = 0
 
 
@@ -122,7 +163,7 @@ class IndexJob(StageConfig):
 
 @dataclass
 class EvaluateOptions:
-    period: str = "val"  # val | test
+    period: Period = Period.val
     ks: list = field(default_factory=lambda: [12, 100])
     exclude_seen: bool = False  # drop articles the customer bought in training
     seen_margin: int = 200  # extra candidates fetched so that k remain after exclusion

@@ -14,25 +14,15 @@ Yang et al. 2020). With accidental-hit masking, a candidate whose article equals
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer import distributed as D
+
 MASKED = -1e9  # finite: keeps gradients exact zeros instead of NaN
-
-
-def gather_with_local_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
-    """All-gathers ``x`` (same shape on every rank); the result's own slice is ``x`` itself, so
-    gradient flows to this rank's tensor only. Returns the tensor and this rank's slice index."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
-    rank = dist.get_rank(group)
-    parts[rank] = x
-    return torch.cat(parts), rank
 
 
 @dataclass
@@ -48,34 +38,39 @@ class LogQ:
 
     ``static``: training frequencies from data.prepare (smoothed). ``streaming``: the estimate of Yi et
     al. 2019 from the gap between an article's appearances, updated with every step's candidates
-    (every rank sees the same gathered ids, so the estimate is identical everywhere).
+    (every rank sees the same gathered ids, so the estimate is identical everywhere). The estimates live
+    on the training device: the update is a few scatter ops, no host round trip.
     """
 
-    def __init__(self, mode: str, n_items: int, counts: torch.Tensor | None = None, alpha: float = 0.01):
+    def __init__(self, mode: str, n_items: int, counts: torch.Tensor | None = None, alpha: float = 0.01,
+                 device: torch.device | str = "cpu"):
         if mode not in ("off", "static", "streaming"):
             raise ValueError(f"loss.logq={mode!r}: expected off, static or streaming")
-        self.mode, self.n_items, self.alpha = mode, n_items, alpha
+        self.mode, self.n_items, self.alpha = str(mode), n_items, alpha
         if mode == "static":
             if counts is None:
                 raise ValueError("loss.logq=static needs the item frequencies from data.prepare")
             c = counts.double() + 1.0
-            self.prob = (c / c.sum()).float()
+            self.log_prob = torch.log(c / c.sum()).float().to(device)
         elif mode == "streaming":
-            self.last_seen = torch.zeros(n_items, dtype=torch.float64)
-            self.gap = torch.full((n_items,), float(n_items), dtype=torch.float64)
+            self.last_seen = torch.zeros(n_items, dtype=torch.float64, device=device)
+            self.gap = torch.full((n_items,), float(n_items), dtype=torch.float64, device=device)
 
     def log_q(self, ids: torch.Tensor) -> torch.Tensor:
         if self.mode == "static":
-            return torch.log(self.prob.to(ids.device)[ids])
-        return torch.log(1.0 / self.gap.to(ids.device)[ids]).float()
+            return self.log_prob.to(ids.device)[ids]
+        return (-torch.log(self.gap.to(ids.device)[ids])).float()
 
     def update(self, ids: torch.Tensor, step: int) -> None:
+        """``ids``: every rank's positives of the step. A repeated id writes the same value each time
+        (all its copies read the same old state), so no de-duplication is needed."""
         if self.mode != "streaming":
             return
-        ids = torch.unique(ids.cpu())
+        ids = ids.to(self.gap.device)
         seen = self.last_seen[ids]
-        gap = torch.where(seen > 0, step - seen, self.gap[ids])
-        self.gap[ids] = (1 - self.alpha) * self.gap[ids] + self.alpha * gap
+        old = self.gap[ids]
+        gap = torch.where(seen > 0, step - seen, old)
+        self.gap[ids] = (1 - self.alpha) * old + self.alpha * gap
         self.last_seen[ids] = float(step)
 
     def state_dict(self) -> dict:
@@ -93,20 +88,23 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     """Mean softmax cross-entropy of each query against its positive; returns (loss, stats)."""
     negatives = negatives or Negatives()
     b = query.shape[0]
-    cand, rank = gather_with_local_grad(positive, group if cfg.cross_rank else None)
-    cand_ids, _ = gather_with_local_grad(positive_ids, group if cfg.cross_rank else None)
+    if cfg.cross_rank and group is not None:
+        cand, rank = D.all_gather_with_grad(positive)
+        cand_ids = torch.cat(D.all_gather(positive_ids))
+    else:
+        cand, rank, cand_ids = positive, 0, positive_ids
     target = torch.arange(b, device=query.device) + rank * b
     n_batch = cand.shape[0]
     correction = []
     if logq is not None and logq.mode != "off":
-        correction.append(torch.log(torch.tensor(float(n_batch), device=query.device)) + logq.log_q(cand_ids))
+        correction.append(math.log(n_batch) + logq.log_q(cand_ids))
     if negatives.extra is not None:
         m = negatives.extra.shape[0]
         cand = torch.cat([cand, negatives.extra])
         cand_ids = torch.cat([cand_ids, negatives.extra_ids])
         if correction:
             n_cat = catalog_size or int(cand_ids.max()) + 1
-            correction.append(torch.full((m,), float(torch.log(torch.tensor(m / n_cat))), device=query.device))
+            correction.append(torch.full((m,), math.log(m / n_cat), device=query.device))
     logits = (query / cfg.temperature) @ cand.T  # scale the small side, not the B x N matrix
     if correction:
         logits.sub_(torch.cat(correction)[None, :])  # in place: matmul's backward needs only its inputs

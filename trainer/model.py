@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from data.stream import join_rows  # noqa: F401  (re-exported: the model's input layout)
+
 
 ARTICLE_TABLE = "t_article"
 SHARED_WITH_ARTICLE = {"article_id", "history"}
@@ -64,9 +64,11 @@ class TwoTower(nn.Module):
         if cfg.query_mlp or cfg.item_mlp or q_in != i_in or cfg.time_features:
             self.query_tower = mlp([q_in, *cfg.query_mlp], cfg.output_dim)
             self.item_tower = mlp([i_in, *cfg.item_mlp], cfg.output_dim)
+            self.output_dim = cfg.output_dim
         else:  # matrix factorisation: the id embeddings are the vectors
             self.query_tower = nn.Identity()
             self.item_tower = nn.Identity()
+            self.output_dim = i_in
         self.feature_keys = [*self.query_features, *self.item_features]
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,

@@ -11,7 +11,6 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,11 @@ def check_constraints(cfg, device: torch.device, table_names: list[str]) -> dict
     return out
 
 
-def shard(model: nn.Module, cfg, device: torch.device, pg=None) -> DistributedModelParallel:
+def shard(model: nn.Module, cfg, device: torch.device, pg=None, print_plan: bool = True) -> DistributedModelParallel:
     """Plans and shards ``model`` (built on the meta device) over the process group."""
     table_names = [t.name for t in model.tables]
     constraints = check_constraints(cfg, device, table_names)
-    apply_optimizer_in_backward(FUSED[cfg.fused_optimizer], model.ebc.parameters(), {"lr": cfg.fused_lr})
+    apply_optimizer_in_backward(FUSED[str(cfg.fused_optimizer)], model.ebc.parameters(), {"lr": cfg.fused_lr})
     world = dist.get_world_size() if dist.is_initialized() else 1
     topology = Topology(world_size=world, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
@@ -60,11 +59,9 @@ def shard(model: nn.Module, cfg, device: torch.device, pg=None) -> DistributedMo
     pg = pg or (dist.group.WORLD if dist.is_initialized() else None)
     plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
-    if cfg.print_plan and (not dist.is_initialized() or dist.get_rank() == 0):
+    if print_plan and (not dist.is_initialized() or dist.get_rank() == 0):
         log.info("sharding plan:\n%s", dmp.plan)
     return dmp
 
 
-def dense_parameters(dmp: nn.Module):
-    """Parameters not updated by the fused in-backward table optimiser."""
-    return dict(in_backward_optimizer_filter(dmp.named_parameters())).values()
+

@@ -1,0 +1,65 @@
+"""What defines a run: a flat dict of the settings a checkpoint only makes sense with.
+
+The model's config, the loss settings that decide which state is saved, and the identity of the
+prepared data (its cardinalities and a digest of its manifest). A checkpoint records it; resuming,
+exporting or recommending with a different one is an error that names the keys that differ, never a
+silent restart or a silent reuse of another run's weights. Learning rates, batch size, epochs and the
+like are not part of it: changing them and resuming is legitimate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import OmegaConf
+
+# Manifest entries that describe the data itself (not where it lies or how long prepare took).
+_DATA_KEYS = ("split", "cardinalities", "customer_features", "article_features", "history_len", "examples",
+              "eval", "transactions")
+
+
+def data_digest(manifest: dict) -> str:
+    """A short digest of the prepared data: equal for the same data prepared again, anywhere."""
+    ident = {k: manifest.get(k) for k in _DATA_KEYS}
+    shards = ident.get("examples") or {}
+    ident["examples"] = {"rows": shards.get("rows"), "shards": [
+        {k: v for k, v in s.items() if k != "file"} if isinstance(s, dict) else s for s in shards.get("shards", [])]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k in sorted(value):
+            _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
+    else:
+        out[prefix] = value
+
+
+def fingerprint(cfg, manifest: dict) -> dict:
+    """Flat ``{key: value}`` of everything that defines the run's saved state."""
+    model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else dict(cfg.model)
+    out: dict = {}
+    _flatten("model", json.loads(json.dumps(model, default=str)), out)
+    out["loss.logq"] = str(cfg.loss.logq)
+    out["loss.hard_negatives"] = int(cfg.loss.hard_negatives) > 0
+    _flatten("data.cardinalities", manifest["cardinalities"], out)
+    out["data.history_len"] = manifest.get("history_len")
+    out["data.digest"] = data_digest(manifest)
+    return out
+
+
+def short_id(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def differences(saved: dict, current: dict, keys_prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every key whose value differs (or exists on one side only)."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if not k.startswith(keys_prefix):
+            continue
+        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        if a != b:
+            out.append(f"{k}: {a!r} (checkpoint) vs {b!r} (now)")
+    return out

@@ -1,0 +1,153 @@
+"""Item and query embeddings from a model: the one being trained, or a trained run loaded weights-only.
+
+Every rank computes a slice and the slices are all-gathered; every rank makes the same number of
+forward calls (the sharded tables need all of them). Export, recommend and per-epoch validation use it.
+
+    embedder, run = Embedder.from_run("runs/small/train")  # its newest checkpoint, under its own config
+    items = embedder.items()                           # (catalogue, D), row 0 the OOV bucket
+    customers, users = embedder.eval_queries("val")    # every evaluation customer of a period
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.io import fs_and_path, join, read_json
+from data.stream import FeatureTables, batch_from_arrays
+from trainer import distributed as D
+from trainer.builder import build
+from trainer.checkpoint import CheckpointManager, latest
+from trainer.config import TrainJob
+from trainer.fingerprint import data_digest, fingerprint
+from trainer.inputs import model_input
+from trainer.state import ModelState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    train_dir: str
+    checkpoint: str
+    step: int
+    fingerprint_id: str
+
+
+def typed(config) -> DictConfig:
+    """A saved train config, typed by the train schema again (choices become enums, keys are checked)."""
+    return OmegaConf.merge(OmegaConf.structured(TrainJob), OmegaConf.create(config))
+
+
+def checkpoint_folder(train_dir: str) -> str:
+    """Where a train run keeps its checkpoints (its config.yaml may point elsewhere)."""
+    url = join(train_dir, "config.yaml")
+    fs, path = fs_and_path(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no train run here; train first or set train_dir")
+    with fs.open(path, "r") as f:
+        saved = OmegaConf.create(f.read())
+    return saved.get("checkpoint_dir") or join(train_dir, "checkpoints")
+
+
+def prepared_manifest(prepared: str) -> dict:
+    return read_json(join(prepared, "manifest.json"))
+
+
+class Embedder:
+    def __init__(self, model, keys: list[str], prepared: str, manifest: dict, device: torch.device,
+                 tables: FeatureTables | None = None):
+        self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
+        self.tables = tables or FeatureTables(prepared, manifest)
+        self.n_items = int(manifest["cardinalities"]["article_id"])
+        self.last_day = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
+
+    # ------------------------------------------------------------ loading a trained run
+
+    @classmethod
+    def from_run(cls, train_dir: str, device: str = "auto") -> tuple["Embedder", RunInfo]:
+        """The newest complete checkpoint of ``train_dir``, weights only, under the config of the run that
+        wrote it (recorded in the checkpoint). Refuses it if the prepared data changed since."""
+        folder = checkpoint_folder(train_dir)
+        found = latest(folder)
+        if found is None:
+            raise FileNotFoundError(f"{folder}: no complete checkpoint to load")
+        cfg = typed(found.info["config"])
+        dist_ = D.init(device)
+        manifest = prepared_manifest(cfg.prepare.out)
+        built = build(cfg, manifest["cardinalities"], dist_.device, print_plan=False)
+        saved = found.info.get("fingerprint", {})
+        if saved.get("data.digest") != data_digest(manifest):
+            raise RuntimeError(
+                f"{found.path} was trained on other prepared data than {cfg.prepare.out} holds now (data digest "
+                f"{saved.get('data.digest')} vs {data_digest(manifest)}); re-run training, or prepare the data "
+                "as it was")
+        manager = CheckpointManager(folder, {"model": ModelState(built.model)}, fingerprint(cfg, manifest))
+        loaded = manager.load(only={"model"})
+        if loaded is None:
+            raise FileNotFoundError(f"{folder}: no readable checkpoint")
+        info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id)
+        if dist_.rank == 0:
+            log.info("loaded run %s: step %d from %s (fingerprint %s)", train_dir, loaded.step, loaded.path,
+                     manager.fp_id)
+        return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device), info
+
+    # ------------------------------------------------------------ embeddings
+
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inp = model_input(batch, self.keys, self.device)
+        return self.model(inp.sparse, inp.query_dense, len(inp))
+
+    @torch.no_grad()
+    def items(self, chunk: int = 8192, check_stop=None) -> torch.Tensor:
+        """(catalogue, D) for every article_idx, on this rank's device, identical on every rank.
+        ``check_stop`` is called between chunks (the same number on every rank)."""
+        n, world, rank = self.n_items, D.world_size(), D.rank()
+        per_rank = -(-n // world)
+        ids = np.arange(rank * per_rank, (rank + 1) * per_rank) % n
+        out = []
+        for lo in range(0, per_rank, chunk):
+            part = ids[lo:lo + chunk]
+            batch = batch_from_arrays(self.tables, np.zeros(len(part)), part, np.full(len(part), self.last_day))
+            out.append(self._forward(batch)[1])
+            if check_stop:
+                check_stop()
+        local = torch.cat(out)
+        return torch.cat(D.all_gather(local))[:n]
+
+    @torch.no_grad()
+    def queries(self, customer, day, hist_lengths, hist_values) -> torch.Tensor:
+        """Query vectors of the given rows (no collective: the caller keeps the ranks in step)."""
+        batch = batch_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
+        return self._forward(batch)[0]
+
+    def eval_rows(self, period: str):
+        """The evaluation table of a period (``val`` or ``test``)."""
+        return pq.read_table(join(self.prepared, "eval", f"{period}.parquet"))
+
+    def query_chunks(self, table, chunk: int = 4096):
+        """Yields (row indices, query vectors) for this rank's slice of ``table``, in chunks; every rank
+        yields the same number of chunks (a rank past its rows computes one dummy row and yields none)."""
+        n, world, rank = table.num_rows, D.world_size(), D.rank()
+        per_rank = -(-n // world)
+        for c in range(max(1, -(-per_rank // chunk))):
+            lo = rank * per_rank + c * chunk
+            rows = np.arange(lo, min(lo + chunk, (rank + 1) * per_rank, n))
+            sub = table.take(rows if len(rows) else np.zeros(1, np.int64))
+            hist = sub["history"].combine_chunks()
+            off = hist.offsets.to_numpy()
+            q = self.queries(sub["customer_idx"].to_numpy(), sub["day"].to_numpy(), np.diff(off),
+                             hist.values.to_numpy()[off[0]:off[-1]])
+            yield rows, q[:len(rows)]
+
+    @torch.no_grad()
+    def eval_queries(self, period: str) -> tuple[np.ndarray, torch.Tensor]:
+        """(customer_idx, query vectors) of every customer of an evaluation period, on every rank."""
+        table = self.eval_rows(period)
+        mine = torch.cat([q for _, q in self.query_chunks(table)])  # at least one (maybe empty) chunk
+        return table["customer_idx"].to_numpy(), D.all_gather_rows(mine)

@@ -1,0 +1,88 @@
+"""The model's input: one KeyedJaggedTensor with the model's feature keys, built from a data batch.
+
+``TwoTower.forward(sparse, query_dense, n_query)`` reads B query rows followed by M item-only rows (the
+batch's mixed negatives). :class:`ModelInput` carries that KJT plus what the loss needs, moves to a
+device as a unit, and names ``forward``'s parameters for TorchRec's FX tracer (``to_proxy_tuple``), so
+TrainPipelineSparseDist finds that the embedding collection reads ``batch.sparse`` and prefetches its
+input-dist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from data.stream import Batch
+
+
+def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
+              extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
+    """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
+    only; their query features are empty bags)."""
+    qd, idd = query.to_dict(), item.to_dict()
+    ed = extra_items.to_dict() if extra_items is not None else {}
+    m = extra_items.stride() if extra_items is not None else 0
+    values, lengths = [], []
+    for k in keys:
+        if k in qd:
+            jt = qd[k]
+            values.append(jt.values())
+            lengths.append(torch.cat([jt.lengths(), jt.lengths().new_zeros(m)]) if m else jt.lengths())
+        else:
+            jt = idd[k]
+            values.append(torch.cat([jt.values(), ed[k].values()]) if m else jt.values())
+            lengths.append(torch.cat([jt.lengths(), ed[k].lengths()]) if m else jt.lengths())
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+class _KeyedPlaceholder(torch.fx._symbolic_trace.PHBase):
+    """An FX placeholder that remembers which batch attribute it stands for (TorchRec's pipeline reads
+    ``ph_key`` to fetch a sharded module's input from the batch)."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.ph_key = key
+
+
+@dataclass
+class ModelInput(Pipelineable):
+    sparse: KeyedJaggedTensor  # the model's keys: B rows, then M item-only rows
+    query_dense: torch.Tensor  # (B, 2)
+    article_idx: torch.Tensor  # (B,) the positive of each row
+    extra_ids: torch.Tensor | None = None  # (M,) article_idx of the item-only rows
+
+    @classmethod
+    def from_batch(cls, batch: Batch, keys: list[str]) -> "ModelInput":
+        return cls(join_rows(batch.query, batch.item, keys, batch.extra_item), batch.query_dense,
+                   batch.article_idx, batch.extra_ids)
+
+    def __len__(self) -> int:
+        return int(self.article_idx.numel())
+
+    def _map(self, fn) -> "ModelInput":
+        return ModelInput(*(None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                            for f in fields(self)))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "ModelInput":
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "ModelInput":
+        return self._map(lambda t: t.pin_memory())
+
+    def record_stream(self, stream) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) is not None:
+                getattr(self, f.name).record_stream(stream)
+
+    def to_proxy_tuple(self, model) -> dict:
+        """FX concrete args for TwoTower.forward(sparse, query_dense, n_query)."""
+        return {"sparse": _KeyedPlaceholder("sparse"), "query_dense": _KeyedPlaceholder("query_dense"),
+                "n_query": _KeyedPlaceholder("n_query")}
+
+
+def model_input(batch: Batch, keys: list[str], device: torch.device) -> ModelInput:
+    """A batch built outside the loader (catalogue items, customers, mined items) on ``device``."""
+    return ModelInput.from_batch(batch, keys).to(device, non_blocking=True)

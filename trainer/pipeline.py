@@ -1,0 +1,94 @@
+"""Running train steps over a loader: plainly, or through TorchRec's TrainPipelineSparseDist, which
+moves the next batch to the device and starts its embedding input-dist while this step computes.
+
+Either way each step yields (examples, loss tensor, stats) and records the loader position after the
+batch it trained (the pipeline pulls batches ahead; a checkpoint must not skip them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+
+from trainer.inputs import ModelInput
+from trainer.state import LoaderPosition
+from trainer.task import TrainTask
+
+log = logging.getLogger(__name__)
+
+
+def use_pipeline(mode: str, hard_negatives: bool, device: torch.device, world: int) -> bool:
+    """auto: wherever there is an input-dist to overlap (CUDA, or more than one rank); never with mined
+    hard negatives, which need a second, unpipelined table lookup per step."""
+    if hard_negatives:
+        if mode == "on":
+            raise ValueError("trainer.pipeline=on cannot run with loss.hard_negatives > 0 (the mined negatives "
+                             "need a second embedding lookup per step); use pipeline=auto or off")
+        return False
+    return mode == "on" or (mode == "auto" and (device.type == "cuda" or world > 1))
+
+
+class _NoDenseOptimizer:
+    """What the pipeline steps when the model has no dense parameters (matrix factorisation)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+class Steps:
+    def __init__(self, model, dense_optimizer, task: TrainTask, position: LoaderPosition, keys: list[str],
+                 device: torch.device, pipelined: bool):
+        self.model, self.dense_optimizer, self.task = model, dense_optimizer, task
+        self.position, self.keys, self.device = position, keys, device
+        self.pipeline = None
+        if pipelined:
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            self.pipeline = TrainPipelineSparseDist(model, dense_optimizer or _NoDenseOptimizer(), device,
+                                                    execute_all_batches=True, custom_model_fwd=self._forward)
+
+    def _forward(self, inp: ModelInput):
+        loss, stats, pos_ids = self.task(inp)
+        return loss, (loss.detach(), stats, pos_ids)
+
+    def _inputs(self, loader, pulled: deque):
+        for batch in loader:
+            pulled.append(loader.state_dict())
+            yield ModelInput.from_batch(batch, self.keys)
+
+    def run(self, loader):
+        """Trains on the loader's batches; yields (examples, loss, stats) after each step."""
+        pulled: deque = deque()
+        inputs = self._inputs(loader, pulled)
+        while True:
+            if self.pipeline is not None:
+                try:
+                    loss, stats, pos_ids = self.pipeline.progress(inputs)
+                except StopIteration:
+                    return
+            else:
+                inp = next(inputs, None)
+                if inp is None:
+                    return
+                loss, stats, pos_ids = self._plain_step(inp.to(self.device, non_blocking=True))
+            self.position.trained = pulled.popleft()
+            yield len(pos_ids), loss, stats, pos_ids
+
+    def _plain_step(self, inp: ModelInput):
+        loss, stats, pos_ids = self.task(inp)
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # the fused table optimiser steps inside backward
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.step()
+        return loss.detach(), stats, pos_ids
+
+    def detach(self) -> None:
+        """Gives the tables their own forward back (for validation and export; training re-attaches)."""
+        if self.pipeline is not None:
+            self.pipeline.detach()

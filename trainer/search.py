@@ -1,0 +1,57 @@
+"""Exact inner-product top-k: the one helper every stage uses (validation, export's users, recommend,
+evaluation without an index, the hard-negative miner, the index's recall reference).
+
+Scores are computed in chunks of queries on ``device`` (the GPU when there is one), so memory stays
+bounded at any catalogue size. Items can be excluded for every query (the OOV row) and per query (a CSR
+list, e.g. what the customer already bought): their scores become -inf and they rank last.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _as_tensor(x, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    return t.to(device=device, dtype=torch.float32)
+
+
+def top_k(queries, items, k: int, exclude_items=None, seen: tuple[np.ndarray, np.ndarray] | None = None,
+          device: torch.device | None = None, chunk: int = 4096) -> torch.Tensor:
+    """(queries, k) int64 item rows by descending inner product (on the CPU).
+
+    ``exclude_items``: item rows never returned (ranked last). ``seen``: a CSR pair ``(offsets, items)``
+    of item rows to exclude per query. Rows past the catalogue (k > items) are -1.
+    """
+    device = device or (queries.device if isinstance(queries, torch.Tensor) else default_device())
+    it = _as_tensor(items, device)
+    n_items = it.shape[0]
+    kk = min(k, n_items)
+    n_q = queries.shape[0]
+    chunk = max(1, min(chunk, (1 << 26) // max(n_items, 1)))  # at most 64M scores (256 MB) at a time
+    out = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
+    excl = None
+    if exclude_items is not None and len(exclude_items):
+        excl = torch.as_tensor(np.asarray(exclude_items), dtype=torch.int64, device=device)
+    for lo in range(0, n_q, chunk):
+        hi = min(lo + chunk, n_q)
+        q = _as_tensor(queries[lo:hi], device)
+        scores = q @ it.T
+        if excl is not None:
+            scores[:, excl] = -torch.inf
+        if seen is not None:
+            off, vals = seen
+            rows = np.repeat(np.arange(hi - lo), np.diff(off[lo:hi + 1]))
+            cols = vals[off[lo]:off[hi]]
+            if len(cols):
+                scores[torch.as_tensor(rows, device=device), torch.as_tensor(cols, dtype=torch.int64, device=device)] = \
+                    -torch.inf
+        top = scores.topk(kk, dim=1)
+        idx = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
+        out[lo:hi, :kk] = idx
+    return out

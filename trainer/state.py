@@ -1,0 +1,128 @@
+"""The parts of a run's state that are not the model: each ``Stateful``, each holding tensors only.
+
+A checkpoint is ``{name: part}`` saved and loaded whole by trainer.checkpoint with
+torch.distributed.checkpoint. Everything here is a tensor, so no part of a checkpoint is unpickled
+(small structured values travel as UTF-8 JSON in a uint8 tensor, a "blob"). Parts that differ between
+ranks (RNG, data position) are keyed by rank, since DCP keeps one copy of a key written by every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+BLOB = "json"  # the key of a blob tensor; the checkpoint manager sizes it from the saved metadata
+
+
+def blob(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).clone()
+
+
+def unblob(t: torch.Tensor):
+    return json.loads(bytes(t.cpu().numpy().tobytes()).decode())
+
+
+@dataclass
+class TrainState:
+    """Where the run is: step, epoch, position in the epoch, and what it has measured so far."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of epoch ``epoch`` trained so far
+    validated: int = 0  # epochs whose validation has run (a stop during validation leaves it behind)
+    history: dict = field(default_factory=lambda: {"val": [], "train": []})
+
+    def state_dict(self) -> dict:
+        ints = torch.tensor([self.step, self.epoch, self.batch_in_epoch, self.validated], dtype=torch.int64)
+        return {"counters": ints, BLOB: blob(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch, self.validated = (int(x) for x in state["counters"])
+        self.history = unblob(state[BLOB])
+
+
+class RngState:
+    """Python's, NumPy's and torch's global generators (CPU and this rank's GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        py = random.getstate()
+        np_state = np.random.get_state()
+        out = {"torch": torch.get_rng_state(),
+               BLOB: blob({"python": [py[0], list(py[1]), py[2]],
+                           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})}
+        if self.device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        other = unblob(state[BLOB])
+        py = other["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        n = other["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
+class LoaderPosition:
+    """The data loader's position after the last *trained* batch (a pipeline pulls batches ahead)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.trained: dict | None = None  # None: the loader's own position is the trained one
+        self.restored: dict | None = None  # loaded from a checkpoint, applied when the epoch starts
+
+    def state_dict(self) -> dict:
+        return {BLOB: blob(self.trained if self.trained is not None else self.loader.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = unblob(state[BLOB])
+
+
+class OptimizerState:
+    """An optimiser's per-parameter state only (moments, step counts): learning rates and other
+    hyper-parameters come from the config of the run that loads it."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer  # a torchrec KeyedOptimizer (state keyed by parameter name)
+        optimizer.save_param_groups(False)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()["state"]
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict({"state": state})
+
+
+class ModelState:
+    """The sharded model's state dict (tables as ShardedTensors, dense weights replicated)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+class PerRank:
+    """Keys a per-rank part by rank, so that DCP keeps every rank's copy."""
+
+    def __init__(self, part, rank: int):
+        self.part, self.rank = part, rank
+
+    def state_dict(self) -> dict:
+        return {f"rank{self.rank}": self.part.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.part.load_state_dict(state[f"rank{self.rank}"])

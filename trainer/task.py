@@ -1,0 +1,56 @@
+"""The train task: a batch of model inputs to (loss, stats, positive ids).
+
+Both towers run over the batch's joined KJT (B query rows, then the M mixed-negative rows, item tower
+only); mined hard negatives, when on, take a second item-tower lookup; the loss is the sampled softmax
+of trainer.loss with the streaming logQ estimate updated after each step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data.stream import FeatureTables, batch_from_arrays
+from trainer import distributed as D
+from trainer.inputs import ModelInput, model_input
+from trainer.loss import LogQ, Negatives, retrieval_loss
+from trainer.negatives import HardNegativeMiner
+
+
+class TrainTask:
+    def __init__(self, model, keys: list[str], loss_cfg, logq: LogQ, miner: HardNegativeMiner | None,
+                 tables: FeatureTables, n_items: int, day: int, seed: int, device: torch.device):
+        self.model, self.keys, self.cfg, self.logq, self.miner = model, keys, loss_cfg, logq, miner
+        self.tables, self.n_items, self.day, self.seed, self.device = tables, n_items, day, seed, device
+        self.step = 0  # the step being trained (for the miner's draws), set by the loop
+        self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
+
+    def __call__(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        b = len(inp)
+        q_all, i_all = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
+        q, pos = q_all[:b], i_all[:b]
+        neg = Negatives()
+        if self.cfg.mixed_negatives > 0:
+            neg.extra, neg.extra_ids = i_all[b:], inp.extra_ids
+        if self.miner is not None and self.miner.ready:
+            neg.hard, neg.hard_ids = self._hard_negatives(inp, q)
+        loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
+                                     group=True if self.cfg.cross_rank else None, catalog_size=self.n_items,
+                                     with_stats=self.with_stats)
+        return loss, stats, inp.article_idx
+
+    def _hard_negatives(self, inp: ModelInput, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = len(inp)
+        hist = inp.sparse["history"]
+        lengths = hist.lengths()[:b]
+        hard_ids = self.miner.mine(q, inp.article_idx, lengths, hist.values(), self.seed, self.step, D.rank())
+        flat = hard_ids.reshape(-1).cpu().numpy()
+        batch = batch_from_arrays(self.tables, np.zeros(len(flat)), flat, np.full(len(flat), self.day))
+        h_inp = model_input(batch, self.keys, self.device)
+        _, h = self.model(h_inp.sparse, h_inp.query_dense, len(h_inp))
+        return h.view(b, -1, h.shape[-1]), hard_ids
+
+    def after_step(self, positive_ids: torch.Tensor, step: int) -> None:
+        """Feeds every rank's positives of the step into the streaming logQ estimate."""
+        if self.logq.mode == "streaming":
+            self.logq.update(torch.cat(D.all_gather(positive_ids)), step)

@@ -1,0 +1,40 @@
+"""Per-epoch validation: the model's full-catalogue ranking of the validation customers, scored by
+trainer.metrics (Recall@K, NDCG@K, MAP@12, ...), with exact search over every article."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from trainer import distributed as D
+from trainer.inference import Embedder
+from trainer.metrics import evaluate
+from trainer.search import top_k
+
+
+def targets_csr(table) -> tuple[np.ndarray, np.ndarray]:
+    t = table["targets"].combine_chunks()
+    off = t.offsets.to_numpy().astype(np.int64)
+    return off - off[0], t.values.to_numpy().astype(np.int64)[off[0]:off[-1]]
+
+
+@torch.no_grad()
+def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[], None] | None = None) -> dict:
+    """Metrics at each k of ``ks`` over the period's customers. ``check_stop`` is called (on every rank,
+    at the same points) between chunks, so a stop signal does not wait for the whole pass."""
+    table = embedder.eval_rows(period)
+    items = embedder.items()
+    if check_stop:
+        check_stop()
+    k_max = max(int(k) for k in ks)
+    ranked = []
+    for _, q in embedder.query_chunks(table):
+        ranked.append(top_k(q, items, k_max, exclude_items=[0]))  # row 0: the OOV bucket, not an article
+        if check_stop:
+            check_stop()
+    mine = torch.cat(ranked)
+    everyone = D.all_gather_rows(mine.to(embedder.device)).cpu().numpy()
+    off, vals = targets_csr(table)
+    return evaluate(everyone, off, vals, ks=tuple(int(k) for k in ks), catalog_size=embedder.n_items - 1)
