@@ -1,20 +1,24 @@
-"""Training throughput at H&M-scale vocabularies (1,371,980 customers, 105,542 articles), batch 2048,
-dim 32, measured side by side in one run:
+"""Training throughput, measured side by side in one run (examples/s, median of interleaved rounds):
 
-  * trainer (stream-fed): trainer.Trainer steps fed by data.stream, as in a real run;
-  * trainer (in-memory):  the same steps over batches already in memory: the stream's cost is the gap;
-  * notebook way: a per-row Dataset over raw transactions with Python-dict id lookups, dense
+  * stream-fed: the trainer's own steps fed by data.stream, as in a real run;
+  * in-memory:  the same steps over batches already in host memory: the stream's cost is the gap;
+  * pipelined:  the same, through TorchRec's TrainPipelineSparseDist;
+  * notebook way (CPU only): a per-row Dataset over raw transactions with Python-dict id lookups, dense
     nn.Embedding tables updated by Adam, in-batch softmax.
 
-The trainer runs twice: with the notebook's model and loss (id embeddings only, in-batch softmax:
-``model=mf loss=in_batch``), so the ratio compares the machinery on the same work; and with the
-default model and loss (features, history bag, MLP towers, logQ, masking, 1,024 mixed negatives),
-which does several times the work per example.
+The trainer runs with the notebook's model and loss (id embeddings only, in-batch softmax:
+``model=mf loss=in_batch``), so the ratio compares the machinery on the same work, and with the default
+model and loss (features, history bag, MLP towers, logQ, masking, 1,024 mixed negatives).
+On CUDA it also prints the GPU's mean utilisation and memory during each way (sampled by nvidia-smi),
+and ``--profile DIR`` writes a torch.profiler trace of the stream-fed default steps with a summary table.
 
-    .venv/bin/python bench/train.py                 # needs datasets/hm_scale (data.synth + data.prepare)
-    .venv/bin/python bench/train.py --data small    # quicker, smaller vocabularies
+    .venv/bin/python bench/train.py                            # needs datasets/hm_scale (synth + prepare)
+    .venv/bin/python bench/train.py --data small --batch 1024
+    python bench/train.py --device cuda --batch 16384 --profile /tmp/prof    # on a GPU machine
+    python bench/train.py --device cuda --configs default hard_negatives
 
-Goals: trainer >= 10x the notebook way; stream-fed >= 0.8x in-memory.
+Goals: CPU: trainer >= 10x the notebook way; stream-fed >= 0.8x in-memory. CUDA (H100, default model):
+>= 1M examples/s stream-fed, >= 0.9x in-memory, GPU utilisation >= 60%.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -38,55 +44,154 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 import trainer.config  # noqa: E402,F401
 from trainer.train import Trainer  # noqa: E402
 
+CONFIGS = {
+    "notebook's model and loss": ["model=mf", "loss=in_batch", "loss.cross_rank=false"],
+    "default": [],
+    "hard_negatives": ["loss=hard_negatives", "loss.hard_every=100000"],
+}
+SHORT = {"notebook": "notebook's model and loss", "default": "default", "hard_negatives": "hard_negatives"}
 
-SAME_AS_NOTEBOOK = ["model=mf", "loss=in_batch", "loss.cross_rank=false"]
 
-
-def make_trainer(data: str, batch: int, extra: list[str]) -> Trainer:
+def make_trainer(data: str, batch: int, extra: list[str], device: str) -> Trainer:
+    run_dir = tempfile.mkdtemp(prefix="bench-train-")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             f"data={data}", *extra, "model.id_dim=32", "model.feature_dim=16", "model.output_dim=32",
             f"trainer.batch_size={batch}", "trainer.progress=false", "sharding.print_plan=false",
             "trainer.validate=false", "trainer.resume=false", f"paths.datasets={ROOT}/datasets",
-            "trainer.log_every=1000000", "run_dir=" + tempfile.mkdtemp()])
-    t = Trainer(cfg, cfg.run_dir, tensorboard=False)
+            f"trainer.device={device}", f"trainer.num_workers={os.environ.get('BENCH_WORKERS', 1)}",
+            "trainer.log_every=1000000", f"run_dir={run_dir}"])
+    t = Trainer(cfg, run_dir, tensorboard=False)
     t.stream.set_epoch(0)
-    t.step = 1  # past the first step's statistics, as in a run between log lines
+    t.task.with_stats = False  # as between log lines
+    if t.miner is not None:
+        t.miner.refresh(t.embedder.items())
     return t
 
 
+class Feed:
+    """What Steps.run reads: an iterator of batches (the stream's, or batches held in memory)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 class TrainerRuns:
-    """One configuration measured three ways: unpipelined steps fed by the stream, the same steps over
-    batches already in memory, and TrainPipelineSparseDist steps fed by the stream."""
+    """One configuration measured three ways (see the module docstring)."""
 
-    def __init__(self, data: str, batch: int, extra: list[str]):
-        self.batch = batch
-        self.plain = make_trainer(data, batch, [*extra, "trainer.pipeline=off"])
-        self.plain_batches = iter(self.plain.loader)
-        self.piped = make_trainer(data, batch, [*extra, "trainer.pipeline=on"])
-        self.piped_steps = self.piped._steps()
+    def __init__(self, data: str, batch: int, extra: list[str], device: str, pipelined: bool):
+        self.batch, self.device = batch, device
+        self.plain = make_trainer(data, batch, [*extra, "trainer.pipeline=off"], device)
+        self.stream = iter(self.plain.loader)  # one pass over the stream, shared by both ways
+        self.plain_steps = self.plain.steps.run(Feed(self.stream))
+        self.step = 0
+        pipelined = pipelined and not any(x.startswith("loss=hard") for x in extra)  # never pipelined
+        self.piped = make_trainer(data, batch, [*extra, "trainer.pipeline=on"], device) if pipelined else None
+        self.piped_steps = self.piped.steps.run(self.piped.loader) if pipelined else None
 
-    def warm_up(self, steps: int) -> None:
-        for _ in range(steps):
-            self.plain.train_step(next(self.plain_batches), with_stats=False)
-            next(self.piped_steps)
+    def _run(self, trainer: Trainer, steps, n: int) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _, _, _, pos = next(steps)
+            self.step += 1
+            trainer.task.after_step(pos, self.step)
+        sync(self.device)
+        return n * self.batch / (time.perf_counter() - t0)
 
-    def round(self, steps: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.plain.train_step(next(self.plain_batches), with_stats=False)
-        streamed = steps * self.batch / (time.perf_counter() - t0)
-        held = [next(self.plain_batches) for _ in range(steps)]
-        time.sleep(2.0)  # let the stream's read-ahead threads finish, so they don't slow the in-memory steps
-        t0 = time.perf_counter()
-        for b in held:
-            self.plain.train_step(b, with_stats=False)
-        in_memory = steps * self.batch / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            next(self.piped_steps)
-        pipelined = steps * self.batch / (time.perf_counter() - t0)
-        return {"streamed": streamed, "in_memory": in_memory, "pipelined": pipelined}
+    def warm_up(self, n: int) -> None:
+        self._run(self.plain, self.plain_steps, n)
+        if self.piped is not None:
+            self._run(self.piped, self.piped_steps, n)
+
+    def round(self, n: int, gpu: "GpuSampler | None") -> dict[str, float]:
+        out = {}
+        with Phase(gpu, out, "streamed"):
+            out["streamed"] = self._run(self.plain, self.plain_steps, n)
+        held = [next(self.stream) for _ in range(n)]
+        time.sleep(1.0)  # let the stream's read-ahead threads settle, so they don't slow the in-memory steps
+        with Phase(gpu, out, "in_memory"):
+            out["in_memory"] = self._run(self.plain, self.plain.steps.run(Feed(held)), n)
+        if self.piped is not None:
+            with Phase(gpu, out, "pipelined"):
+                out["pipelined"] = self._run(self.piped, self.piped_steps, n)
+        return out
+
+
+class GpuSampler:
+    """nvidia-smi's utilisation and memory every 100 ms, in a background thread."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float, float]] = []
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                      "--format=csv,noheader,nounits", "-lms", "100"],
+                                     stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(x) for x in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter(), util, mem))
+
+    def window(self, t0: float, t1: float) -> tuple[float, float]:
+        inside = [(u, m) for t, u, m in self.samples if t0 <= t <= t1]
+        if not inside:
+            return float("nan"), float("nan")
+        return float(np.mean([u for u, _ in inside])), float(max(m for _, m in inside))
+
+    def close(self) -> None:
+        self.proc.terminate()
+
+
+class Phase:
+    def __init__(self, gpu: GpuSampler | None, out: dict, name: str):
+        self.gpu, self.out, self.name = gpu, out, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        if self.gpu is not None:
+            torch.cuda.reset_peak_memory_stats()
+
+    def __exit__(self, *exc):
+        if self.gpu is not None:
+            util, mem = self.gpu.window(self.t0, time.perf_counter())
+            self.out[f"{self.name}_util"] = util
+            self.out[f"{self.name}_smi_mb"] = mem
+            self.out[f"{self.name}_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+
+def profile(runs: TrainerRuns, out_dir: str, steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runs.device == "cuda" else [])
+    os.makedirs(out_dir, exist_ok=True)
+    with torch_profile(activities=activities, schedule=schedule(wait=1, warmup=2, active=steps),
+                       record_shapes=False) as prof:
+        for _ in range(steps + 3):
+            runs._run(runs.plain, runs.plain_steps, 1)
+            prof.step()
+    prof.export_chrome_trace(os.path.join(out_dir, "trace.json"))
+    sort = "self_cuda_time_total" if runs.device == "cuda" else "self_cpu_time_total"
+    for key in dict.fromkeys(("self_cpu_time_total", sort)):
+        table = prof.key_averages().table(sort_by=key, row_limit=30)
+        with open(os.path.join(out_dir, f"top_{key}.txt"), "w") as f:
+            f.write(table)
+        print(f"--- profile, {steps} stream-fed default steps, by {key} ---\n{table}")
 
 
 class NotebookTwoTower(torch.nn.Module):
@@ -128,36 +233,56 @@ class NotebookRun:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="hm_scale")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=20, help="trainer steps per round and way")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2048)
-    ap.add_argument("--notebook-steps", type=int, default=4, help="notebook steps per round")
+    ap.add_argument("--configs", nargs="+", default=["notebook", "default"], choices=sorted(SHORT))
+    ap.add_argument("--no-pipelined", action="store_true", help="skip the pipelined way")
+    ap.add_argument("--notebook-steps", type=int, default=4, help="notebook steps per round (CPU only)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler trace of the default steps here")
     args = ap.parse_args()
-    configs = {"same model and loss as the notebook": TrainerRuns(args.data, args.batch, SAME_AS_NOTEBOOK),
-               "default model and loss": TrainerRuns(args.data, args.batch, [])}
+    configs = {SHORT[c]: TrainerRuns(args.data, args.batch, CONFIGS[SHORT[c]], args.device, not args.no_pipelined)
+               for c in args.configs}
     for c in configs.values():
         c.warm_up(args.warmup)
-    notebook = NotebookRun(args.data, args.notebook_steps, args.batch, args.rounds)
+    gpu = GpuSampler() if args.device == "cuda" else None
+    notebook = NotebookRun(args.data, args.notebook_steps, args.batch, args.rounds) if args.device == "cpu" else None
     rounds: dict[str, list[dict]] = {name: [] for name in configs}
     nb: list[float] = []
     for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits every way
         for name, c in configs.items():
-            rounds[name].append(c.round(args.steps))
-        nb.append(notebook.round(args.notebook_steps))
+            rounds[name].append(c.round(args.steps, gpu))
+        if notebook is not None:
+            nb.append(notebook.round(args.notebook_steps))
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    nb_rate = med(nb)
-    print(f"data={args.data}, batch {args.batch}, dim 32, {torch.get_num_threads()} threads, one process; "
-          f"examples/s, median of {args.rounds} interleaved rounds (x notebook)")
-    print(f"{'trainer':<36} {'stream-fed':>18} {'in-memory':>18} {'stream/in-mem':>14} {'pipelined, stream':>20}")
+    nb_rate = med(nb) if nb else float("nan")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"data={args.data}, batch {args.batch}, dim 32, one process on {where}, loader workers "
+          f"{os.environ.get('BENCH_WORKERS', 1)}; examples/s, median of {args.rounds} interleaved rounds of "
+          f"{args.steps} steps" + (" (x notebook)" if nb else ""))
+    ways = ["streamed", "in_memory"] + ([] if args.no_pipelined else ["pipelined"])
+    header = f"{'trainer':<28}" + "".join(f"{w:>22}" for w in ways) + f"{'stream/in-mem':>15}"
+    if gpu is not None:
+        header += "".join(f"{w + ' GPU %':>18}" for w in ways) + f"{'peak GB':>9}"
+    print(header)
     for name, rs in rounds.items():
-        r = {k: med([x[k] for x in rs]) for k in rs[0]}
+        r = {k: med([x.get(k, float("nan")) for x in rs]) for k in rs[0]}
+        r.update({k: float("nan") for w in ways for k in (w, w + "_util", w + "_peak_mb") if k not in r})
         ratio = med([x["streamed"] / x["in_memory"] for x in rs])
-        print(f"{name:<36} {r['streamed']:>10,.0f} ({r['streamed'] / nb_rate:>4.1f}x) "
-              f"{r['in_memory']:>10,.0f} ({r['in_memory'] / nb_rate:>4.1f}x) {ratio:>14.2f} "
-              f"{r['pipelined']:>12,.0f} ({r['pipelined'] / nb_rate:>4.1f}x)")
-    print(f"{'notebook way (MF, in-batch softmax)':<36} {nb_rate:>10,.0f} ( 1.0x)   rounds: "
-          + ", ".join(f"{x:,.0f}" for x in nb))
+        line = f"{name:<28}" + "".join(
+            f"{r[w]:>14,.0f}" + (f" ({r[w] / nb_rate:>4.1f}x)" if nb else "       ") for w in ways) + f"{ratio:>15.2f}"
+        if gpu is not None:
+            line += "".join(f"{r[w + '_util']:>18.0f}" for w in ways)
+            line += f"{max(r[w + '_peak_mb'] for w in ways) / 1024:>9.1f}"
+        print(line)
+    if nb:
+        print(f"{'notebook way (MF, in-batch)':<28}{nb_rate:>14,.0f} ( 1.0x)   rounds: " + ", ".join(f"{x:,.0f}" for x in nb))
+    if gpu is not None:
+        gpu.close()
+    if args.profile:
+        profile(configs.get("default") or next(iter(configs.values())), args.profile, 10)
 
 
 if __name__ == "__main__":

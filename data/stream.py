@@ -343,8 +343,10 @@ class ExampleStream(IterableDataset):
                 extra -= 1
         return plans
 
-    def batches_per_epoch(self) -> int:
-        return sum(p.quota for (r, _), p in self.plan(0).items() if r == self.rank)
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        """This rank's batches in ``epoch`` (the same on every rank; it varies a little between epochs,
+        since units are dealt to ranks anew each epoch)."""
+        return sum(p.quota for (r, _), p in self.plan(epoch).items() if r == self.rank)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batches_done = epoch, 0
@@ -516,7 +518,8 @@ class BatchLoader:
             yield packed.unpack()
 
     def __len__(self) -> int:
-        return self.stream.batches_per_epoch()
+        """Batches of the current epoch."""
+        return self.stream.batches_per_epoch(self.stream.epoch)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

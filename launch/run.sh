@@ -10,6 +10,8 @@ DATA="${DATA:-small}"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
+# torchrun's grace between its SIGTERM and SIGKILL of the workers: room for the final checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
 if [[ -z "${NPROC:-}" ]]; then  # one process per GPU, else 2 CPU processes (gloo)
   NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi

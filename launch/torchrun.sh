@@ -11,6 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
+# torchrun's grace between its SIGTERM and SIGKILL of the workers: room for the final checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
 NPROC="${NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
 if [[ -z "${RUN_DIR:-}" ]]; then
   data="small"; runs="runs"

@@ -124,3 +124,34 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+CONF = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_train(prepared: str, run_dir, *overrides: str):
+    """The train config of the shared debug preset (conf/experiment/debug.yaml) for in-process runs."""
+    from hydra import compose, initialize_config_dir
+
+    import trainer.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=["experiment=debug", f"prepare.out={prepared}",
+                                                        f"run_dir={run_dir}", *overrides])
+
+
+def train_in_process(prepared: str, run_dir, *overrides: str, before_fit=None) -> dict:
+    """Trains in this process (one rank, gloo), as ``python -m trainer.train`` would."""
+    from data.runinfo import start_run
+    from trainer import distributed as D
+    from trainer.train import Trainer
+
+    cfg = compose_train(prepared, run_dir, *overrides)
+    start_run(cfg)
+    try:
+        trainer = Trainer(cfg, str(run_dir), tensorboard=False)
+        if before_fit is not None:
+            before_fit(trainer)
+        return trainer.fit()
+    finally:
+        D.shutdown()

@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.config import ModelConfig, ShardingConfig
-from trainer.model import ARTICLE_TABLE, TwoTower, join_rows, table_configs
+from trainer.inputs import join_rows
+from trainer.model import ARTICLE_TABLE, TwoTower, table_configs
 from trainer.sharding import check_constraints
 from torchrec import KeyedJaggedTensor
 

@@ -50,7 +50,7 @@ def test_train_sbatch_completes(uninterrupted):
     assert "1 node(s) x 2" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["step"] > 0
-    assert any((p / "COMPLETE").exists() for p in (run_dir / "checkpoints").glob("step-*"))
+    assert any((p / "run.json").exists() for p in (run_dir / "checkpoints").glob("step-*"))
 
 
 def test_requeue_resumes_from_checkpoint_bit_exact(slurm, tiny_prepared, uninterrupted, tmp_path):
@@ -102,6 +102,24 @@ def test_time_limit_warning_checkpoints_and_requeues_itself(slurm, tiny_prepared
     ref, got = final_weights(uninterrupted[0]), final_weights(run_dir)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_a_stale_preempted_marker_does_not_requeue_a_crash(slurm, tiny_prepared, tmp_path):
+    """A PREEMPTED left by an earlier run, and a run that crashes (here at config composition, before
+    the trainer starts): the job ends FAILED, it is not requeued."""
+    prepared, _ = tiny_prepared
+    run_dir = tmp_path / "stale"
+    run_dir.mkdir()
+    (run_dir / "PREEMPTED").write_text("15\n")
+    job = slurm.sbatch("--job-name=stale", "--cpus-per-task=2", f"--output={tmp_path}/stale-%j.out",
+                       str(ROOT / "slurm" / "train.sbatch"), f"prepare.out={prepared}", "trainer.epochs=oops",
+                       env={"NPROC_PER_NODE": "1", "MAX_RESTARTS": "0", "RUN_DIR": str(run_dir),
+                            "TWOTOWER_ROOT": str(ROOT), "TWOTOWER_PYTHON": sys.executable}, cwd=str(ROOT))
+    state = slurm.wait(job, timeout=600)
+    out = "".join(p.read_text() for p in tmp_path.glob("stale-*.out"))
+    assert state == "FAILED", out[-3000:]
+    assert "requeueing" not in out and "restart 1" not in out
+    assert not (run_dir / "PREEMPTED").exists()
 
 
 def test_pipeline_chain_runs_in_dependency_order(slurm, tiny_prepared, tmp_path):

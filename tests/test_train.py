@@ -27,16 +27,26 @@ def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int 
             "sharding.print_plan=false", *overrides]
 
 
+# Every collective must go through trainer/distributed.py (which places tensors where nccl wants them):
+# with this set, a direct call from project code fails even in these CPU/gloo runs.
+ENV = {**os.environ, "TWOTOWER_CHECK_COLLECTIVES": "1"}
+
+
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
+def complete_steps(run_dir: pathlib.Path) -> list[int]:
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.name[5:]) for p in folder.glob("step-*") if (p / "run.json").exists()) if folder.exists() else []
+
+
 def final_weights(run_dir: pathlib.Path) -> dict:
-    ckpts = sorted(p for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    newest = run_dir / "checkpoints" / f"step-{complete_steps(run_dir)[-1]:08d}"
     out = run_dir / "final.pt"
-    dcp_to_torch_save(str(ckpts[-1]), str(out))
+    dcp_to_torch_save(str(newest), str(out))
     state = torch.load(out, weights_only=True)
     return {k: v for k, v in state["model"].items()}
 
@@ -145,17 +155,16 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     # batches it has pulled ahead.
     cmd = train_cmd(prepared, tmp_path / "b", *common, "trainer.pipeline=on", port=29622)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=ENV)
     deadline = time.time() + 300
     ckpt = tmp_path / "b" / "checkpoints"
     while time.time() < deadline:
-        done = [p for p in ckpt.glob("step-*") if (p / "COMPLETE").exists()] if ckpt.exists() else []
-        if any(int(p.name[5:]) >= 30 for p in done):
+        if any(s >= 30 for s in complete_steps(tmp_path / "b")):
             break
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.05)
     assert sigkill_all(proc) >= 3  # torchrun and its two workers
-    killed_at = max(int(p.name[5:]) for p in ckpt.glob("step-*") if (p / "COMPLETE").exists())
+    killed_at = max(complete_steps(tmp_path / "b"))
     assert killed_at < 180  # it really stopped before the end (2 epochs of ~90 steps)
     resumed = run(cmd)
     out = resumed.stdout + resumed.stderr
@@ -170,7 +179,7 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     # are at, leave a PREEMPTED marker and stop; a restart resumes and ends the same (unpipelined).
     cmd = train_cmd(prepared, tmp_path / "c", *common, "trainer.pipeline=off", port=29623)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=ENV)
     log_file = tmp_path / "c" / "train.log"
     while time.time() < deadline + 300:
         if log_file.exists() and "step 20 " in log_file.read_text():
@@ -181,7 +190,7 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     assert proc.wait(timeout=120) is not None
     stopped_at = int((tmp_path / "c" / "PREEMPTED").read_text())
     assert 20 <= stopped_at < 180
-    assert (tmp_path / "c" / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").exists()
+    assert stopped_at in complete_steps(tmp_path / "c")
     run(cmd)
     assert not (tmp_path / "c" / "PREEMPTED").exists()
     c = final_weights(tmp_path / "c")
@@ -189,23 +198,28 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
         assert torch.equal(a[k], c[k]), k
 
 
-def test_partial_and_corrupt_checkpoints_are_skipped(tiny_prepared, tmp_path):
+def test_partial_and_corrupt_checkpoints(tiny_prepared, tmp_path):
+    """A save cut off (no run.json) is removed at the next start; one that is complete but unreadable
+    (garbage DCP metadata) is skipped with a warning for the next older one."""
     prepared, _ = tiny_prepared
     common = ["trainer.epochs=1", "trainer.batch_size=512", "trainer.validate=false", "trainer.max_steps=10"]
     run_dir = tmp_path / "run"
     run(train_cmd(prepared, run_dir, *common, nproc=1, port=29631))
-    good = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    partial = run_dir / "checkpoints" / "step-00000500"  # no COMPLETE marker: a save that was cut off
+    good = run_dir / "checkpoints" / f"step-{complete_steps(run_dir)[-1]:08d}"
+    partial = run_dir / "checkpoints" / "step-00000500"  # no run.json: a save that was cut off
     partial.mkdir()
-    (partial / "rank-0.json").write_text("{}")
-    corrupt = run_dir / "checkpoints" / "step-00000900"  # marked complete but its data is garbage
+    (partial / ".metadata").write_bytes(b"half")
+    leftover = run_dir / "checkpoints" / ".step-00000600.partial"
+    leftover.mkdir()
+    corrupt = run_dir / "checkpoints" / "step-00000900"  # complete, same run, but its data is garbage
     corrupt.mkdir()
     (corrupt / ".metadata").write_bytes(b"not a checkpoint")
-    (corrupt / "COMPLETE").write_text("900")
+    info = json.loads((good / "run.json").read_text())
+    (corrupt / "run.json").write_text(json.dumps({**info, "step": 900, "seq": info["seq"] + 1}))
     proc = run(train_cmd(prepared, run_dir, *common[:-1], "trainer.max_steps=12", nproc=1, port=29632))
     out = proc.stdout + proc.stderr
     assert "skipping unreadable checkpoint" in out and "step-00000900" in out
-    assert "skipping incomplete checkpoint" in out and "step-00000500" in out
+    assert "removing incomplete checkpoint" in out and not partial.exists() and not leftover.exists()
     assert f"resumed from {good}" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 12
@@ -238,3 +252,33 @@ def test_mined_hard_negatives_train_unpipelined(tiny_prepared, tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0
     assert "cannot run with loss.hard_negatives" in refused.stdout + refused.stderr
+
+
+def test_sigterm_to_every_process_with_loader_workers(tiny_prepared, tmp_path):
+    """Slurm's SIGTERM reaches every process of the step, data-loader workers included: the workers
+    leave it to the trainer, which checkpoints the step it is at and stops; a restart finishes the run."""
+    prepared, _ = tiny_prepared
+    common = ["trainer.epochs=1", "trainer.batch_size=256", "trainer.validate=false", "trainer.log_every=5",
+              "trainer.num_workers=2"]
+    cmd = train_cmd(prepared, tmp_path, *common, nproc=1, port=29671)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=ENV)
+    log_file, deadline = tmp_path / "train.log", time.time() + 300
+    while time.time() < deadline and not (log_file.exists() and "step 20 " in log_file.read_text()):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    victims = [proc.pid, *descendants(proc.pid)]
+    assert len(victims) >= 4  # torchrun, the trainer and its two loader workers
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=120)
+    stopped_at = int((tmp_path / "PREEMPTED").read_text())
+    assert stopped_at in complete_steps(tmp_path)
+    out = run(cmd)
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step-{stopped_at:08d}'} " in out.stdout + out.stderr
+    from data.stream import ExampleStream
+    per_epoch = ExampleStream(prepared, 256, num_workers=2).batches_per_epoch(0)
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == per_epoch

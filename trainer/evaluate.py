@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 
-import faiss
 import hydra
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,7 +27,9 @@ from data.runinfo import start_run
 from trainer import baselines as bl
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
 from trainer import index as ix
+from trainer.fingerprint import data_digest
 from trainer.metrics import evaluate as metrics
+from trainer.search import top_k
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +65,40 @@ def drop_seen(ranked: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     return np.take_along_axis(ranked, order, axis=1)[:, :k]
 
 
-def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int) -> tuple[np.ndarray, str]:
-    """Top-k article_idx per evaluation customer from exported embeddings."""
+def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int,
+                  period: str = "val") -> tuple[np.ndarray, str]:
+    """Top-k article_idx per evaluation customer from exported embeddings: through the IVF index when
+    there is one (it must have been built from this export), else exact search; on the GPU when present."""
     item_idx, items = ix.read_embeddings(join(export_dir, "items.parquet"), "article_idx")
-    user_idx, users = ix.read_embeddings(join(export_dir, "users_val.parquet"), "customer_idx")
+    user_idx, users = ix.read_embeddings(join(export_dir, f"users_{period}.parquet"), "customer_idx")
     pos = {c: i for i, c in enumerate(user_idx.tolist())}
     missing = [c for c in customers.tolist() if c not in pos]
     if missing:
-        raise ValueError(f"{export_dir}/users_val.parquet lacks {len(missing)} evaluation customers; re-run export")
+        raise ValueError(f"{export_dir}/users_{period}.parquet lacks {len(missing)} evaluation customers; re-run export")
     q = users[[pos[c] for c in customers.tolist()]]
     if index_dir and _exists(join(index_dir, "index.faiss")):
+        exported = read_json(join(export_dir, "export_report.json"))
+        ix.check_matches(index_dir, exported.get("fingerprint"), exported.get("step"))
         index, _ = ix.load(index_dir)
-        index.nprobe = int(_read_nprobe(index_dir))
-        rows = index.search(q, k)[1]
+        searcher = ix.for_search(index, _read_nprobe(index_dir))
+        rows = searcher.search(np.ascontiguousarray(q), k)[1]
         # index rows are the non-OOV articles in export order: map back to article_idx
         keep = item_idx[item_idx > 0]
-        return np.where(rows >= 0, keep[np.clip(rows, 0, None)], -1), f"IVF (nprobe {index.nprobe})"
-    flat = faiss.IndexFlatIP(items.shape[1])
-    emb = items.copy()
-    emb[item_idx == 0] = 0.0
-    flat.add(emb)
-    rows = flat.search(q, k + 1)[1]
-    ranked = item_idx[rows]
-    ranked = np.where(ranked == 0, -1, ranked)
-    order = np.argsort(ranked < 0, axis=1, kind="stable")  # push the OOV row (if ranked) to the end
-    return np.take_along_axis(ranked, order, axis=1)[:, :k], "exact"
+        return np.where(rows >= 0, keep[np.clip(rows, 0, None)], -1), f"IVF (nprobe {_read_nprobe(index_dir)})"
+    rows = top_k(q, items, k, exclude_items=np.flatnonzero(item_idx == 0)).cpu().numpy()
+    return np.where(rows >= 0, item_idx[np.clip(rows, 0, None)], -1), "exact"
+
+
+def exported_run(export_dir: str, prepared: str) -> dict:
+    """Which train run, step and fingerprint an export holds; refuses one made from other prepared data."""
+    report = read_json(join(export_dir, "export_report.json"))
+    now = data_digest(read_json(join(prepared, "manifest.json")))
+    if report.get("data_digest") != now:
+        raise RuntimeError(f"{export_dir} holds embeddings of a model trained on other prepared data (digest "
+                           f"{report.get('data_digest')}) than {prepared} (digest {now}); export again")
+    log.info("evaluating run %s step %d (fingerprint %s) from %s", report["train_dir"], report["step"],
+             report["fingerprint"], export_dir)
+    return report
 
 
 def _read_nprobe(index_dir: str) -> int:
@@ -96,10 +106,10 @@ def _read_nprobe(index_dir: str) -> int:
 
 
 def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_neg: int, seed: int,
-                     n_items: int) -> dict:
+                     n_items: int, period: str = "val") -> dict:
     """Each positive ranked against n_neg random articles: HitRate@10 and NDCG@10 (optimistic)."""
     item_idx, item_emb = ix.read_embeddings(join(export_dir, "items.parquet"), "article_idx")
-    user_idx, users = ix.read_embeddings(join(export_dir, "users_val.parquet"), "customer_idx")
+    user_idx, users = ix.read_embeddings(join(export_dir, f"users_{period}.parquet"), "customer_idx")
     pos_of = {c: i for i, c in enumerate(user_idx.tolist())}
     rows = np.repeat(np.arange(len(customers)), np.diff(offsets))
     u = users[[pos_of[c] for c in customers[rows].tolist()]]
@@ -116,7 +126,7 @@ def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_n
 def run(cfg) -> dict:
     ec = cfg.evaluate
     prepared = cfg.prepare.out
-    customers, offsets, items, history = load_eval(prepared, ec.period)
+    customers, offsets, items, history = load_eval(prepared, str(ec.period))
     manifest_n_items = int(pq.read_table(join(prepared, "item_freq.parquet")).num_rows)
     ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx", "day"])
     inter = bl.Interactions(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), ex["day"].to_numpy(),
@@ -136,14 +146,17 @@ def run(cfg) -> dict:
         log.info("%s: top-%d for %d customers in %.1fs", name, width, len(customers), timings[name])
         rankings[name] = drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
 
+    model_run = None
     if _exists(join(cfg.export_dir, "items.parquet")):
+        model_run = exported_run(cfg.export_dir, prepared)
+
         def model():
-            r, how = model_ranking(cfg.export_dir, customers, cfg.index_dir, width)
+            r, how = model_ranking(cfg.export_dir, customers, cfg.index_dir, width, str(ec.period))
             notes["two-tower"] = how
             return r
         add("two-tower", model)
     for name, export_dir in (ec.runs or {}).items():
-        add(name, lambda d=export_dir: model_ranking(d, customers, None, width)[0])
+        add(name, lambda d=export_dir: model_ranking(d, customers, None, width, str(ec.period))[0])
     add("popularity (last week)", lambda: bl.popularity(inter, len(customers), width))
     add("repurchase + popularity", lambda: bl.repurchase(inter, history, width))
     add("co-visitation", lambda: bl.covisitation(inter, history, width))
@@ -162,10 +175,11 @@ def run(cfg) -> dict:
     results = {name: metrics(r, offsets, items, ks=tuple(ec.ks), catalog_size=manifest_n_items - 1)
                for name, r in rankings.items()}
     report = {"period": ec.period, "customers": int(len(customers)), "exclude_seen": bool(ec.exclude_seen),
+              "model_run": model_run,
               "full_catalogue": results, "retrieval": notes, "seconds": timings}
     if ec.sampled_negatives and "two-tower" in rankings:
         report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, offsets, items,
-                                                        ec.sampled_negatives, ec.seed, manifest_n_items)
+                                                        ec.sampled_negatives, ec.seed, manifest_n_items, str(ec.period))
     write_json(report, join(cfg.run_dir, "evaluation.json"))
     md = markdown(report, ec.ks)
     fs, path = fs_and_path(join(cfg.run_dir, "evaluation.md"))

@@ -43,7 +43,7 @@ def export(cfg: DictConfig, run_dir: str) -> dict:
     rank = D.rank()
     items = embedder.items()
     written = {"train_dir": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
-               "fingerprint": run.fingerprint_id}
+               "fingerprint": run.fingerprint_id, "data_digest": run.data_digest}
     if rank == 0:
         art_vocab = vocab.load(embedder.prepared, "article_id")
         article_ids = np.r_[-1, art_vocab["value"].to_numpy()]  # row 0 is the OOV bucket

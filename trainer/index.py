@@ -3,14 +3,17 @@
     python -m trainer.index data=small [index.kind=ivf_pq index.target_recall=0.98]
 
     index = build(embeddings, kind="ivf_flat")          # nlist from catalogue size unless given
-    report = sweep(index, embeddings, queries, k=12)    # recall@k against exact IndexFlatIP, QPS
+    report = sweep(index, embeddings, queries, k=12)    # recall@k against exact search, QPS
     index.nprobe = choose_nprobe(report, target=0.95)
+    searcher = for_search(index, nprobe)                # on the GPU when there is one
 
-The index stores row positions 0..N-1; ``save`` writes the article-id map beside it.
+The index stores row positions 0..N-1; ``save`` writes the article-id map beside it, and the report
+names the export (so the train run, step and fingerprint) it was built from.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,9 +23,10 @@ import hydra
 import numpy as np
 import pyarrow as pa
 
-from data.io import fs_and_path, join, read_table, write_json, write_parquet
+from data.io import fs_and_path, join, read_json, read_table, write_json, write_parquet
 from data.runinfo import start_run
 from trainer import config as _train_config  # noqa: F401  (registers the index schema)
+from trainer.search import top_k
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,12 @@ def default_nlist(n: int) -> int:
 
 def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_resources():
+    """One set of FAISS GPU resources (scratch memory, streams) per process."""
+    return faiss.StandardGpuResources()
 
 
 def build(embeddings: np.ndarray, kind: str = "ivf_flat", nlist: int | None = None, pq_m: int = 16,
@@ -60,8 +70,7 @@ def build(embeddings: np.ndarray, kind: str = "ivf_flat", nlist: int | None = No
     sample = x[np.random.default_rng(seed).choice(n, size, replace=False)] if size < n else x
     on_gpu = gpu_available() if use_gpu is None else use_gpu
     if on_gpu:
-        res = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(res, 0, index)
+        gpu = faiss.index_cpu_to_gpu(gpu_resources(), 0, index)
         gpu.train(sample)
         gpu.add(x)
         index = faiss.index_gpu_to_cpu(gpu)
@@ -74,9 +83,25 @@ def build(embeddings: np.ndarray, kind: str = "ivf_flat", nlist: int | None = No
 
 
 def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    flat = faiss.IndexFlatIP(embeddings.shape[1])
-    flat.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+    return top_k(queries, embeddings, k).cpu().numpy()
+
+
+def for_search(index: faiss.Index, nprobe: int, use_gpu: bool | None = None) -> faiss.Index:
+    """The index ready to search at ``nprobe``: a GPU copy when faiss has GPU support and a GPU is
+    present (same lists and vectors, so the same results up to float ties), else the index itself."""
+    on_gpu = gpu_available() if use_gpu is None else use_gpu
+    searcher = faiss.index_cpu_to_gpu(gpu_resources(), 0, index) if on_gpu else index
+    set_nprobe(searcher, nprobe)
+    return searcher
+
+
+def check_matches(index_dir: str, fingerprint_id: str, step: int) -> None:
+    """Refuses an index built from another run (or another step) than the model it serves."""
+    built_from = read_json(join(index_dir, "index_report.json")).get("export", {})
+    if (built_from.get("fingerprint"), built_from.get("step")) != (fingerprint_id, step):
+        raise RuntimeError(f"{index_dir} was built from run fingerprint {built_from.get('fingerprint')} step "
+                           f"{built_from.get('step')}, but the model is {fingerprint_id} step {step}; rebuild the "
+                           "index (trainer.export, then trainer.index) or set index_dir=null")
 
 
 def recall_vs_exact(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -87,19 +112,30 @@ def recall_vs_exact(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.isin(approx + rows, exact + rows).sum() / exact.size)
 
 
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """On a CPU or a GPU IVF index."""
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = int(nprobe)
+    else:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+
+
 def sweep(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarray, k: int = 12,
-          nprobes=(1, 2, 4, 8, 16, 32, 64, 128), exact: np.ndarray | None = None) -> list[dict]:
-    """recall@k against exact inner-product search and queries/s for each nprobe."""
+          nprobes=(1, 2, 4, 8, 16, 32, 64, 128), exact: np.ndarray | None = None, use_gpu: bool = False) -> list[dict]:
+    """recall@k against exact inner-product search and queries/s for each nprobe (searched on the GPU
+    with ``use_gpu``)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if exact is None:
         exact = exact_top_k(embeddings, q, k)
+    nlist = index.nlist
+    searcher = for_search(index, 1, use_gpu)
     rows = []
     for p in nprobes:
-        if p > index.nlist:
+        if p > nlist:
             break
-        index.nprobe = p
+        set_nprobe(searcher, p)
         t0 = time.perf_counter()
-        approx = index.search(q, k)[1]
+        approx = searcher.search(q, k)[1]
         dt = time.perf_counter() - t0
         rows.append({"nprobe": p, f"recall@{k}": recall_vs_exact(approx, exact), "qps": len(q) / dt})
     return rows
@@ -153,19 +189,22 @@ def main_job(cfg) -> dict:
     _, queries = read_embeddings(join(cfg.export_dir, "users_val.parquet"), "customer_idx")
     queries = queries[: ic.sweep_queries]
     t0 = time.perf_counter()
-    index = build(items, kind=ic.kind, nlist=ic.nlist or None, pq_m=ic.pq_m, use_gpu=None if ic.gpu == "auto" else
-                  ic.gpu == "true", seed=ic.seed)
+    on_gpu = gpu_available() if ic.gpu is None else bool(ic.gpu)
+    index = build(items, kind=str(ic.kind), nlist=ic.nlist or None, pq_m=ic.pq_m, use_gpu=on_gpu, seed=ic.seed)
     build_s = time.perf_counter() - t0
     exact = exact_top_k(items, queries, ic.k)
     t0 = time.perf_counter()
     exact_top_k(items, queries, ic.k)
     exact_qps = len(queries) / (time.perf_counter() - t0)
-    rows = sweep(index, items, queries, ic.k, exact=exact)
+    rows = sweep(index, items, queries, ic.k, exact=exact, use_gpu=on_gpu)
     nprobe = choose_nprobe(rows, ic.target_recall, ic.k)
     index.nprobe = nprobe
+    export_report = join(cfg.export_dir, "export_report.json")
     report = {"kind": ic.kind, "nlist": index.nlist, "items": int(len(items)), "build_s": round(build_s, 3),
-              "built_on": "GPU" if (gpu_available() and ic.gpu != "false") else "CPU", "nprobe": nprobe,
-              "target_recall": ic.target_recall, "exact_qps": exact_qps, "sweep": rows}
+              "built_on": "GPU" if on_gpu else "CPU", "searched_on": "GPU" if on_gpu else "CPU", "nprobe": nprobe,
+              "target_recall": ic.target_recall, "exact_qps": exact_qps, "sweep": rows,
+              "export": read_json(export_report) if fs_and_path(export_report)[0].exists(
+                  fs_and_path(export_report)[1]) else {}}
     save(index, art_ids, cfg.run_dir, report)
     return report
 

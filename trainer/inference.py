@@ -37,6 +37,7 @@ class RunInfo:
     checkpoint: str
     step: int
     fingerprint_id: str
+    data_digest: str
 
 
 def typed(config) -> DictConfig:
@@ -91,7 +92,7 @@ class Embedder:
         loaded = manager.load(only={"model"})
         if loaded is None:
             raise FileNotFoundError(f"{folder}: no readable checkpoint")
-        info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id)
+        info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id, data_digest(manifest))
         if dist_.rank == 0:
             log.info("loaded run %s: step %d from %s (fingerprint %s)", train_dir, loaded.step, loaded.path,
                      manager.fp_id)

@@ -15,17 +15,13 @@ The submission is ``customer_id,prediction`` with 12 space-separated 10-digit ar
 from __future__ import annotations
 
 import logging
-import os
 
-import faiss
 import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data import features, vocab
 from data.io import fs_and_path, join, read_articles, read_customers, read_json, write_json
@@ -33,29 +29,18 @@ from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
 from trainer import config as _train_config  # noqa: F401
+from trainer import distributed as D
 from trainer import index as ix
-from trainer.train import Trainer
+from trainer.inference import Embedder
+from trainer.search import top_k
 
 log = logging.getLogger(__name__)
 
 
-def load_trainer(train_dir: str, run_dir: str) -> Trainer:
-    path = fs_and_path(join(train_dir, "config.yaml"))[1]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no train run here; train first or set train_dir")
-    cfg = OmegaConf.load(path)
-    cfg.checkpoint_dir = join(train_dir, "checkpoints")
-    cfg.trainer.resume, cfg.trainer.progress, cfg.sharding.print_plan = True, False, False
-    trainer = Trainer(cfg, run_dir, tensorboard=False)
-    if not trainer.maybe_resume(weights_only=True):
-        raise FileNotFoundError(f"{cfg.checkpoint_dir}: no complete checkpoint")
-    return trainer
-
-
 def recommend(cfg: DictConfig, run_dir: str) -> dict:
     rc = cfg.recommend
-    trainer = load_trainer(str(cfg.train_dir), run_dir)
-    prepared, root = trainer.prepared, trainer.manifest["root"]  # the tables the model was prepared from
+    embedder, run = Embedder.from_run(str(cfg.train_dir))
+    prepared, root = embedder.prepared, embedder.manifest["root"]  # the tables the model was prepared from
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
     art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]  # article_idx -> article_id
 
@@ -70,7 +55,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     c, a, d, _ = read_interactions(root, vocabs, progress=False)
     last_day = int(d.max())
     log_ = features.EventLog(c, d, a)
-    h_off, h_val = log_.history(cust_idx, np.full(len(cust_idx), last_day + 1, np.int32), trainer.manifest["history_len"])
+    h_off, h_val = log_.history(cust_idx, np.full(len(cust_idx), last_day + 1, np.int32), embedder.manifest["history_len"])
     h_len = np.diff(h_off)
     recent = d > last_day - 7
     popular = np.argsort(-np.bincount(a[recent], minlength=len(art_ids)), kind="stable")
@@ -83,30 +68,33 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
 
     index_dir = cfg.index_dir
     index_file = fs_and_path(join(index_dir, "index.faiss")) if index_dir else None
+    index = items = None
     if index_file and index_file[0].exists(index_file[1]):
         index, index_article_ids = ix.load(index_dir)
-        index.nprobe = read_json(join(index_dir, "index_report.json"))["nprobe"]
+        ix.check_matches(index_dir, run.fingerprint_id, run.step)
+        index = ix.for_search(index, read_json(join(index_dir, "index_report.json"))["nprobe"])
         row_to_idx = vocab.lookup(pa.array(index_article_ids, pa.int64()), vocabs["article_id"])[0]
+        how = f"IVF index {index_dir}"
     else:
-        items = trainer.item_embeddings().cpu().numpy().astype(np.float32)
-        items[0] = 0.0
-        index = faiss.IndexFlatIP(items.shape[1])
-        index.add(items)
-        row_to_idx = np.arange(len(items))
+        items = embedder.items()
+        how = "exact search"
     chunk = 4096
     for lo in range(0, len(warm), chunk):
         rows = warm[lo:lo + chunk]
         starts = h_off[rows]
         lengths = h_len[rows]
         pos = np.arange(lengths.sum()) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.repeat(starts, lengths)
-        q = trainer.query_embeddings(cust_idx[rows], np.full(len(rows), last_day + 1), lengths, h_val[pos])
-        found = index.search(q.cpu().numpy().astype(np.float32), rc.k + 1)[1]
-        idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], 0)
-        order = np.argsort(idx == 0, axis=1, kind="stable")  # the OOV row (exact search) goes last
-        ranked[rows] = np.take_along_axis(idx, order, axis=1)[:, : rc.k]
+        q = embedder.queries(cust_idx[rows], np.full(len(rows), last_day + 1), lengths, h_val[pos])
+        if index is not None:
+            found = index.search(q.cpu().numpy().astype(np.float32), rc.k)[1]
+            idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], 0)
+        else:
+            idx = np.clip(top_k(q, items, rc.k, exclude_items=[0]).cpu().numpy(), 0, None)
+        ranked[rows] = idx
 
     counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),
-              "cold_no_history": int(no_history.sum())}
+              "cold_no_history": int(no_history.sum()), "train_dir": run.train_dir, "checkpoint": run.checkpoint,
+              "step": run.step, "fingerprint": run.fingerprint_id, "retrieval": how}
     log.info("recommendations: %s", counts)
     ids = art_ids[ranked]
     if rc.submission:
@@ -138,8 +126,7 @@ def main(cfg: DictConfig) -> dict:
     try:
         return recommend(cfg, run_dir)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        D.shutdown()
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ class StopSignal:
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self) -> None:
+        """Gives the signals back to whoever handled them before (matters when a process trains twice)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum, _frame) -> None:
         self.signum = signum

@@ -63,7 +63,6 @@ class Trainer:
                                     shuffle_rows=loop.shuffle_rows, num_workers=loop.num_workers,
                                     extra_items=cfg.loss.mixed_negatives)
         self.loader = make_loader(self.stream, pin_memory=dev.type == "cuda")
-        self.per_epoch = len(self.loader)
         self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables)
         lc = cfg.loss
         counts = torch.from_numpy(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy().copy())
@@ -101,6 +100,12 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.stop.close()
+
+    def _fit(self) -> dict:
         loop, st = self.cfg.trainer, self.state
         clear_marker(self.run_dir)
         self._resume()
@@ -114,8 +119,10 @@ class Trainer:
                 for n, loss, stats, pos_ids in self.steps.run(self.loader):
                     self._after_step(n, loss, stats, pos_ids)
                     bar.update(1)
-                    if self._done() or st.batch_in_epoch == 0:
+                    if self._done():
                         break
+                    if st.batch_in_epoch == 0:  # the epoch's last batch: let the runner finish the epoch
+                        continue
                     if loop.checkpoint_every > 0 and st.step % loop.checkpoint_every == 0:
                         self._save()
                     if self.stop.requested():
@@ -136,7 +143,7 @@ class Trainer:
 
     def _total_steps(self) -> int:
         loop = self.cfg.trainer
-        total = self.per_epoch * loop.epochs
+        total = sum(self.stream.batches_per_epoch(e) for e in range(loop.epochs))
         return total if loop.max_steps < 0 else min(loop.max_steps, total)
 
     def _done(self) -> bool:
@@ -166,7 +173,7 @@ class Trainer:
         if logging_step:
             self.guard.check()
             self._log(loss, stats)
-        if st.batch_in_epoch == self.per_epoch:  # the epoch is done: a stop now resumes at the next one
+        if st.batch_in_epoch == self.stream.batches_per_epoch(st.epoch):  # a stop now resumes at the next epoch
             st.epoch += 1
             st.batch_in_epoch = 0
         every = self.cfg.loss.hard_every

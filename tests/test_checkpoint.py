@@ -1,0 +1,196 @@
+"""Checkpoints that know their run: the manager's guarantees, and the trainer's resume edge cases
+(run in this process, one rank, the shared debug preset)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_train, train_in_process
+from omegaconf import OmegaConf
+
+import trainer.checkpoint as ckpt
+from trainer.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, latest
+from trainer.state import ModelState, RngState, TrainState
+
+FP = {"model.id_dim": 64, "data.digest": "abc"}
+
+
+def manager(folder, fp=None, keep=3, seed=0):
+    torch.manual_seed(seed)
+    state, model = TrainState(), torch.nn.Linear(4, 3)
+    parts = {"train": state, "model": ModelState(model), "rng": RngState(torch.device("cpu"))}
+    return CheckpointManager(str(folder), parts, fp or FP, keep=keep), state, model
+
+
+def test_save_load_round_trip_and_rng_restored(tmp_path):
+    m, state, model = manager(tmp_path)
+    m.prepare(resume=True)
+    state.step, state.epoch, state.history = 7, 1, {"val": [{"recall@12": 0.5}], "train": []}
+    random.seed(3)
+    np.random.seed(4)
+    m.save(7)
+    expect = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    m2, state2, model2 = manager(tmp_path, seed=1)
+    assert not torch.equal(model.weight, model2.weight)
+    random.seed(99)
+    np.random.seed(99)
+    loaded = m2.load()
+    assert loaded.step == 7 and (state2.step, state2.epoch) == (7, 1)
+    assert state2.history["val"] == [{"recall@12": 0.5}]
+    assert torch.equal(model.weight, model2.weight)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expect  # every RNG restored
+
+
+def test_resaving_a_complete_step_is_a_no_op(tmp_path):
+    m, state, _ = manager(tmp_path)
+    m.prepare(resume=True)
+    path = m.save(5)
+    stamp = os.stat(os.path.join(path, ckpt.RUN_FILE)).st_mtime_ns
+    assert m.save(5) is None
+    assert os.stat(os.path.join(path, ckpt.RUN_FILE)).st_mtime_ns == stamp
+
+
+def test_a_save_killed_midway_leaves_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    m, state, _ = manager(tmp_path)
+    m.prepare(resume=True)
+    m.save(10)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ckpt.dcp, "save", killed)
+    for step in (10, 20):  # re-saving the complete step, and a new step
+        try:
+            m.save(step)
+        except KeyboardInterrupt:
+            pass
+    monkeypatch.undo()
+    assert [f.step for f in complete_checkpoints(str(tmp_path))] == [10]
+    assert any(name.endswith(".partial") for name in os.listdir(tmp_path))
+    m2, state2, _ = manager(tmp_path)
+    m2.prepare(resume=True)  # the next start removes the leftover
+    assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
+    assert m2.load().step == 10
+
+
+def test_keep_last_counts_complete_checkpoints_in_completion_order(tmp_path):
+    m, state, _ = manager(tmp_path, keep=2)
+    m.prepare(resume=True)
+    for step in (50, 20, 30):
+        m.save(step)
+    assert [f.step for f in complete_checkpoints(str(tmp_path))] == [20, 30]
+    assert latest(str(tmp_path)).step == 30
+
+
+def test_another_fingerprint_is_an_error_naming_the_keys(tmp_path):
+    m, _, _ = manager(tmp_path)
+    m.prepare(resume=True)
+    m.save(3)
+    other, _, _ = manager(tmp_path, fp={**FP, "model.id_dim": 32})
+    with pytest.raises(CheckpointError, match=r"model.id_dim: 64 \(checkpoint\) vs 32 \(now\)"):
+        other.load()
+
+
+def test_a_shape_mismatch_is_an_error_not_a_skip(tmp_path):
+    m, _, _ = manager(tmp_path)
+    m.prepare(resume=True)
+    m.save(3)
+    wide = CheckpointManager(str(tmp_path), {"model": ModelState(torch.nn.Linear(4, 5))}, FP)
+    with pytest.raises(CheckpointError, match=r"model.weight: \(3, 4\) in the checkpoint, \(5, 4\) now"):
+        wide.load()
+
+
+def test_resume_false_never_mixes_with_an_earlier_run(tmp_path):
+    m, _, _ = manager(tmp_path)
+    m.prepare(resume=True)
+    m.save(500)
+    fresh, _, _ = manager(tmp_path)
+    fresh.prepare(resume=False)
+    assert complete_checkpoints(str(tmp_path)) == []
+
+
+# ---------------------------------------------------------------- the trainer, in this process
+
+
+def test_second_run_with_resume_false_is_the_one_exported(tiny_prepared, tmp_path):
+    """Train twice in one run directory, the second run shorter and with trainer.resume=false: export
+    loads the second run's final step, never the first run's newer-numbered checkpoints."""
+    from trainer.export import export
+
+    prepared, _ = tiny_prepared
+    run_dir = tmp_path / "train"
+    train_in_process(prepared, run_dir, "trainer.max_steps=30", "trainer.checkpoint_every=10",
+                     "trainer.validate=false")
+    second = train_in_process(prepared, run_dir, "trainer.max_steps=12", "trainer.resume=false",
+                              "model.id_dim=32", "trainer.validate=false")
+    assert second["step"] == 12
+    written = export(OmegaConf.create({"train_dir": str(run_dir)}), str(tmp_path / "export"))
+    from trainer import distributed as D
+    D.shutdown()
+    assert written["step"] == 12 and written["checkpoint"].endswith("step-00000012")
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert report["fingerprint"] == written["fingerprint"]
+
+
+def test_resume_with_another_model_fails_naming_the_key(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    train_in_process(prepared, tmp_path, "trainer.max_steps=5", "trainer.validate=false")
+    with pytest.raises(CheckpointError, match="model.id_dim: 64 .checkpoint. vs 32 .now."):
+        train_in_process(prepared, tmp_path, "trainer.max_steps=8", "model.id_dim=32", "trainer.validate=false")
+
+
+def stop_when(condition):
+    """Makes the trainer's stop signal fire when ``condition(trainer)`` holds (as a SIGTERM would)."""
+    def install(trainer):
+        trainer.stop.requested = lambda: condition(trainer)
+    return install
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_at_the_next_epoch(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    cfg = compose_train(prepared, tmp_path)
+    from data.stream import ExampleStream
+    stream = ExampleStream(prepared, cfg.trainer.batch_size)
+    first, second = stream.batches_per_epoch(0), stream.batches_per_epoch(1)
+    common = ["trainer.epochs=2", "trainer.validate=false"]
+    out = train_in_process(prepared, tmp_path, *common, before_fit=stop_when(lambda t: t.state.step == first))
+    assert out["preempted_at"] == first
+    assert (tmp_path / "PREEMPTED").read_text().strip() == str(first)
+    done = train_in_process(prepared, tmp_path, *common)
+    assert (done["step"], done["epoch"]) == (first + second, 2)  # no epoch replayed
+    assert not (tmp_path / "PREEMPTED").exists()
+
+
+def test_a_stop_during_validation_is_honoured_and_validation_runs_on_resume(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+
+    def in_validation(_trainer):
+        return any(f.function == "validate" and f.filename.endswith("validation.py") for f in inspect.stack())
+
+    from data.stream import ExampleStream
+    stream = ExampleStream(prepared, 256)
+    out = train_in_process(prepared, tmp_path, "trainer.epochs=2", before_fit=stop_when(in_validation))
+    assert out["val"] == [] and out["preempted_at"] == stream.batches_per_epoch(0)  # inside the first validation
+    done = train_in_process(prepared, tmp_path, "trainer.epochs=2")
+    assert [v["epoch"] for v in done["val"]] == [1, 2]  # the interrupted validation ran first
+    assert done["step"] == stream.batches_per_epoch(0) + stream.batches_per_epoch(1)
+
+
+def test_a_nan_stops_the_run_and_the_last_good_checkpoint_stays_newest(tiny_prepared, tmp_path):
+    from trainer.stops import NonFiniteLoss
+
+    prepared, _ = tiny_prepared
+    train_in_process(prepared, tmp_path, "trainer.max_steps=20", "trainer.validate=false")
+    before = latest(str(tmp_path / "checkpoints"))
+    assert before.step == 20
+    with pytest.raises(NonFiniteLoss, match="not finite at step 21"):
+        train_in_process(prepared, tmp_path, "trainer.max_steps=40", "trainer.checkpoint_every=5",
+                         "trainer.validate=false", "loss.temperature=1e-40")  # logits overflow: NaN
+    after = latest(str(tmp_path / "checkpoints"))
+    assert (after.path, after.step) == (before.path, 20)
