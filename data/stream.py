@@ -265,9 +265,16 @@ class PackedBatch:
     item_keys: tuple[str, ...]
     extra: "PackedBatch | None" = None  # the extra catalogue articles, packed the same way
 
+    def _map(self, fn) -> "PackedBatch":
+        return PackedBatch(fn(self.buf), self.batch, self.n_query_values, self.n_item_values, self.item_keys,
+                           self.extra._map(fn) if self.extra is not None else None)
+
     def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(self.buf.pin_memory(), self.batch, self.n_query_values, self.n_item_values, self.item_keys,
-                           self.extra.pin_memory() if self.extra is not None else None)
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "PackedBatch":
+        """One transfer per buffer; unpack on the device afterwards (no host sync: every split is known)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def unpack(self) -> Batch:
         """Views into the buffer."""
@@ -282,9 +289,15 @@ class PackedBatch:
         nqk, nik = len(QUERY_KEYS), len(self.item_keys)
         cuts = np.cumsum([nq, ni, b * nqk, b * nik, b, b, b])
         q_val, i_val, q_len, i_len, cust, art, dense = torch.tensor_split(self.buf, cuts[:-1].tolist())
+        # Values per key, known here without reading the lengths (a device sync on a GPU): one id per row
+        # for every key but the last (history on the query side, description tokens on the item side).
+        q_counts = [b] * (nqk - 1) + [nq - b * (nqk - 1)]
+        desc = self.item_keys[-1] == "desc_tokens"
+        i_counts = [b] * (nik - 1) + [ni - b * (nik - 1)] if desc else [b] * nik
         return Batch(
-            query=KeyedJaggedTensor(keys=QUERY_KEYS, values=q_val, lengths=q_len),
-            item=KeyedJaggedTensor(keys=list(self.item_keys), values=i_val, lengths=i_len),
+            query=KeyedJaggedTensor(keys=QUERY_KEYS, values=q_val, lengths=q_len, stride=b, length_per_key=q_counts),
+            item=KeyedJaggedTensor(keys=list(self.item_keys), values=i_val, lengths=i_len, stride=b,
+                                   length_per_key=i_counts),
             query_dense=dense.view(torch.float32).view(b, 2),
             customer_idx=cust, article_idx=art,
         )
@@ -502,10 +515,10 @@ class BatchLoader:
     Call ``stream.set_epoch(e)`` before each epoch (as with DistributedSampler).
     """
 
-    def __init__(self, stream: ExampleStream, pin_memory: bool = False):
+    def __init__(self, stream: ExampleStream, pin_memory: bool = False, packed: bool = False):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        self.stream = stream
+        self.stream, self.packed = stream, packed
         stream.packed = True
         n = stream.num_workers if stream.num_workers > 1 else 0
         self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=n, collate_fn=_identity,
@@ -514,8 +527,9 @@ class BatchLoader:
                                          worker_init_fn=_ignore_stop_signals if n else None)
 
     def __iter__(self):
+        """Batches, or with ``packed`` the PackedBatch buffers (to move to a device in one copy each)."""
         for packed in self.loader:
-            yield packed.unpack()
+            yield packed if self.packed else packed.unpack()
 
     def __len__(self) -> int:
         """Batches of the current epoch."""
@@ -528,15 +542,21 @@ class BatchLoader:
         self.loader.load_state_dict(state)
 
 
-def make_loader(stream: ExampleStream, pin_memory: bool = False) -> BatchLoader:
-    return BatchLoader(stream, pin_memory)
+def make_loader(stream: ExampleStream, pin_memory: bool = False, packed: bool = False) -> BatchLoader:
+    return BatchLoader(stream, pin_memory, packed)
 
 
 def batch_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
                       hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> Batch:
     """A Batch for arbitrary rows (catalogue items, evaluation customers, extra negatives), built the
     same way as streamed batches. Missing histories are empty bags."""
-    return columns_for(tables, customer, article, day, hist_lengths, hist_values).pack(tables.item_keys()).unpack()
+    return packed_from_arrays(tables, customer, article, day, hist_lengths, hist_values).unpack()
+
+
+def packed_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
+                       hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> PackedBatch:
+    """As :func:`batch_from_arrays`, packed (one buffer to move to a device)."""
+    return columns_for(tables, customer, article, day, hist_lengths, hist_values).pack(tables.item_keys())
 
 
 def columns_for(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,

@@ -35,6 +35,12 @@ class Device(Choice):
     cuda = "cuda"
 
 
+class Precision(Choice):
+    fp32 = "fp32"
+    tf32 = "tf32"  # TF32 tensor-core matmuls on CUDA (towers, logits); float32 everywhere else
+    bf16 = "bf16"  # bfloat16 autocast for the towers and logits on CUDA; tables and the softmax stay float32
+
+
 class Backend(Choice):
     auto = "auto"  # nccl on CUDA, gloo on CPU
     gloo = "gloo"
@@ -115,11 +121,13 @@ class LoopConfig:
     resume: bool = True  # from the latest complete checkpoint in the run directory
     recall_k: list = field(default_factory=lambda: [12, 100])
     validate: bool = True  # Recall@K on the validation set each epoch (exact search)
-    num_workers: int = 1  # data streams per rank (1: in the training process)
+    num_workers: int = 0  # data streams per rank: 1 in the training process, >1 loader processes; 0: auto
+    # (1 on the CPU, 4 per GPU, fewer when the host has fewer cores per rank)
     shuffle_rows: int = 65_536
     seed: int = 0
     device: Device = Device.auto
     backend: Backend = Backend.auto
+    precision: Precision = Precision.fp32
     # TorchRec's TrainPipelineSparseDist (the next batch's embedding input-dist overlaps this step):
     # auto = on with CUDA or more than one rank, off in a single CPU process; never with mined hard negatives
     pipeline: Pipeline = Pipeline.auto

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.io import fs_and_path, join, read_json
-from data.stream import FeatureTables, batch_from_arrays
+from data.stream import FeatureTables, packed_from_arrays
 from trainer import distributed as D
 from trainer.builder import build
 from trainer.checkpoint import CheckpointManager, latest
@@ -114,7 +114,7 @@ class Embedder:
         out = []
         for lo in range(0, per_rank, chunk):
             part = ids[lo:lo + chunk]
-            batch = batch_from_arrays(self.tables, np.zeros(len(part)), part, np.full(len(part), self.last_day))
+            batch = packed_from_arrays(self.tables, np.zeros(len(part)), part, np.full(len(part), self.last_day))
             out.append(self._forward(batch)[1])
             if check_stop:
                 check_stop()
@@ -124,7 +124,7 @@ class Embedder:
     @torch.no_grad()
     def queries(self, customer, day, hist_lengths, hist_values) -> torch.Tensor:
         """Query vectors of the given rows (no collective: the caller keeps the ranks in step)."""
-        batch = batch_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
+        batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
         return self._forward(batch)[0]
 
     def eval_rows(self, period: str):

@@ -15,13 +15,14 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from data.stream import Batch
+from data.stream import Batch, PackedBatch
 
 
 def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
               extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
     """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
-    only; their query features are empty bags)."""
+    only; their query features are empty bags). Works on any device without a host sync as long as the
+    inputs know their values per key (data.stream's batches do)."""
     qd, idd = query.to_dict(), item.to_dict()
     ed = extra_items.to_dict() if extra_items is not None else {}
     m = extra_items.stride() if extra_items is not None else 0
@@ -35,7 +36,8 @@ def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str]
             jt = idd[k]
             values.append(torch.cat([jt.values(), ed[k].values()]) if m else jt.values())
             lengths.append(torch.cat([jt.lengths(), ed[k].lengths()]) if m else jt.lengths())
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
+                             stride=query.stride() + m, length_per_key=[int(v.numel()) for v in values])
 
 
 class _KeyedPlaceholder(torch.fx._symbolic_trace.PHBase):
@@ -83,6 +85,27 @@ class ModelInput(Pipelineable):
                 "n_query": _KeyedPlaceholder("n_query")}
 
 
-def model_input(batch: Batch, keys: list[str], device: torch.device) -> ModelInput:
-    """A batch built outside the loader (catalogue items, customers, mined items) on ``device``."""
-    return ModelInput.from_batch(batch, keys).to(device, non_blocking=True)
+@dataclass
+class HostInput(Pipelineable):
+    """A packed batch in (pinned) host memory: ``to(device)`` moves it in one copy per buffer and builds
+    the model input there (the join runs on the device, in the pipeline's copy stream when pipelined)."""
+
+    packed: PackedBatch
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return self.packed.batch
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ModelInput:
+        return ModelInput.from_batch(self.packed.to(device, non_blocking=non_blocking).unpack(), self.keys)
+
+    def pin_memory(self) -> "HostInput":
+        return HostInput(self.packed.pin_memory(), self.keys)
+
+    def record_stream(self, stream) -> None:  # host memory: nothing to keep alive on a CUDA stream
+        pass
+
+
+def model_input(packed: PackedBatch, keys: list[str], device: torch.device) -> ModelInput:
+    """Rows built outside the loader (catalogue items, customers, mined items) as model input on ``device``."""
+    return HostInput(packed, keys).to(device, non_blocking=True)

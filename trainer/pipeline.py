@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from trainer.inputs import ModelInput
+from trainer.inputs import HostInput, ModelInput
 from trainer.state import LoaderPosition
 from trainer.task import TrainTask
 
@@ -57,9 +57,10 @@ class Steps:
         return loss, (loss.detach(), stats, pos_ids)
 
     def _inputs(self, loader, pulled: deque):
-        for batch in loader:
+        """The loader's packed host batches (moved to the device, and joined there, by ``.to``)."""
+        for packed in loader:
             pulled.append(loader.state_dict())
-            yield ModelInput.from_batch(batch, self.keys)
+            yield HostInput(packed, self.keys)
 
     def run(self, loader):
         """Trains on the loader's batches; yields (examples, loss, stats) after each step."""

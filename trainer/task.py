@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.stream import FeatureTables, batch_from_arrays
+from data.stream import FeatureTables, packed_from_arrays
 from trainer import distributed as D
 from trainer.inputs import ModelInput, model_input
 from trainer.loss import LogQ, Negatives, retrieval_loss
@@ -19,13 +19,19 @@ from trainer.negatives import HardNegativeMiner
 
 class TrainTask:
     def __init__(self, model, keys: list[str], loss_cfg, logq: LogQ, miner: HardNegativeMiner | None,
-                 tables: FeatureTables, n_items: int, day: int, seed: int, device: torch.device):
+                 tables: FeatureTables, n_items: int, day: int, seed: int, device: torch.device,
+                 autocast: torch.dtype | None = None):
         self.model, self.keys, self.cfg, self.logq, self.miner = model, keys, loss_cfg, logq, miner
         self.tables, self.n_items, self.day, self.seed, self.device = tables, n_items, day, seed, device
+        self.autocast = autocast  # bfloat16 for the towers and logits (trainer.precision=bf16), or None
         self.step = 0  # the step being trained (for the miner's draws), set by the loop
         self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
 
     def __call__(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return self._loss(inp)
+
+    def _loss(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         b = len(inp)
         q_all, i_all = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
         q, pos = q_all[:b], i_all[:b]
@@ -45,7 +51,7 @@ class TrainTask:
         lengths = hist.lengths()[:b]
         hard_ids = self.miner.mine(q, inp.article_idx, lengths, hist.values(), self.seed, self.step, D.rank())
         flat = hard_ids.reshape(-1).cpu().numpy()
-        batch = batch_from_arrays(self.tables, np.zeros(len(flat)), flat, np.full(len(flat), self.day))
+        batch = packed_from_arrays(self.tables, np.zeros(len(flat)), flat, np.full(len(flat), self.day))
         h_inp = model_input(batch, self.keys, self.device)
         _, h = self.model(h_inp.sparse, h_inp.query_dense, len(h_inp))
         return h.view(b, -1, h.shape[-1]), hard_ids

@@ -49,6 +49,25 @@ from trainer.validation import validate
 log = logging.getLogger(__name__)
 
 
+def loader_workers(configured: int, device: torch.device) -> int:
+    """``trainer.num_workers``, with 0 meaning: in-process on the CPU (the training threads are busy),
+    4 loader processes per GPU when the host has the cores for them."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return 1
+    per_rank = (os.cpu_count() or 2) // max(1, torch.cuda.device_count())
+    return max(1, min(4, per_rank - 2))
+
+
+def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Applies ``trainer.precision``; returns the autocast dtype for the towers and logits (or None)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
+        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str, tensorboard: bool = True):
         self.cfg, self.run_dir, loop = cfg, run_dir, cfg.trainer
@@ -60,9 +79,10 @@ class Trainer:
         n_items = int(self.manifest["cardinalities"]["article_id"])
         self.built = model = build(cfg, self.manifest["cardinalities"], dev)
         self.stream = ExampleStream(prepared, loop.batch_size, rank=rank, world_size=world, seed=loop.seed,
-                                    shuffle_rows=loop.shuffle_rows, num_workers=loop.num_workers,
+                                    shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
                                     extra_items=cfg.loss.mixed_negatives)
-        self.loader = make_loader(self.stream, pin_memory=dev.type == "cuda")
+        self._batches_per_epoch: dict[int, int] = {}
+        self.loader = make_loader(self.stream, pin_memory=dev.type == "cuda", packed=True)
         self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables)
         lc = cfg.loss
         counts = torch.from_numpy(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy().copy())
@@ -70,7 +90,7 @@ class Trainer:
         self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, model.output_dim,
                                        dev) if lc.hard_negatives > 0 else None
         self.task = TrainTask(model.model, model.keys, lc, self.logq, self.miner, self.stream.tables, n_items,
-                              self.embedder.last_day, loop.seed, dev)
+                              self.embedder.last_day, loop.seed, dev, set_precision(loop.precision, dev))
         self.state = TrainState()
         self.position = LoaderPosition(self.loader)
         self.steps = Steps(model.model, model.dense_optimizer, self.task, self.position, model.keys, dev,
@@ -143,8 +163,13 @@ class Trainer:
 
     def _total_steps(self) -> int:
         loop = self.cfg.trainer
-        total = sum(self.stream.batches_per_epoch(e) for e in range(loop.epochs))
+        total = sum(self.batches_in(e) for e in range(loop.epochs))
         return total if loop.max_steps < 0 else min(loop.max_steps, total)
+
+    def batches_in(self, epoch: int) -> int:
+        if epoch not in self._batches_per_epoch:
+            self._batches_per_epoch[epoch] = self.stream.batches_per_epoch(epoch)
+        return self._batches_per_epoch[epoch]
 
     def _done(self) -> bool:
         return 0 < self.cfg.trainer.max_steps <= self.state.step
@@ -173,7 +198,7 @@ class Trainer:
         if logging_step:
             self.guard.check()
             self._log(loss, stats)
-        if st.batch_in_epoch == self.stream.batches_per_epoch(st.epoch):  # a stop now resumes at the next epoch
+        if st.batch_in_epoch == self.batches_in(st.epoch):  # the epoch is done: a stop now resumes at the next one
             st.epoch += 1
             st.batch_in_epoch = 0
         every = self.cfg.loss.hard_every
