@@ -110,6 +110,12 @@ class TrainerRuns:
         sync(self.device)
         return n * self.batch / (time.perf_counter() - t0)
 
+    def close(self) -> None:
+        """Stops the step runners and the loaders' worker processes (left running, exit would hang)."""
+        for gen in (self.plain_steps, self.piped_steps, self.stream):
+            if gen is not None:
+                gen.close()
+
     def warm_up(self, n: int) -> None:
         self._run(self.plain, self.plain_steps, n)
         if self.piped is not None:
@@ -283,6 +289,8 @@ def main() -> None:
         gpu.close()
     if args.profile:
         profile(configs.get("default") or next(iter(configs.values())), args.profile, 10)
+    for c in configs.values():
+        c.close()
 
 
 if __name__ == "__main__":

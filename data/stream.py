@@ -527,9 +527,17 @@ class BatchLoader:
                                          worker_init_fn=_ignore_stop_signals if n else None)
 
     def __iter__(self):
-        """Batches, or with ``packed`` the PackedBatch buffers (to move to a device in one copy each)."""
-        for packed in self.loader:
-            yield packed if self.packed else packed.unpack()
+        """Batches, or with ``packed`` the PackedBatch buffers (to move to a device in one copy each).
+        Closing the iterator early (a run that stops mid-epoch) shuts its worker processes down; left to
+        the interpreter's exit, joining them would hang."""
+        it = iter(self.loader)
+        try:
+            for packed in it:
+                yield packed if self.packed else packed.unpack()
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def __len__(self) -> int:
         """Batches of the current epoch."""

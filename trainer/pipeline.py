@@ -58,27 +58,35 @@ class Steps:
 
     def _inputs(self, loader, pulled: deque):
         """The loader's packed host batches (moved to the device, and joined there, by ``.to``)."""
-        for packed in loader:
-            pulled.append(loader.state_dict())
-            yield HostInput(packed, self.keys)
+        batches = iter(loader)
+        try:
+            for packed in batches:
+                pulled.append(loader.state_dict())
+                yield HostInput(packed, self.keys)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
 
     def run(self, loader):
         """Trains on the loader's batches; yields (examples, loss, stats) after each step."""
         pulled: deque = deque()
         inputs = self._inputs(loader, pulled)
-        while True:
-            if self.pipeline is not None:
-                try:
-                    loss, stats, pos_ids = self.pipeline.progress(inputs)
-                except StopIteration:
-                    return
-            else:
-                inp = next(inputs, None)
-                if inp is None:
-                    return
-                loss, stats, pos_ids = self._plain_step(inp.to(self.device, non_blocking=True))
-            self.position.trained = pulled.popleft()
-            yield len(pos_ids), loss, stats, pos_ids
+        try:
+            while True:
+                if self.pipeline is not None:
+                    try:
+                        loss, stats, pos_ids = self.pipeline.progress(inputs)
+                    except StopIteration:
+                        return
+                else:
+                    inp = next(inputs, None)
+                    if inp is None:
+                        return
+                    loss, stats, pos_ids = self._plain_step(inp.to(self.device, non_blocking=True))
+                self.position.trained = pulled.popleft()
+                yield len(pos_ids), loss, stats, pos_ids
+        finally:  # also when the loop stops mid-epoch: the loader's workers shut down now
+            inputs.close()
 
     def _plain_step(self, inp: ModelInput):
         loss, stats, pos_ids = self.task(inp)

@@ -102,6 +102,7 @@ class Trainer:
         self.guard = FiniteGuard(dev)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
         self._examples, self._t_log = 0, time.perf_counter()  # examples/s between log lines
+        self._running = None  # the current epoch's step runner
 
     def _parts(self) -> dict:
         """Everything a checkpoint holds, each part Stateful."""
@@ -136,7 +137,8 @@ class Trainer:
                 self._validate()
             while st.epoch < loop.epochs and not self._done():
                 self._start_epoch()
-                for n, loss, stats, pos_ids in self.steps.run(self.loader):
+                self._running = self.steps.run(self.loader)
+                for n, loss, stats, pos_ids in self._running:
                     self._after_step(n, loss, stats, pos_ids)
                     bar.update(1)
                     if self._done():
@@ -258,8 +260,16 @@ class Trainer:
         if self.state.step > 0:
             self.checkpoints.save(self.state.step)
 
-    def _preempted(self) -> dict:
+    def _stop_running(self) -> None:
+        """Ends the epoch's step runner (and with it the loader's worker processes) when the run stops
+        mid-epoch."""
+        if self._running is not None:
+            self._running.close()
+            self._running = None
         self.steps.detach()
+
+    def _preempted(self) -> dict:
+        self._stop_running()
         self._save()
         write_marker(self.run_dir, self.state.step)
         if self.dist.rank == 0:
@@ -268,7 +278,7 @@ class Trainer:
         return {**self.state.history, "step": self.state.step, "preempted_at": self.state.step}
 
     def _finish(self) -> dict:
-        self.steps.detach()
+        self._stop_running()
         self._save()
         st = self.state
         out = {"step": st.step, "epoch": st.epoch, **st.history}
