@@ -48,8 +48,11 @@ CONFIGS = {
     "notebook's model and loss": ["model=mf", "loss=in_batch", "loss.cross_rank=false"],
     "default": [],
     "hard_negatives": ["loss=hard_negatives", "loss.hard_every=100000"],
+    "default, tf32": ["trainer.precision=tf32"],
+    "default, bf16": ["trainer.precision=bf16"],
 }
-SHORT = {"notebook": "notebook's model and loss", "default": "default", "hard_negatives": "hard_negatives"}
+SHORT = {"notebook": "notebook's model and loss", "default": "default", "hard_negatives": "hard_negatives",
+         "tf32": "default, tf32", "bf16": "default, bf16"}
 
 
 def make_trainer(data: str, batch: int, extra: list[str], device: str) -> Trainer:

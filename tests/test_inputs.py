@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -54,3 +55,22 @@ def test_extra_items_and_the_joined_model_input(tiny_prepared):
     assert sparse.keys() == MODEL_KEYS and sparse.stride() == 64 + 40
     for k in MODEL_KEYS:
         assert [t.tolist() for t in sparse[k].to_dense()] == expected[k], k
+
+
+def test_item_features_on_the_device_match_the_packed_host_path(tiny_prepared):
+    """The mined hard negatives' model input, built by gathers on the device, equals what the stream's
+    packed host path builds for the same articles (item keys; query keys are empty bags)."""
+    from data.stream import FeatureTables, packed_from_arrays
+    from trainer.inputs import ItemFeatures, model_input
+
+    prepared, m = tiny_prepared
+    tables = FeatureTables(prepared, m)
+    keys = ["customer_id", "history", "article_id", "section", "colour_group", "desc_tokens"]
+    ids = np.array([3, 1, 3, 250, 7, 0, 499])
+    got = ItemFeatures(tables, keys, torch.device("cpu")).model_input(torch.from_numpy(ids))
+    want = model_input(packed_from_arrays(tables, np.zeros(len(ids)), ids, np.zeros(len(ids))), keys,
+                       torch.device("cpu"))
+    for k in ["article_id", "section", "colour_group", "desc_tokens"]:
+        assert [t.tolist() for t in got.sparse[k].to_dense()] == [t.tolist() for t in want.sparse[k].to_dense()], k
+    assert got.sparse["history"].lengths().tolist() == [0] * len(ids)
+    assert got.article_idx.tolist() == ids.tolist()

@@ -24,7 +24,7 @@ class FusedOptimizer(Choice):
 
 
 class Pipeline(Choice):
-    auto = "auto"  # on with CUDA or more than one rank, off in one CPU process
+    auto = "auto"  # on with more than one rank (an input-dist to overlap), off in one process
     on = "on"
     off = "off"
 
@@ -129,7 +129,7 @@ class LoopConfig:
     backend: Backend = Backend.auto
     precision: Precision = Precision.fp32
     # TorchRec's TrainPipelineSparseDist (the next batch's embedding input-dist overlaps this step):
-    # auto = on with CUDA or more than one rank, off in a single CPU process; never with mined hard negatives
+    # auto = on with more than one rank, off in a single process; never with mined hard negatives
     pipeline: Pipeline = Pipeline.auto
     progress: bool = True
 

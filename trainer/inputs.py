@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from data.stream import Batch, PackedBatch
+from data.stream import Batch, FeatureTables, PackedBatch
 
 
 def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
@@ -109,3 +111,43 @@ class HostInput(Pipelineable):
 def model_input(packed: PackedBatch, keys: list[str], device: torch.device) -> ModelInput:
     """Rows built outside the loader (catalogue items, customers, mined items) as model input on ``device``."""
     return HostInput(packed, keys).to(device, non_blocking=True)
+
+
+class ItemFeatures:
+    """The catalogue's item features on the device: item-only model inputs for any article ids, built
+    there (the mined hard negatives of a step need tens of thousands of them; a host gather and copy
+    per step would leave the GPU waiting)."""
+
+    def __init__(self, tables: FeatureTables, keys: list[str], device: torch.device):
+        self.keys, self.device = keys, device
+        self.names = list(tables.article_features)
+        self.feats = torch.from_numpy(tables.article.astype(np.int64)).to(device)  # (features, catalogue)
+        self.desc = tables.has_desc
+        if self.desc:
+            lists = tables.desc_lists
+            self.desc_off = torch.from_numpy(lists.offsets.to_numpy().astype(np.int64)).to(device)
+            self.desc_vals = torch.from_numpy(lists.values.to_numpy().astype(np.int64)).to(device)
+
+    def model_input(self, ids: torch.Tensor) -> ModelInput:
+        ids = ids.reshape(-1).to(self.device, torch.int64)
+        k = ids.numel()
+        ones, zeros = torch.ones_like(ids), torch.zeros_like(ids)
+        per_key = {"article_id": (ids, ones)}
+        for j, name in enumerate(self.names):
+            per_key[name] = (self.feats[j, ids], ones)
+        if self.desc:
+            starts = self.desc_off[ids]
+            lengths = self.desc_off[ids + 1] - starts
+            total = int(lengths.sum())  # the one host sync: the size of the token values
+            first = torch.cumsum(lengths, 0) - lengths
+            pos = (torch.arange(total, device=self.device)
+                   + torch.repeat_interleave(starts - first, lengths, output_size=total))
+            per_key["desc_tokens"] = (self.desc_vals[pos], lengths)
+        values, lens = [], []
+        for key in self.keys:
+            v, n = per_key.get(key, (ids[:0], zeros))  # query features: empty bags
+            values.append(v)
+            lens.append(n)
+        sparse = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lens), stride=k,
+                                   length_per_key=[int(v.numel()) for v in values])
+        return ModelInput(sparse, torch.zeros(k, 2, device=self.device), ids)

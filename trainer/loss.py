@@ -105,9 +105,11 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
         if correction:
             n_cat = catalog_size or int(cand_ids.max()) + 1
             correction.append(torch.full((m,), math.log(m / n_cat), device=query.device))
-    logits = (query / cfg.temperature) @ cand.T  # scale the small side, not the B x N matrix
-    if correction:
-        logits.sub_(torch.cat(correction)[None, :])  # in place: matmul's backward needs only its inputs
+    if correction:  # logits minus the correction in one GEMM (scale the small side, not the B x N matrix)
+        bias = -torch.cat(correction).to(query.dtype)
+        logits = torch.addmm(bias[None, :].expand(b, -1), query / cfg.temperature, cand.T)
+    else:
+        logits = (query / cfg.temperature) @ cand.T
     if cfg.mask_accidental_hits:
         hit = cand_ids[None, :] == positive_ids[:, None]
         hit[torch.arange(b, device=hit.device), target] = False

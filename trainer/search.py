@@ -33,7 +33,8 @@ def top_k(queries, items, k: int, exclude_items=None, seen: tuple[np.ndarray, np
     n_items = it.shape[0]
     kk = min(k, n_items)
     n_q = queries.shape[0]
-    chunk = max(1, min(chunk, (1 << 26) // max(n_items, 1)))  # at most 64M scores (256 MB) at a time
+    budget = (1 << 29) if device.type == "cuda" else (1 << 26)  # scores at a time: 2 GB on a GPU, 256 MB else
+    chunk = max(1, min(chunk if device.type != "cuda" else max(chunk, 1 << 16), budget // max(n_items, 1)))
     out = torch.full((n_q, k), -1, dtype=torch.int64, device=device)
     excl = None
     if exclude_items is not None and len(exclude_items):

@@ -7,23 +7,23 @@ of trainer.loss with the streaming logQ estimate updated after each step.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from data.stream import FeatureTables, packed_from_arrays
+from data.stream import FeatureTables
 from trainer import distributed as D
-from trainer.inputs import ModelInput, model_input
+from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss
 from trainer.negatives import HardNegativeMiner
 
 
 class TrainTask:
     def __init__(self, model, keys: list[str], loss_cfg, logq: LogQ, miner: HardNegativeMiner | None,
-                 tables: FeatureTables, n_items: int, day: int, seed: int, device: torch.device,
+                 tables: FeatureTables, n_items: int, seed: int, device: torch.device,
                  autocast: torch.dtype | None = None):
         self.model, self.keys, self.cfg, self.logq, self.miner = model, keys, loss_cfg, logq, miner
-        self.tables, self.n_items, self.day, self.seed, self.device = tables, n_items, day, seed, device
+        self.tables, self.n_items, self.seed, self.device = tables, n_items, seed, device
         self.autocast = autocast  # bfloat16 for the towers and logits (trainer.precision=bf16), or None
+        self.item_features: ItemFeatures | None = None  # built on first use (mined hard negatives only)
         self.step = 0  # the step being trained (for the miner's draws), set by the loop
         self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
 
@@ -50,10 +50,10 @@ class TrainTask:
         hist = inp.sparse["history"]
         lengths = hist.lengths()[:b]
         hard_ids = self.miner.mine(q, inp.article_idx, lengths, hist.values(), self.seed, self.step, D.rank())
-        flat = hard_ids.reshape(-1).cpu().numpy()
-        batch = packed_from_arrays(self.tables, np.zeros(len(flat)), flat, np.full(len(flat), self.day))
-        h_inp = model_input(batch, self.keys, self.device)
-        _, h = self.model(h_inp.sparse, h_inp.query_dense, len(h_inp))
+        if self.item_features is None:
+            self.item_features = ItemFeatures(self.tables, self.keys, self.device)
+        h_inp = self.item_features.model_input(hard_ids)
+        _, h = self.model(h_inp.sparse, h_inp.query_dense, 0)
         return h.view(b, -1, h.shape[-1]), hard_ids
 
     def after_step(self, positive_ids: torch.Tensor, step: int) -> None:

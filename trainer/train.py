@@ -90,7 +90,7 @@ class Trainer:
         self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, model.output_dim,
                                        dev) if lc.hard_negatives > 0 else None
         self.task = TrainTask(model.model, model.keys, lc, self.logq, self.miner, self.stream.tables, n_items,
-                              self.embedder.last_day, loop.seed, dev, set_precision(loop.precision, dev))
+                              loop.seed, dev, set_precision(loop.precision, dev))
         self.state = TrainState()
         self.position = LoaderPosition(self.loader)
         self.steps = Steps(model.model, model.dense_optimizer, self.task, self.position, model.keys, dev,
