@@ -72,3 +72,51 @@ def test_prepare_split_presets(split):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         with pytest.raises(ConfigCompositionException):
             compose(config_name="prepare", overrides=["split.ration=0.2"])
+
+
+GROUPS = {g: sorted(p.stem for p in (pathlib.Path(CONF) / g).glob("*.yaml"))
+          for g in ("data", "model", "loss", "split", "experiment")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_of_every_group_composes(group, option):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"{group}={option}"])
+    assert cfg.trainer.batch_size > 0 and cfg.model.output_dim > 0
+
+
+@pytest.mark.parametrize("bad", ["loss.logq=sometimes", "sharding.fused_optimizer=adamw", "trainer.pipeline=maybe",
+                                 "trainer.device=tpu", "trainer.precision=fp8", "split.protocol=weekly"])
+def test_a_wrong_choice_fails_at_composition(bad):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="train", overrides=[bad])
+
+
+@pytest.mark.parametrize("stage,bad", [("index", "index.kind=hnsw"), ("evaluate", "evaluate.period=train"),
+                                       ("ingest", "data.source=csv")])
+def test_a_wrong_choice_fails_in_other_stages(stage, bad):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name=stage, overrides=[bad])
+
+
+def test_debug_experiment_preset():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=debug"])
+    assert cfg.data.name == "tiny" and cfg.trainer.epochs == 1 and not cfg.trainer.progress
+    assert cfg.trainer.pipeline == "auto" and str(cfg.loss.logq) == "streaming"
+
+
+def test_group_files_do_not_restate_schema_defaults():
+    """A YAML option holds only what differs from the dataclass defaults."""
+    from trainer.config import LossConfig, ModelConfig
+    from data.config import SplitConfig
+
+    schemas = {"model": ModelConfig(), "loss": LossConfig(), "split": SplitConfig()}
+    for group, default in schemas.items():
+        for option in GROUPS[group]:
+            text = OmegaConf.load(pathlib.Path(CONF) / group / f"{option}.yaml") or {}
+            for key, value in dict(text).items():
+                identity = key in ("name", "protocol")  # the field the option is named after
+                assert getattr(default, key) != value or identity, f"{group}/{option}.yaml restates {key}"

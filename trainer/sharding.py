@@ -65,3 +65,32 @@ def shard(model: nn.Module, cfg, device: torch.device, pg=None, print_plan: bool
 
 
 
+
+
+# Optimiser state per table row, in floats: (per row, per element).
+_OPTIMIZER_STATE = {"rowwise_adagrad": (1, 0), "adagrad": (0, 1), "sgd": (0, 0), "adam": (0, 2)}
+
+
+def plan_on_paper(model: nn.Module, sharding_cfg, world_size: int, local_world_size: int, hbm_gb: float = 80.0):
+    """The plan TorchRec's planner makes for ``world_size`` GPUs (``local_world_size`` per node), computed
+    without them (the model on the meta device). Returns the plan and each rank's bytes of table weights
+    plus table optimiser state."""
+    constraints = check_constraints(sharding_cfg, torch.device("cuda"), [t.name for t in model.tables])
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cuda",
+                        hbm_cap=int(hbm_gb * 2**30))
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(
+        model, [EmbeddingBagCollectionSharder()])
+    per_row, per_elem = _OPTIMIZER_STATE[str(sharding_cfg.fused_optimizer)]
+    tables = {t.name: t for t in model.tables}
+    per_rank = [0] * world_size
+    for params in plan.plan.values():
+        for name, p in params.items():
+            rows, dim = tables[name].num_embeddings, tables[name].embedding_dim
+            if p.sharding_spec is None:  # data parallel: a copy on every rank (dense optimiser, not fused)
+                for r in range(world_size):
+                    per_rank[r] += rows * dim * 4
+                continue
+            for shard in p.sharding_spec.shards:
+                r_rows, r_dim = shard.shard_sizes
+                per_rank[shard.placement.rank()] += 4 * (r_rows * r_dim * (1 + per_elem) + r_rows * per_row)
+    return plan, per_rank
