@@ -66,6 +66,9 @@ class DataConfig:
     raw_dir: Optional[str] = None  # hm: folder with articles.csv, customers.csv, transactions_train.csv
     movielens_variant: str = "ml-100k"  # ml-100k | ml-1m
     movielens_min_rating: int = 0  # keep ratings >= this as interactions (0 keeps all)
+    # Nobody buys an item twice (MovieLens: a film is rated once): validation, evaluation and
+    # recommendations rank only articles the customer has not bought (their options default to this).
+    exclude_seen: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

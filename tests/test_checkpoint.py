@@ -130,7 +130,7 @@ def test_second_run_with_resume_false_is_the_one_exported(tiny_prepared, tmp_pat
     second = train_in_process(prepared, run_dir, "trainer.max_steps=12", "trainer.resume=false",
                               "model.id_dim=32", "trainer.validate=false")
     assert second["step"] == 12
-    written = export(OmegaConf.create({"train_dir": str(run_dir)}), str(tmp_path / "export"))
+    written = export(OmegaConf.create({"train_dir": str(run_dir), "checkpoint": "latest"}), str(tmp_path / "export"))
     from trainer import distributed as D
     D.shutdown()
     assert written["step"] == 12 and written["checkpoint"].endswith("step-00000012")

@@ -15,6 +15,8 @@ import torch
 
 from test_train import ROOT, complete_steps, train_cmd
 
+from trainer import index as ix
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ENV = {**os.environ, "TWOTOWER_CHECK_COLLECTIVES": "1"}
 
@@ -90,11 +92,8 @@ def test_the_miner_on_the_gpu_equals_the_cpu():
     assert torch.equal(out["cpu"], out["cuda"])
 
 
+@pytest.mark.skipif(not ix.gpu_available(), reason="faiss has no GPU support here")
 def test_faiss_ivf_on_the_gpu_matches_the_cpu_index():
-    from trainer import index as ix
-
-    if not ix.gpu_available():
-        pytest.skip("faiss has no GPU support here")
     rng = np.random.default_rng(2)
     centres = rng.normal(size=(64, 32))
     items = (centres[rng.integers(0, 64, 20000)] + 0.1 * rng.normal(size=(20000, 32))).astype(np.float32)

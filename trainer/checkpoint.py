@@ -95,6 +95,13 @@ def latest(folder: str) -> Found | None:
     return found[-1] if found else None
 
 
+def best(folder: str) -> Found | None:
+    """The checkpoint of the best validation recorded by the newest one (None without validation)."""
+    newest = latest(folder)
+    step = ((newest.info.get("best") or {}).get("step")) if newest else None
+    return next((f for f in complete_checkpoints(folder) if f.step == step), None) if step is not None else None
+
+
 def _flat_sizes(state: dict, prefix: str = "") -> dict[str, tuple[torch.Tensor, tuple]]:
     """Flattened ``fqn -> (tensor, global shape)`` the way DCP names them (dots between keys)."""
     out = {}
@@ -146,8 +153,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ save
 
-    def save(self, step: int) -> str | None:
-        """Saves every part at ``step``; a no-op when step ``step`` is already complete. Returns the path."""
+    def save(self, step: int, best: dict | None = None) -> str | None:
+        """Saves every part at ``step``; a no-op when step ``step`` is already complete. Returns the path.
+        ``best`` (the best validation so far: metric, value, step) is recorded, and that checkpoint is
+        never rotated out."""
         final = os.path.join(self.folder, f"step-{step:08d}")
         if D.every_rank(_read_run(final) is not None):
             return None
@@ -162,7 +171,7 @@ class CheckpointManager:
             done = complete_checkpoints(self.folder)
             info = {"step": step, "seq": (done[-1].seq + 1) if done else 1, "world_size": D.world_size(),
                     "fingerprint": self.fingerprint, "fingerprint_id": self.fp_id, "time": time.time(),
-                    "parts": sorted(self.parts), "config": self.config}
+                    "parts": sorted(self.parts), "config": self.config, "best": best}
             tmp = os.path.join(partial, RUN_FILE + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(info, f, indent=1, default=str)
@@ -172,16 +181,17 @@ class CheckpointManager:
             if os.path.exists(final):  # an incomplete directory of this step (no run.json): replace it
                 shutil.rmtree(final)
             os.rename(partial, final)
-            self._rotate()
+            self._rotate(keep_step=best["step"] if best else None)
             log.info("checkpoint %s", final)
         D.barrier()
         return final
 
-    def _rotate(self) -> None:
+    def _rotate(self, keep_step: int | None = None) -> None:
         if self.keep <= 0:
             return
         for old in complete_checkpoints(self.folder)[:-self.keep]:
-            shutil.rmtree(old.path, ignore_errors=True)
+            if old.step != keep_step:
+                shutil.rmtree(old.path, ignore_errors=True)
 
     # ------------------------------------------------------------ load
 
@@ -198,10 +208,11 @@ class CheckpointManager:
                 + "\nResume with the same settings, point at another run directory, or start over with "
                   "trainer.resume=false")
 
-    def load(self, only: set[str] | None = None) -> Loaded | None:
-        """Restores the parts from the newest complete checkpoint; ``only`` limits them (e.g. the model
-        for inference). On another world size, the per-rank parts are left out. None if there is none."""
-        candidates = complete_checkpoints(self.folder)
+    def load(self, only: set[str] | None = None, step: int | None = None) -> Loaded | None:
+        """Restores the parts from the newest complete checkpoint (or the one of ``step``); ``only``
+        limits them (e.g. the model for inference). On another world size, the per-rank parts are left
+        out. None if there is none."""
+        candidates = [f for f in complete_checkpoints(self.folder) if step is None or f.step == step]
         for found in reversed(candidates):
             self.check(found)
             saved_world = int(found.info.get("world_size", D.world_size()))

@@ -47,6 +47,11 @@ class Backend(Choice):
     nccl = "nccl"
 
 
+class Which(Choice):
+    latest = "latest"  # the newest complete checkpoint
+    best = "best"  # the one with the best validation metric (trainer.select_metric)
+
+
 class IndexKind(Choice):
     ivf_flat = "ivf_flat"
     ivf_pq = "ivf_pq"
@@ -119,8 +124,11 @@ class LoopConfig:
     checkpoint_every: int = 500  # steps; and always at the end
     keep_checkpoints: int = 3
     resume: bool = True  # from the latest complete checkpoint in the run directory
-    recall_k: list = field(default_factory=lambda: [12, 100])
-    validate: bool = True  # Recall@K on the validation set each epoch (exact search)
+    recall_k: list = field(default_factory=lambda: [12, 100])  # the k of Recall/NDCG/HitRate@k in validation
+    validate: bool = True  # rank the validation customers against the catalogue after each epoch
+    validate_exclude_seen: bool = "${data.exclude_seen}"  # leave out articles bought in training
+    select_metric: str = "recall@12"  # the validation metric that picks the best checkpoint
+    patience: int = 0  # stop after this many validations without a better select_metric (0: never)
     num_workers: int = 0  # data streams per rank: 1 in the training process, >1 loader processes; 0: auto
     # (1 on the CPU, 4 per GPU, fewer when the host has fewer cores per rank)
     shuffle_rows: int = 65_536
@@ -149,6 +157,7 @@ class TrainJob(StageConfig):
 @dataclass
 class ExportJob(StageConfig):
     train_dir: str = "${paths.runs}/${data.name}/train"  # the train run whose checkpoint is exported
+    checkpoint: Which = Which.latest
 
 
 @dataclass
@@ -173,7 +182,7 @@ class IndexJob(StageConfig):
 class EvaluateOptions:
     period: Period = Period.val
     ks: list = field(default_factory=lambda: [12, 100])
-    exclude_seen: bool = False  # drop articles the customer bought in training
+    exclude_seen: bool = "${data.exclude_seen}"  # drop articles the customer bought in training
     seen_margin: int = 200  # extra candidates fetched so that k remain after exclusion
     popularity_days: int = 7
     sampled_negatives: int = 100  # 0 turns the (optimistic) sampled protocol off
@@ -196,11 +205,14 @@ class RecommendOptions:
     customers_file: Optional[str] = None  # a CSV with a customer_id column (e.g. sample_submission.csv)
     output: Optional[str] = None  # submission path (default <run_dir>/submission.csv)
     k: int = 12
+    exclude_seen: bool = "${data.exclude_seen}"  # recommend only articles the customer has not bought
+    seen_margin: int = 200  # extra candidates fetched from an index so that k remain after exclusion
 
 
 @dataclass
 class RecommendJob(StageConfig):
     train_dir: str = "${paths.runs}/${data.name}/train"
+    checkpoint: Which = Which.latest
     index_dir: Optional[str] = "${paths.runs}/${data.name}/index"
     recommend: RecommendOptions = field(default_factory=RecommendOptions)
 

@@ -29,6 +29,7 @@ from trainer import config as _train_config  # noqa: F401  (registers the evalua
 from trainer import index as ix
 from trainer.fingerprint import data_digest
 from trainer.metrics import evaluate as metrics
+from trainer import search
 from trainer.search import top_k
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,7 @@ def seen_matrix(inter: bl.Interactions, customers: np.ndarray) -> sp.csr_matrix:
 
 def drop_seen(ranked: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     """First k items of each row not already bought (ranked must be longer than k)."""
-    n, width = ranked.shape
-    rows = np.repeat(np.arange(n), np.diff(seen.indptr))
-    stride = int(max(ranked.max(initial=0), seen.shape[1])) + 1
-    bought = np.isin(np.arange(n)[:, None] * stride + ranked, rows * stride + seen.indices)
-    order = np.argsort(bought, axis=1, kind="stable")  # unseen first, rank order kept
-    return np.take_along_axis(ranked, order, axis=1)[:, :k]
+    return search.drop_seen(ranked, seen.indptr, seen.indices, k)
 
 
 def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int,

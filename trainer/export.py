@@ -39,7 +39,7 @@ def embedding_array(x: torch.Tensor) -> pa.Array:
 
 
 def export(cfg: DictConfig, run_dir: str) -> dict:
-    embedder, run = Embedder.from_run(str(cfg.train_dir))
+    embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint))
     rank = D.rank()
     items = embedder.items()
     written = {"train_dir": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,

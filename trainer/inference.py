@@ -22,7 +22,7 @@ from data.io import fs_and_path, join, read_json
 from data.stream import FeatureTables, packed_from_arrays
 from trainer import distributed as D
 from trainer.builder import build
-from trainer.checkpoint import CheckpointManager, latest
+from trainer.checkpoint import CheckpointManager, best, latest
 from trainer.config import TrainJob
 from trainer.fingerprint import data_digest, fingerprint
 from trainer.inputs import model_input
@@ -71,13 +71,15 @@ class Embedder:
     # ------------------------------------------------------------ loading a trained run
 
     @classmethod
-    def from_run(cls, train_dir: str, device: str = "auto") -> tuple["Embedder", RunInfo]:
-        """The newest complete checkpoint of ``train_dir``, weights only, under the config of the run that
-        wrote it (recorded in the checkpoint). Refuses it if the prepared data changed since."""
+    def from_run(cls, train_dir: str, which: str = "latest", device: str = "auto") -> tuple["Embedder", RunInfo]:
+        """The newest complete checkpoint of ``train_dir`` (``which="best"``: the one of the best
+        validation), weights only, under the config of the run that wrote it (recorded in the
+        checkpoint). Refuses it if the prepared data changed since."""
         folder = checkpoint_folder(train_dir)
-        found = latest(folder)
+        found = latest(folder) if which == "latest" else best(folder)
         if found is None:
-            raise FileNotFoundError(f"{folder}: no complete checkpoint to load")
+            raise FileNotFoundError(f"{folder}: no complete checkpoint to load" + (
+                "" if which == "latest" else " as best (did the run validate?); use checkpoint=latest"))
         cfg = typed(found.info["config"])
         dist_ = D.init(device)
         manifest = prepared_manifest(cfg.prepare.out)
@@ -89,7 +91,7 @@ class Embedder:
                 f"{saved.get('data.digest')} vs {data_digest(manifest)}); re-run training, or prepare the data "
                 "as it was")
         manager = CheckpointManager(folder, {"model": ModelState(built.model)}, fingerprint(cfg, manifest))
-        loaded = manager.load(only={"model"})
+        loaded = manager.load(only={"model"}, step=found.step)
         if loaded is None:
             raise FileNotFoundError(f"{folder}: no readable checkpoint")
         info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id, data_digest(manifest))

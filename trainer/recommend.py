@@ -32,14 +32,14 @@ from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer import index as ix
 from trainer.inference import Embedder
-from trainer.search import top_k
+from trainer.search import drop_seen, seen_lists, subset, top_k
 
 log = logging.getLogger(__name__)
 
 
 def recommend(cfg: DictConfig, run_dir: str) -> dict:
     rc = cfg.recommend
-    embedder, run = Embedder.from_run(str(cfg.train_dir))
+    embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint))
     prepared, root = embedder.prepared, embedder.manifest["root"]  # the tables the model was prepared from
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
     art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]  # article_idx -> article_id
@@ -78,6 +78,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     else:
         items = embedder.items()
         how = "exact search"
+    seen = seen_lists(c, a, cust_idx) if rc.exclude_seen else None
     chunk = 4096
     for lo in range(0, len(warm), chunk):
         rows = warm[lo:lo + chunk]
@@ -85,16 +86,20 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
         lengths = h_len[rows]
         pos = np.arange(lengths.sum()) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.repeat(starts, lengths)
         q = embedder.queries(cust_idx[rows], np.full(len(rows), last_day + 1), lengths, h_val[pos])
+        own = subset(seen, rows) if seen is not None else None
         if index is not None:
-            found = index.search(q.cpu().numpy().astype(np.float32), rc.k)[1]
+            width = rc.k + (rc.seen_margin if own is not None else 0)
+            found = index.search(q.cpu().numpy().astype(np.float32), width)[1]
             idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], 0)
+            idx = drop_seen(idx, *own, rc.k) if own is not None else idx
         else:
-            idx = np.clip(top_k(q, items, rc.k, exclude_items=[0]).cpu().numpy(), 0, None)
+            idx = np.clip(top_k(q, items, rc.k, exclude_items=[0], seen=own).cpu().numpy(), 0, None)
         ranked[rows] = idx
 
     counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),
               "cold_no_history": int(no_history.sum()), "train_dir": run.train_dir, "checkpoint": run.checkpoint,
-              "step": run.step, "fingerprint": run.fingerprint_id, "retrieval": how}
+              "step": run.step, "fingerprint": run.fingerprint_id, "retrieval": how,
+              "exclude_seen": bool(rc.exclude_seen)}
     log.info("recommendations: %s", counts)
     ids = art_ids[ranked]
     if rc.submission:

@@ -56,3 +56,38 @@ def top_k(queries, items, k: int, exclude_items=None, seen: tuple[np.ndarray, np
         idx = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
         out[lo:hi, :kk] = idx
     return out
+
+
+def drop_seen(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """The first k entries of each row of ``ranked`` that are not in the row's CSR list (``offsets``,
+    ``items``), rank order kept: for rankings fetched with a margin from an approximate index."""
+    n = ranked.shape[0]
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    stride = int(max(ranked.max(initial=0), items.max(initial=0))) + 2
+    seen = np.isin(np.arange(n, dtype=np.int64)[:, None] * stride + ranked, rows * stride + items.astype(np.int64))
+    order = np.argsort(seen, axis=1, kind="stable")  # unseen first
+    return np.take_along_axis(ranked, order, axis=1)[:, :k]
+
+
+def seen_lists(customer: np.ndarray, article: np.ndarray, who: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, article ids) of the distinct articles each customer of ``who`` has in the
+    (customer, article) interaction arrays, in the order of ``who``."""
+    width = int(article.max(initial=0)) + 1
+    pairs = np.unique(customer.astype(np.int64) * width + article.astype(np.int64))
+    owner, item = pairs // width, pairs % width
+    lo = np.searchsorted(owner, who, side="left")
+    hi = np.searchsorted(owner, who, side="right")
+    return _gather(lo, hi - lo, item)
+
+
+def subset(csr: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lists of ``rows`` of a CSR, as a CSR."""
+    off, vals = csr
+    rows = np.asarray(rows, dtype=np.int64)
+    return _gather(off[rows], off[rows + 1] - off[rows], vals)
+
+
+def _gather(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(starts, lengths)
+    return offsets, values[pos]

@@ -44,7 +44,7 @@ from trainer.pipeline import Steps, use_pipeline
 from trainer.state import LoaderPosition, ModelState, OptimizerState, PerRank, RngState, TrainState
 from trainer.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, write_marker
 from trainer.task import TrainTask
-from trainer.validation import validate
+from trainer.validation import training_purchases, validate
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Trainer:
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
         self._examples, self._t_log = 0, time.perf_counter()  # examples/s between log lines
         self._running = None  # the current epoch's step runner
+        self._seen = None  # validation customers' training purchases (trainer.validate_exclude_seen)
 
     def _parts(self) -> dict:
         """Everything a checkpoint holds, each part Stateful."""
@@ -174,7 +175,7 @@ class Trainer:
         return self._batches_per_epoch[epoch]
 
     def _done(self) -> bool:
-        return 0 < self.cfg.trainer.max_steps <= self.state.step
+        return 0 < self.cfg.trainer.max_steps <= self.state.step or self._patience_spent()
 
     def _start_epoch(self) -> None:
         st, restored = self.state, self.position.restored
@@ -218,15 +219,35 @@ class Trainer:
         self.miner.refresh(self.embedder.items(check_stop=self.stop.check))
 
     def _validate(self) -> None:
-        st = self.state
+        st, loop = self.state, self.cfg.trainer
         self.steps.detach()
-        metrics = validate(self.embedder, self.cfg.trainer.recall_k, check_stop=self.stop.check)
+        if loop.validate_exclude_seen and self._seen is None:
+            self._seen = training_purchases(self.embedder.prepared,
+                                            self.embedder.eval_rows("val")["customer_idx"].to_numpy())
+        metrics = validate(self.embedder, loop.recall_k, check_stop=self.stop.check, seen=self._seen)
+        if loop.select_metric not in metrics:
+            raise ValueError(f"trainer.select_metric={loop.select_metric!r} is not a validation metric; "
+                             f"choose one of {sorted(k for k in metrics if '@' in k or k == 'mrr')}")
         st.history["val"].append({"epoch": st.epoch, "step": st.step, **metrics})
         st.validated = st.epoch
+        best = st.history.get("best")
+        if best is None or metrics[loop.select_metric] > best["value"]:
+            st.history["best"] = {"metric": loop.select_metric, "value": metrics[loop.select_metric],
+                                  "step": st.step, "epoch": st.epoch}
         if self.dist.rank == 0:
-            log.info("validation after epoch %d: %s", st.epoch, " ".join(
-                f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "ndcg", "map"))))
+            log.info("validation after epoch %d%s: %s (best %s %.4f at step %d)", st.epoch,
+                     " (bought articles left out)" if self._seen is not None else "", " ".join(
+                         f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "ndcg", "map"))),
+                     loop.select_metric, st.history["best"]["value"], st.history["best"]["step"])
         self.scalars.add(metrics, st.step, "val")
+
+    def _patience_spent(self) -> bool:
+        """Early stopping: ``trainer.patience`` validations in a row without a better select_metric."""
+        patience, st = self.cfg.trainer.patience, self.state
+        if patience <= 0 or "best" not in st.history:
+            return False
+        since = sum(1 for v in st.history["val"] if v["step"] > st.history["best"]["step"])
+        return since >= patience
 
     # ------------------------------------------------------------ state
 
@@ -258,7 +279,8 @@ class Trainer:
         if not self._weights_finite():
             raise RuntimeError(f"non-finite weights after step {self.state.step}; no checkpoint written")
         if self.state.step > 0:
-            self.checkpoints.save(self.state.step)
+            best = self.state.history.get("best")
+            self.checkpoints.save(self.state.step, best=best)
 
     def _stop_running(self) -> None:
         """Ends the epoch's step runner (and with it the loader's worker processes) when the run stops
@@ -284,6 +306,10 @@ class Trainer:
         out = {"step": st.step, "epoch": st.epoch, **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))
+            if self._patience_spent():
+                log.info("early stop: %d validations without a better %s than %.4f (step %d)",
+                         self.cfg.trainer.patience, st.history["best"]["metric"], st.history["best"]["value"],
+                         st.history["best"]["step"])
         self.scalars.close()
         return out
 

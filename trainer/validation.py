@@ -6,12 +6,21 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
+from data.io import join
 from trainer import distributed as D
 from trainer.inference import Embedder
 from trainer.metrics import evaluate
-from trainer.search import top_k
+from trainer.search import seen_lists, subset, top_k
+
+
+def training_purchases(prepared: str, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, article_idx) of the distinct articles each of ``customers`` bought in the training
+    examples, in the order of ``customers``."""
+    ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx"])
+    return seen_lists(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), customers)
 
 
 def targets_csr(table) -> tuple[np.ndarray, np.ndarray]:
@@ -21,17 +30,20 @@ def targets_csr(table) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[], None] | None = None) -> dict:
-    """Metrics at each k of ``ks`` over the period's customers. ``check_stop`` is called (on every rank,
-    at the same points) between chunks, so a stop signal does not wait for the whole pass."""
+def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[], None] | None = None,
+             seen: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Metrics at each k of ``ks`` over the period's customers. ``seen``: a CSR of articles per customer
+    (rows of the period's table) left out of the ranking. ``check_stop`` is called (on every rank, at
+    the same points) between chunks, so a stop signal does not wait for the whole pass."""
     table = embedder.eval_rows(period)
     items = embedder.items()
     if check_stop:
         check_stop()
     k_max = max(int(k) for k in ks)
     ranked = []
-    for _, q in embedder.query_chunks(table):
-        ranked.append(top_k(q, items, k_max, exclude_items=[0]))  # row 0: the OOV bucket, not an article
+    for rows, q in embedder.query_chunks(table):
+        own = subset(seen, rows) if seen is not None else None
+        ranked.append(top_k(q, items, k_max, exclude_items=[0], seen=own))  # row 0: the OOV bucket
         if check_stop:
             check_stop()
     mine = torch.cat(ranked)
