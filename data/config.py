@@ -111,7 +111,8 @@ class SplitConfig:
     protocol: Protocol = Protocol.week
     val_days: int = 7  # week: the last val_days (before any test period) are validation
     test_days: int = 0  # week: an optional test period after validation (7 for H&M's protocol)
-    n: int = 1  # leave_last_n: each customer's last n purchases (customers with more than n)
+    n: int = 1  # leave_last_n: each customer's last n purchases are validation (customers with more than n)
+    test_n: int = 0  # leave_last_n: ... and the test_n after them test (the last ones; n before them validation)
     ratio: float = 0.1  # random: share of interactions held out
     seed: int = 0
 
@@ -120,6 +121,9 @@ class SplitConfig:
 class PrepareOptions:
     out: str = "${data.root}/prepared"  # vocabularies, feature tables, example shards, eval sets
     history_len: int = 20  # last N purchases strictly before the transaction's day
+    # ... or before the transaction itself, earlier rows of its day included (in file order): for data
+    # whose day holds an ordered session (MovieLens ratings); an H&M day is one basket, so not there.
+    history_within_day: bool = False
     train_days: int = 0  # > 0: training examples from the last N training days only (0: all)
     age_edges: list = field(default_factory=lambda: [20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70])
     postal_buckets: int = 65_536  # postal codes are hashed into this many buckets

@@ -13,15 +13,26 @@ import pyarrow.compute as pc
 from data import vocab
 
 CUSTOMER_FEATURES = ("age_bucket", "club_status", "news_freq", "postal_code")
-ARTICLE_FEATURES = {  # feature name -> articles column
-    "product_type": "product_type_no",
+ARTICLE_FEATURES = {  # feature name -> articles column(s); a value is the combination of its columns
+    # H&M numbers each product type and section; MovieLens leaves the numbers at -1 and names them
+    # (first genre, decade): the pair keeps both sources' distinctions.
+    "product_type": ("product_type_no", "product_type_name"),
     "product_group": "product_group_name",
     "colour_group": "colour_group_code",
     "department": "department_no",
     "index": "index_code",
-    "section": "section_no",
+    "section": ("section_no", "section_name"),
     "garment_group": "garment_group_no",
 }
+
+
+def article_column(articles: pa.Table, feature: str) -> pa.ChunkedArray | pa.Array:
+    """The values of an article feature: its column, or its columns joined as text ("253|Vest top")."""
+    cols = ARTICLE_FEATURES[feature]
+    if isinstance(cols, str):
+        return articles[cols]
+    parts = [pc.fill_null(pc.cast(articles[c], pa.string()), "") for c in cols]
+    return pc.binary_join_element_wise(*parts, "|")
 CUSTOMER_VOCAB_COLUMNS = {"club_status": "club_member_status", "news_freq": "fashion_news_frequency"}
 
 
@@ -50,8 +61,8 @@ def article_table(articles: pa.Table, vocabs: dict, cfg) -> tuple[pa.Table, dict
     idx, _ = vocab.lookup(articles["article_id"], vocabs["article_id"])
     cols = {"article_idx": pa.array(idx, pa.int32())}
     cards = {"article_id": vocab.size(vocabs["article_id"])}
-    for feat, col in ARTICLE_FEATURES.items():
-        v, _ = vocab.lookup(articles[col], vocabs[feat])
+    for feat in ARTICLE_FEATURES:
+        v, _ = vocab.lookup(article_column(articles, feat), vocabs[feat])
         cols[feat] = pa.array(v, pa.int32())
         cards[feat] = vocab.size(vocabs[feat])
     if cfg.desc_tokens:
@@ -94,9 +105,24 @@ class EventLog:
     """Purchases sorted by (customer, day, original order), searchable for histories."""
 
     def __init__(self, customer: np.ndarray, day: np.ndarray, article: np.ndarray, order: np.ndarray | None = None):
-        order = np.lexsort((np.arange(len(day)) if order is None else order, day, customer))
-        self.key = _key(customer[order], day[order])
-        self.article = article[order].astype(np.int32)
+        self.rows = np.arange(len(day)) if order is None else np.asarray(order)  # each event's original row
+        sort = np.lexsort((self.rows, day, customer))
+        self.key = _key(customer[sort], day[sort])
+        self.article = article[sort].astype(np.int32)
+        self.customer = customer[sort]
+        self.sorted_rows = self.rows[sort]
+
+    def history_before_rows(self, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each event of the log given by its original row: the customer's last ``n`` articles before
+        it, earlier rows of the same day included (for data whose day holds a whole ordered session)."""
+        by_row = np.argsort(self.sorted_rows, kind="stable")
+        pos = by_row[np.searchsorted(self.sorted_rows[by_row], rows)]
+        first = np.searchsorted(self.customer, self.customer[pos], side="left")
+        lo = np.maximum(first, pos - n)
+        lengths = pos - lo
+        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        at = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
+        return offsets, self.article[at]
 
     def history(self, customer: np.ndarray, day: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """For each query (customer, day): the customer's last ``n`` articles strictly before ``day``,

@@ -46,8 +46,8 @@ def build_vocabs(customers: pa.Table, articles: pa.Table) -> dict[str, pa.Table]
               "article_id": vocab.build(articles["article_id"])}
     for feat, col in features.CUSTOMER_VOCAB_COLUMNS.items():
         vocabs[feat] = vocab.build(customers[col])
-    for feat, col in features.ARTICLE_FEATURES.items():
-        vocabs[feat] = vocab.build(articles[col])
+    for feat in features.ARTICLE_FEATURES:
+        vocabs[feat] = vocab.build(features.article_column(articles, feat))
     return vocabs
 
 
@@ -83,7 +83,8 @@ def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_
     n_shards = max(1, -(-len(perm) // cfg.shard_rows))
     for k in tqdm(range(n_shards), desc="write examples", disable=not progress, unit="shard"):
         rows = perm[k * cfg.shard_rows:(k + 1) * cfg.shard_rows]
-        offsets, hist = log_.history(c[rows], d[rows], cfg.history_len)
+        offsets, hist = log_.history_before_rows(rows, cfg.history_len) if cfg.history_within_day else \
+            log_.history(c[rows], d[rows], cfg.history_len)
         table = pa.table({
             "customer_idx": pa.array(c[rows], pa.int32()),
             "article_idx": pa.array(a[rows], pa.int32()),
@@ -163,7 +164,12 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
             source = train_log if period == "val" else features.EventLog(c[known], d[known], a[known], order=known)
             table = eval_set(c, a, d, rows, start, source, cfg.history_len, vocabs)
         elif split_cfg.protocol == "leave_last_n":
-            table = eval_set(c, a, d, rows, d, train_log, cfg.history_len, vocabs)
+            # test queries know the validation rows too (they come before); with history_within_day a
+            # query sees everything before its targets, same-day rows included
+            known = np.flatnonzero(labels != split.TEST)
+            source = train_log if period == "val" else features.EventLog(c[known], d[known], a[known], order=known)
+            day = int(d.max()) + 1 if cfg.history_within_day else d
+            table = eval_set(c, a, d, rows, day, source, cfg.history_len, vocabs)
         else:  # random: not temporal; history is the customer's latest training purchases
             table = eval_set(c, a, d, rows, int(d.max()) + 1, train_log, cfg.history_len, vocabs)
         write_parquet(table, join(out, "eval", f"{period}.parquet"))

@@ -31,23 +31,26 @@ def interaction_key(customer: np.ndarray, article: np.ndarray, day: np.ndarray) 
 
 
 def leave_last_n(customer: np.ndarray, day: np.ndarray, n: int = 1,
-                 article: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Each customer's last ``n`` purchases by (day, row order) are validation targets, for customers
-    with more than ``n`` purchases (so each keeps at least one training interaction). Rows identical to
-    a held-out one (same customer, article and day) are held out with it."""
+                 article: np.ndarray | None = None, test_n: int = 0) -> tuple[np.ndarray, dict]:
+    """Each customer's last ``test_n`` purchases by (day, row order) are test targets and the ``n`` before
+    them validation targets, for customers with more than ``n + test_n`` purchases (so each keeps at
+    least one training interaction). Rows identical to a held-out one (same customer, article and day)
+    are held out with it (with the test row when it is both)."""
     order = np.lexsort((np.arange(len(day)), day, customer))
     c = customer[order]
     starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
     counts = np.diff(np.r_[starts, len(c)])
     rank = np.arange(len(c)) - np.repeat(starts, counts)
     from_end = np.repeat(counts, counts) - rank - 1
-    held = (from_end < n) & (np.repeat(counts, counts) > n)
+    eligible = np.repeat(counts, counts) > n + test_n
     label = np.zeros(len(day), dtype=np.int8)
-    label[order[held]] = VAL
+    label[order[eligible & (from_end >= test_n) & (from_end < test_n + n)]] = VAL
+    label[order[eligible & (from_end < test_n)]] = TEST
     if article is not None:
         key = interaction_key(customer, article, day)
-        label[np.isin(key, key[label == VAL])] = VAL
-    return label, {"n": n}
+        for held in (VAL, TEST):  # test last: a row that is both goes to test
+            label[np.isin(key, key[label == held])] = held
+    return label, {"n": n, "test_n": test_n}
 
 
 def random(n_rows: int, ratio: float, seed: int, key: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
@@ -67,7 +70,7 @@ def assign(protocol: str, customer: np.ndarray, day: np.ndarray, cfg,
     if protocol == "week":
         return week(day, cfg.val_days, cfg.test_days)
     if protocol == "leave_last_n":
-        return leave_last_n(customer, day, cfg.n, article)
+        return leave_last_n(customer, day, cfg.n, article, cfg.test_n)
     if protocol == "random":
         key = None if article is None else interaction_key(customer, article, day)
         return random(len(day), cfg.ratio, cfg.seed, key)

@@ -133,6 +133,27 @@ def test_movielens_100k(tmp_path):
     assert first["price"] == pytest.approx(0.6)
 
 
+def test_movielens_first_genre_and_decade_become_features(tmp_path):
+    """prepare's product_type and section vocabularies keep MovieLens's first genre and decade apart
+    (its numbered columns are all -1)."""
+    from omegaconf import OmegaConf
+
+    from conftest import prepare_options
+    from data import vocab
+    from data.config import DataConfig, SplitConfig
+    from data.prepare import prepare
+
+    write_ml100k(tmp_path / "ml")
+    run_ingest(tmp_path / "ml", tmp_path / "out", source="movielens")
+    prepare(OmegaConf.structured(DataConfig(name="ml", root=str(tmp_path / "out"))),
+            OmegaConf.structured(SplitConfig(protocol="leave_last_n")), prepare_options(str(tmp_path / "p")),
+            progress=False)
+    types = vocab.load(str(tmp_path / "p"), "product_type")["value"].to_pylist()
+    assert sorted(v.split("|")[1] for v in types) == ["Action", "Animation", "Drama"]
+    sections = vocab.load(str(tmp_path / "p"), "section")["value"].to_pylist()
+    assert [v.split("|")[1] for v in sections] == ["1990s"]
+
+
 def test_movielens_1m_double_colon_and_min_rating(tmp_path):
     d = tmp_path / "ml1m"
     d.mkdir()

@@ -195,3 +195,49 @@ def test_train_days_limits_examples_not_histories(tmp_path):
     ex = examples(out)
     assert [(e["article_idx"], e["day"] - EPOCH_D0, e["history"]) for e in ex] == [(2, 5, [1]), (3, 9, [1, 2])]
     assert m["transactions"]["train"] == 3 and m["transactions"]["train_examples"] == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=log_strategy)
+def test_leave_last_one_out_with_test_and_same_day_histories(tmp_path_factory, rows):
+    """split=leave_last_n with n=1, test_n=1 and prepare.history_within_day (MovieLens): the last
+    interaction is test, the one before validation; a training history is the customer's earlier rows
+    by (day, file order), same day included; validation sees every training row, test also the
+    validation row. Checked against a naive implementation."""
+    from data import split as split_mod
+
+    tmp = tmp_path_factory.mktemp("lloo")
+    root, out = str(tmp / "d"), str(tmp / "p")
+    write_dataset(root, 5, 8, rows)
+    split_kw = {"protocol": "leave_last_n", "n": 1, "test_n": 1}
+    try:
+        run(root, out, split_kw, history_len=3, history_within_day=True)
+    except ValueError as e:
+        assert "no training rows" in str(e)
+        return
+    cust_vocab = {v: i for v, i in zip(*[vocab.load(out, "customer_id")[k].to_pylist() for k in ("value", "index")])}
+    rows_idx = [(cust_vocab[f"c{c}"], a + 1, d + EPOCH_D0) for c, a, d in rows]
+    c_arr, a_arr, d_arr = (np.array([r[k] for r in rows_idx]) for k in (0, 1, 2))
+    label, _ = split_mod.assign("leave_last_n", c_arr, d_arr, OmegaConf.structured(SplitConfig(**split_kw)),
+                                article=a_arr)
+
+    def before(i, allowed, n=3):  # the customer's allowed rows before row i, by (day, file order)
+        c, _, d = rows_idx[i]
+        past = [(rows_idx[j][2], j, rows_idx[j][1]) for j in range(len(rows_idx))
+                if allowed[j] and rows_idx[j][0] == c and (rows_idx[j][2], j) < (d, i)]
+        return [a for *_, a in sorted(past)][-n:]
+
+    train = label == split_mod.TRAIN
+    want = sorted((*rows_idx[i], tuple(before(i, train))) for i in range(len(rows_idx)) if train[i])
+    got = sorted((e["customer_idx"], e["article_idx"], e["day"], tuple(e["history"])) for e in examples(out))
+    assert got == want
+    for period, allowed in (("val", train), ("test", label != split_mod.TEST)):
+        try:
+            table = pq.read_table(join(out, "eval", f"{period}.parquet")).to_pylist()
+        except FileNotFoundError:
+            assert not (label == split_mod.PERIODS[period]).any()
+            continue
+        for r in table:  # the query comes after every row it may see
+            mine = sorted((rows_idx[j][2], j) for j in range(len(rows_idx))
+                          if rows_idx[j][0] == r["customer_idx"] and allowed[j])
+            assert r["history"] == [rows_idx[j][1] for _, j in mine][-3:]

@@ -34,6 +34,9 @@ def test_leave_last_n():
     assert label.tolist() == [TRAIN, TRAIN, TRAIN, TRAIN, VAL, TRAIN, VAL]
     label2, _ = split.leave_last_n(customer, day, n=2)
     assert label2.tolist() == [TRAIN, TRAIN, VAL, TRAIN, TRAIN, TRAIN, VAL]  # customer 2 has only 2
+    # test_n: the last is test, the one before validation; customer 2 (2 purchases) keeps both
+    label3, _ = split.leave_last_n(customer, day, n=1, test_n=1)
+    assert label3.tolist() == [TRAIN, TRAIN, VAL, TRAIN, TRAIN, TRAIN, TEST]
 
 
 def test_random_split_ratio_and_determinism():
