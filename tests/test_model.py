@@ -79,3 +79,52 @@ def test_constraint_errors():
                           torch.device("cpu"), ["t_article"])
     with pytest.raises(ValueError, match="fused_optimizer=adam needs CUDA"):
         check_constraints(SimpleNamespace(constraints={}, fused_optimizer="adam"), torch.device("cpu"), [])
+
+
+def test_history_positions_newest_first_against_a_loop():
+    from torchrec import JaggedTensor
+
+    from trainer.inputs import history_positions
+
+    hist = [[5, 6, 7], [], [9], [1, 2, 3, 4, 8]]
+    jt = JaggedTensor(values=torch.tensor([v for h in hist for v in h]), lengths=torch.tensor([len(h) for h in hist]))
+    got = history_positions(jt, 3).view(3, 4).T.tolist()
+    want = [[(h[::-1] + [0, 0, 0])[p] for p in range(3)] for h in hist]
+    assert got == want
+    empty = JaggedTensor(values=torch.zeros(0, dtype=torch.long), lengths=torch.zeros(2, dtype=torch.long))
+    assert history_positions(empty, 2).tolist() == [0, 0, 0, 0]
+
+
+def test_transformer_history_reads_order_and_positions_share_the_article_table():
+    from data.stream import Batch
+    from trainer.inputs import ModelInput
+
+    cfg = OmegaConf.structured(ModelConfig(history_encoder="transformer", history_positions=4))
+    torch.manual_seed(0)
+    model = TwoTower(cfg, CARDS, device="cpu")
+    tables = {t.name: t for t in model.tables}
+    assert tables[ARTICLE_TABLE].feature_names == ["hist_0", "hist_1", "hist_2", "hist_3", "article_id"]
+    assert "history" not in model.feature_keys and model.sequence is not None
+    ebc = model.ebc.embedding_bags
+    with torch.no_grad():  # distinct article vectors, so that order can matter
+        ebc[ARTICLE_TABLE].weight.copy_(torch.randn_like(ebc[ARTICLE_TABLE].weight))
+
+    def query(histories):
+        b = len(histories)
+        qkeys = ["customer_id", "age_bucket", "club_status", "news_freq", "postal_code", "history"]
+        values = [1] * (b * 5) + [v for h in histories for v in h]
+        lengths = [1] * (b * 5) + [len(h) for h in histories]
+        q = KeyedJaggedTensor(keys=qkeys, values=torch.tensor(values), lengths=torch.tensor(lengths))
+        ikeys = model.item_features
+        item = KeyedJaggedTensor(keys=ikeys, values=torch.ones(b * len(ikeys), dtype=torch.long),
+                                 lengths=torch.ones(b * len(ikeys), dtype=torch.long))
+        batch = Batch(q, item, torch.zeros(b, 2), torch.ones(b, dtype=torch.long), torch.ones(b, dtype=torch.long))
+        inp = ModelInput.from_batch(batch, model.feature_keys)
+        return model(inp.sparse, inp.query_dense, b)[0]
+
+    model.eval()
+    out = query([[3, 4, 5], [5, 4, 3], [], [3, 4, 5, 6, 7, 8]])
+    assert torch.isfinite(out).all()  # an empty history is the [CLS] token alone
+    assert not torch.allclose(out[0], out[1], atol=1e-4)  # the same articles in another order
+    longer = query([[9, 9, 3, 4, 5]])  # beyond 4 positions only the newest 4 count ...
+    assert torch.allclose(longer[0], query([[9, 3, 4, 5]])[0], atol=1e-6)

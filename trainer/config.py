@@ -10,6 +10,11 @@ from hydra.core.config_store import ConfigStore
 from data.config import Choice, PrepareOptions, SplitConfig, StageConfig
 
 
+class HistoryEncoder(Choice):
+    bag = "bag"  # the mean of the history's article embeddings
+    transformer = "transformer"  # the ordered history, with positions, through a small transformer
+
+
 class LogQMode(Choice):
     off = "off"  # no correction
     static = "static"  # training item frequencies from data.prepare
@@ -75,6 +80,11 @@ class ModelConfig:
         "article_id", "product_type", "product_group", "colour_group", "department", "index", "section",
         "garment_group", "desc_tokens"])
     time_features: bool = True  # sin/cos of the time of year into the query tower
+    history_encoder: HistoryEncoder = HistoryEncoder.bag
+    history_positions: int = 20  # transformer: the most recent purchases it reads, newest first
+    encoder_layers: int = 2
+    encoder_heads: int = 2
+    dropout: float = 0.0  # in the transformer
     query_mlp: list = field(default_factory=lambda: [256])
     item_mlp: list = field(default_factory=lambda: [256])
     output_dim: int = 64

@@ -103,8 +103,14 @@ class Embedder:
     # ------------------------------------------------------------ embeddings
 
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers in eval mode (no dropout), the model's mode restored after."""
         inp = model_input(batch, self.keys, self.device)
-        return self.model(inp.sparse, inp.query_dense, len(inp))
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(inp.sparse, inp.query_dense, len(inp))
+        finally:
+            self.model.train(training)
 
     @torch.no_grad()
     def items(self, chunk: int = 8192, check_stop=None) -> torch.Tensor:

@@ -14,10 +14,22 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from data.stream import Batch, FeatureTables, PackedBatch
+from trainer.model import POSITION_PREFIX
+
+
+def history_positions(history, positions: int) -> torch.Tensor:
+    """The history by position, newest first: (positions * B,) article ids, position-major, one per row
+    and position (0, the OOV id, past a row's history). On the history's device, without a host sync."""
+    lengths = history.lengths()
+    ends = torch.cumsum(lengths, 0)
+    values = torch.cat([history.values(), history.values().new_zeros(1)])  # the last: a 0 to point at
+    pos = torch.arange(positions, device=lengths.device)[:, None]
+    idx = torch.where(pos < lengths[None, :], ends[None, :] - 1 - pos, values.numel() - 1)
+    return values[idx].reshape(-1)
 
 
 def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
@@ -26,6 +38,12 @@ def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str]
     only; their query features are empty bags). Works on any device without a host sync as long as the
     inputs know their values per key (data.stream's batches do)."""
     qd, idd = query.to_dict(), item.to_dict()
+    positions = [k for k in keys if k.startswith(POSITION_PREFIX)]
+    if positions:  # the history by position (model.history_encoder=transformer)
+        b = query.stride()
+        ids = history_positions(qd["history"], len(positions)).view(len(positions), b)
+        ones = torch.ones(b, dtype=ids.dtype, device=ids.device)
+        qd.update({k: JaggedTensor(values=ids[p], lengths=ones) for p, k in enumerate(positions)})
     ed = extra_items.to_dict() if extra_items is not None else {}
     m = extra_items.stride() if extra_items is not None else 0
     values, lengths = [], []
@@ -54,14 +72,16 @@ class _KeyedPlaceholder(torch.fx._symbolic_trace.PHBase):
 @dataclass
 class ModelInput(Pipelineable):
     sparse: KeyedJaggedTensor  # the model's keys: B rows, then M item-only rows
-    query_dense: torch.Tensor  # (B, 2)
+    query_dense: torch.Tensor  # (B, 3): sin, cos of the time of year, the history's length
     article_idx: torch.Tensor  # (B,) the positive of each row
     extra_ids: torch.Tensor | None = None  # (M,) article_idx of the item-only rows
 
     @classmethod
     def from_batch(cls, batch: Batch, keys: list[str]) -> "ModelInput":
-        return cls(join_rows(batch.query, batch.item, keys, batch.extra_item), batch.query_dense,
-                   batch.article_idx, batch.extra_ids)
+        """query_dense: the batch's time of year, then the history's length (for the sequence encoder)."""
+        lengths = batch.query["history"].lengths().to(batch.query_dense.dtype)[:, None]
+        return cls(join_rows(batch.query, batch.item, keys, batch.extra_item),
+                   torch.cat([batch.query_dense, lengths], dim=1), batch.article_idx, batch.extra_ids)
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
@@ -150,4 +170,4 @@ class ItemFeatures:
             lens.append(n)
         sparse = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lens), stride=k,
                                    length_per_key=[int(v.numel()) for v in values])
-        return ModelInput(sparse, torch.zeros(k, 2, device=self.device), ids)
+        return ModelInput(sparse, torch.zeros(k, 3, device=self.device), ids)

@@ -1,9 +1,16 @@
 """The two towers over one TorchRec EmbeddingBagCollection.
 
 One collection holds every table, so DistributedModelParallel shards them all with one plan. The
-article table serves two features: ``article_id`` (the candidate) and ``history`` (the query's bag of
-past purchases), so both towers learn one article space. All tables pool by mean: a single id is its
-own embedding and a bag is its average.
+article table serves the candidate (``article_id``) and the query's purchase history, so both towers
+learn one article space. All tables pool by mean: a single id is its own embedding and a bag is its
+average.
+
+The history is read one of two ways (``model.history_encoder``): ``bag``, the mean of its articles'
+embeddings (feature ``history``); or ``transformer``, the ordered history: one single-id feature per
+position (``hist_0`` the newest purchase, ``hist_1`` the one before, ...; positions past a customer's
+history hold the OOV id and are masked), plus learned position embeddings and a [CLS] token, through a
+small transformer encoder (as SASRec-style sequence encoders do). Both stay one EmbeddingBagCollection:
+the positions are features of the article table, so the model shards and pipelines as before.
 """
 
 from __future__ import annotations
@@ -17,22 +24,35 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 ARTICLE_TABLE = "t_article"
 SHARED_WITH_ARTICLE = {"article_id", "history"}
+POSITION_PREFIX = "hist_"  # hist_0 .. hist_{P-1}: the history by position, newest first
 
 
 def table_name(feature: str) -> str:
-    return ARTICLE_TABLE if feature in SHARED_WITH_ARTICLE else f"t_{feature}"
+    shared = feature in SHARED_WITH_ARTICLE or feature.startswith(POSITION_PREFIX)
+    return ARTICLE_TABLE if shared else f"t_{feature}"
+
+
+def position_keys(cfg) -> list[str]:
+    return [f"{POSITION_PREFIX}{p}" for p in range(cfg.history_positions)]
+
+
+def query_keys(cfg) -> list[str]:
+    """The query tower's sparse features: with the transformer, the history by position."""
+    if str(cfg.history_encoder) != "transformer" or "history" not in cfg.query_features:
+        return list(cfg.query_features)
+    return [f for f in cfg.query_features if f != "history"] + position_keys(cfg)
 
 
 def table_configs(cfg, cards: dict) -> list[EmbeddingBagConfig]:
-    """One table per feature, except that article_id and history share the article table."""
+    """One table per feature, except that the article id and the history share the article table."""
     tables: dict[str, EmbeddingBagConfig] = {}
-    for feat in [*cfg.query_features, *cfg.item_features]:
+    for feat in [*query_keys(cfg), *cfg.item_features]:
         name = table_name(feat)
         card_key = "article_id" if name == ARTICLE_TABLE else feat
         if card_key not in cards:
             raise ValueError(f"model feature {feat!r} has no cardinality in the prepared data "
                              f"(known: {sorted(cards)})")
-        dim = cfg.id_dim if feat in ("customer_id", "article_id", "history") else cfg.feature_dim
+        dim = cfg.id_dim if feat == "customer_id" or table_name(feat) == ARTICLE_TABLE else cfg.feature_dim
         if name in tables:
             tables[name].feature_names.append(feat)
         else:
@@ -50,15 +70,39 @@ def mlp(sizes: list[int], out: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class SequenceEncoder(nn.Module):
+    """The ordered history (n, P, D), newest first, with its lengths, to one vector per query: the output
+    at a [CLS] token that attends to the valid positions (an empty history gives the [CLS] alone)."""
+
+    def __init__(self, dim: int, positions: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(positions + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        n, p, d = seq.shape
+        x = torch.cat([self.cls.expand(n, 1, d), seq], dim=1) + self.position[None]
+        slot = torch.arange(p + 1, device=seq.device)[None, :]
+        padding = slot > lengths.to(seq.device)[:, None].clamp(max=p)  # slot 0 ([CLS]) is never padding
+        return self.norm(self.encoder(x, src_key_padding_mask=padding)[:, 0])
+
+
 class TwoTower(nn.Module):
     def __init__(self, cfg, cards: dict, device: torch.device | str = "meta"):
         super().__init__()
         self.cfg = cfg
         self.query_features = list(cfg.query_features)
         self.item_features = list(cfg.item_features)
+        self.positions = position_keys(cfg) if query_keys(cfg) != self.query_features else []
         self.tables = table_configs(cfg, cards)
         self.ebc = EmbeddingBagCollection(tables=self.tables, device=torch.device(device))
         dims = {f: t.embedding_dim for t in self.tables for f in t.feature_names}
+        self.sequence = SequenceEncoder(cfg.id_dim, len(self.positions), cfg.encoder_layers, cfg.encoder_heads,
+                                        cfg.dropout) if self.positions else None
+        dims["history"] = cfg.id_dim  # the bag, or the encoder's output in its place
         q_in = sum(dims[f] for f in self.query_features) + (2 if cfg.time_features else 0)
         i_in = sum(dims[f] for f in self.item_features)
         if cfg.query_mlp or cfg.item_mlp or q_in != i_in or cfg.time_features:
@@ -69,7 +113,7 @@ class TwoTower(nn.Module):
             self.query_tower = nn.Identity()
             self.item_tower = nn.Identity()
             self.output_dim = i_in
-        self.feature_keys = [*self.query_features, *self.item_features]
+        self.feature_keys = [*query_keys(cfg), *self.item_features]
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,
                 n_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +123,11 @@ class TwoTower(nn.Module):
         them."""
         pooled = self.ebc(sparse).to_dict()
         n = n_query if n_query is not None else sparse.stride()
+        if self.sequence is not None:  # query_dense's third column: the history's length
+            seq = torch.stack([pooled[k][:n] for k in self.positions], dim=1)
+            pooled["history"] = self.sequence(seq, query_dense[:n, 2].long())
         q = torch.cat([pooled[f][:n] for f in self.query_features]
-                      + ([query_dense[:n]] if self.cfg.time_features else []), dim=1)
+                      + ([query_dense[:n, :2]] if self.cfg.time_features else []), dim=1)
         i = torch.cat([pooled[f] for f in self.item_features], dim=1)
         q, i = self.query_tower(q), self.item_tower(i)
         if self.cfg.normalize:
