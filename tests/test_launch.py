@@ -37,3 +37,17 @@ def test_torchrun_wrapper_derives_run_dir_and_resumes(tiny_prepared, tmp_path):
     assert json.loads((run_dirs[0] / "metrics.json").read_text())["step"] == 10
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "resumed from" in (run_dirs[0] / "train.log").read_text()
+
+
+def test_the_train_entry_pickles_as_a_submitit_sweep_does():
+    """Run as ``python -m trainer.train -m hydra/launcher=slurm``, the module is __main__ and submitit
+    pickles its task function by value, with every global it uses: none may be unpicklable (such as
+    torch.backends.cudnn)."""
+    import types
+
+    import cloudpickle
+
+    src = (ROOT / "trainer" / "train.py").read_text().replace('if __name__ == "__main__":\n    main()', "")
+    module = types.ModuleType("as_main")
+    exec(compile(src, str(ROOT / "trainer" / "train.py"), "exec"), module.__dict__)
+    assert len(cloudpickle.dumps(module.main)) > 0

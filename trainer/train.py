@@ -34,6 +34,7 @@ from data.stream import ExampleStream, make_loader
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer import distributed as D
 from trainer.builder import build
+from trainer.device import loader_workers, set_precision
 from trainer.checkpoint import CheckpointManager
 from trainer.fingerprint import fingerprint
 from trainer.inference import Embedder, prepared_manifest
@@ -47,25 +48,6 @@ from trainer.task import TrainTask
 from trainer.validation import training_purchases, validate
 
 log = logging.getLogger(__name__)
-
-
-def loader_workers(configured: int, device: torch.device) -> int:
-    """``trainer.num_workers``, with 0 meaning: in-process on the CPU (the training threads are busy),
-    4 loader processes per GPU when the host has the cores for them."""
-    if configured > 0:
-        return configured
-    if device.type != "cuda":
-        return 1
-    per_rank = (os.cpu_count() or 2) // max(1, torch.cuda.device_count())
-    return max(1, min(4, per_rank - 2))
-
-
-def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Applies ``trainer.precision``; returns the autocast dtype for the towers and logits (or None)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
-        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 class Trainer:
