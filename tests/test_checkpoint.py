@@ -194,3 +194,12 @@ def test_a_nan_stops_the_run_and_the_last_good_checkpoint_stays_newest(tiny_prep
                          "trainer.validate=false", "loss.temperature=1e-40")  # logits overflow: NaN
     after = latest(str(tmp_path / "checkpoints"))
     assert (after.path, after.step) == (before.path, 20)
+
+
+def test_a_setting_added_later_at_its_default_is_not_a_difference():
+    from trainer.fingerprint import differences
+
+    old = {"model.id_dim": 64}  # written before model.history_encoder existed
+    assert differences(old, {"model.id_dim": 64, "model.history_encoder": "bag"}) == []
+    assert differences(old, {"model.id_dim": 64, "model.history_encoder": "transformer"}) == [
+        "model.history_encoder: '<absent>' (checkpoint) vs 'transformer' (now)"]

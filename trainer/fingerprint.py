@@ -53,11 +53,28 @@ def short_id(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def schema_defaults() -> dict:
+    """The model part of the fingerprint at the schema's defaults: a setting added to the schema after a
+    checkpoint was written is absent from that checkpoint, and at its default it means what the old code
+    did."""
+    from dataclasses import asdict
+
+    from trainer.config import ModelConfig
+
+    out: dict = {}
+    _flatten("model", json.loads(json.dumps(asdict(ModelConfig()), default=str)), out)
+    return out
+
+
 def differences(saved: dict, current: dict, keys_prefix: str = "") -> list[str]:
-    """``key: saved -> current`` for every key whose value differs (or exists on one side only)."""
+    """``key: saved -> current`` for every key whose value differs (or exists on one side only, unless
+    the checkpoint predates a setting that is at its default now)."""
+    defaults = schema_defaults()
     out = []
     for k in sorted(set(saved) | set(current)):
         if not k.startswith(keys_prefix):
+            continue
+        if k not in saved and k in defaults and current.get(k) == defaults[k]:
             continue
         a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
         if a != b:
