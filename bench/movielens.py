@@ -10,9 +10,9 @@ user's earlier items left out; 943 users. The bench computes this split itself f
 and checks that the project's prepared evaluation sets hold the same targets.
 
 Rows of the table:
-  * the project's two-tower (history as a bag, and as a sequence through the transformer encoder) and
-    MF, trained by ``trainer.train`` (``experiment=movielens``), the checkpoint chosen on the validation
-    item only (``export checkpoint=best``);
+  * the project's two-tower as ``experiment=movielens`` sets it (the history as a sequence through the
+    transformer encoder), the same with the history as a mean-pooled bag, and MF, trained by
+    ``trainer.train``, the checkpoint chosen on the validation item only (``export checkpoint=best``);
   * popularity (train + validation counts), item-kNN (cosine, neighbours tuned on validation), EASE
     (λ tuned on validation; Steck 2019), fitted here with numpy.
 Every row is scored here (Recall@10/20, NDCG@10/20 with one test item per user), independently of
@@ -41,7 +41,7 @@ GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 PREPARE = ["split=leave_last_n", "split.n=1", "split.test_n=1", "prepare.history_within_day=true",
            "prepare.history_len=50"]
-MODELS = {"two_tower": [], "two_tower_transformer": ["model.history_encoder=transformer"], "mf": ["model=mf"]}
+MODELS = {"two_tower": [], "two_tower_bag": ["model.history_encoder=bag"], "mf": ["model=mf"]}
 
 
 # ---------------------------------------------------------------- data
