@@ -282,3 +282,13 @@ def test_sigterm_to_every_process_with_loader_workers(tiny_prepared, tmp_path):
     from data.stream import ExampleStream
     per_epoch = ExampleStream(prepared, 256, num_workers=2).batches_per_epoch(0)
     assert json.loads((tmp_path / "metrics.json").read_text())["step"] == per_epoch
+
+
+def test_transformer_history_trains_pipelined_on_two_ranks(tiny_prepared, tmp_path):
+    """The sequence encoder under TorchRec's pipeline: its FX trace must get through the model."""
+    prepared, _ = tiny_prepared
+    proc = run(train_cmd(prepared, tmp_path, "trainer.epochs=1", "trainer.batch_size=256", "trainer.max_steps=20",
+                         "trainer.validate=false", "trainer.pipeline=on", "model.history_encoder=transformer",
+                         "model.history_positions=8", port=29681))
+    assert "Module 'ebc' will be pipelined" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 20

@@ -123,10 +123,12 @@ class TwoTower(nn.Module):
         them."""
         pooled = self.ebc(sparse).to_dict()
         n = n_query if n_query is not None else sparse.stride()
-        if self.sequence is not None:  # query_dense's third column: the history's length
+        history = None  # the transformer's reading of the history, in the bag's place (no item
+        if self.sequence is not None:  # assignment into ``pooled``: TorchRec's FX trace must pass here)
             seq = torch.stack([pooled[k][:n] for k in self.positions], dim=1)
-            pooled["history"] = self.sequence(seq, query_dense[:n, 2].long())
-        q = torch.cat([pooled[f][:n] for f in self.query_features]
+            history = self.sequence(seq, query_dense[:n, 2].long())  # query_dense[:, 2]: history length
+        q = torch.cat([history if f == "history" and history is not None else pooled[f][:n]
+                       for f in self.query_features]
                       + ([query_dense[:n, :2]] if self.cfg.time_features else []), dim=1)
         i = torch.cat([pooled[f] for f in self.item_features], dim=1)
         q, i = self.query_tower(q), self.item_tower(i)
