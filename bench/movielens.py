@@ -39,8 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
-PREPARE = ["split=leave_last_n", "split.n=1", "split.test_n=1", "prepare.history_within_day=true",
-           "prepare.history_len=50"]
+PREPARE = ["split=leave_last_n", "split.n=1", "split.test_n=1", "prepare.history_len=50"]
 MODELS = {"two_tower": [], "two_tower_bag": ["model.history_encoder=bag"], "mf": ["model=mf"]}
 
 

@@ -69,6 +69,9 @@ class DataConfig:
     # Nobody buys an item twice (MovieLens: a film is rated once): validation, evaluation and
     # recommendations rank only articles the customer has not bought (their options default to this).
     exclude_seen: bool = False
+    # A customer's day is an ordered session (MovieLens: ratings in time order), not one basket (H&M):
+    # histories may then include the day's earlier rows (prepare.history_within_day defaults to this).
+    sessions: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -123,7 +126,7 @@ class PrepareOptions:
     history_len: int = 20  # last N purchases strictly before the transaction's day
     # ... or before the transaction itself, earlier rows of its day included (in file order): for data
     # whose day holds an ordered session (MovieLens ratings); an H&M day is one basket, so not there.
-    history_within_day: bool = False
+    history_within_day: Optional[bool] = None  # None: as data.sessions
     train_days: int = 0  # > 0: training examples from the last N training days only (0: all)
     age_edges: list = field(default_factory=lambda: [20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70])
     postal_buckets: int = 65_536  # postal codes are hashed into this many buckets

@@ -72,7 +72,7 @@ def read_interactions(root: str, vocabs: dict, progress: bool) -> tuple[np.ndarr
 
 
 def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_rows: np.ndarray,
-                   log_: features.EventLog, cfg, progress: bool) -> list[dict]:
+                   log_: features.EventLog, cfg, same_day: bool, progress: bool) -> list[dict]:
     """Globally shuffled training examples, one shard at a time (history looked up per shard)."""
     rng = np.random.default_rng([cfg.seed, 104729])
     perm = train_rows[rng.permutation(len(train_rows))]
@@ -83,7 +83,7 @@ def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_
     n_shards = max(1, -(-len(perm) // cfg.shard_rows))
     for k in tqdm(range(n_shards), desc="write examples", disable=not progress, unit="shard"):
         rows = perm[k * cfg.shard_rows:(k + 1) * cfg.shard_rows]
-        offsets, hist = log_.history_before_rows(rows, cfg.history_len) if cfg.history_within_day else \
+        offsets, hist = log_.history_before_rows(rows, cfg.history_len) if same_day else \
             log_.history(c[rows], d[rows], cfg.history_len)
         table = pa.table({
             "customer_idx": pa.array(c[rows], pa.int32()),
@@ -125,8 +125,16 @@ def eval_set(c: np.ndarray, a: np.ndarray, d: np.ndarray, rows: np.ndarray, quer
     })
 
 
+def within_day(data_cfg, cfg) -> bool:
+    """Whether histories include the day's earlier rows: prepare.history_within_day, else data.sessions."""
+    if cfg.history_within_day is not None:
+        return bool(cfg.history_within_day)
+    return bool(data_cfg.get("sessions", False))
+
+
 def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
     t0 = time.perf_counter()
+    same_day = within_day(data_cfg, cfg)
     root, out = data_cfg.root, cfg.out
     customers, articles = read_customers(root), read_articles(root)
     vocabs = build_vocabs(customers, articles)
@@ -151,7 +159,7 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
     freq = np.bincount(a[train_rows], minlength=art_cards["article_id"])
     write_parquet(pa.table({"article_idx": pa.array(np.arange(len(freq), dtype=np.int32)),
                             "count": pa.array(freq.astype(np.int64))}), join(out, "item_freq.parquet"))
-    shards = write_examples(out, c, a, d, train_rows, train_log, cfg, progress)
+    shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day, progress)
 
     evals = {}
     for period, label in split.PERIODS.items():
@@ -168,7 +176,7 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
             # query sees everything before its targets, same-day rows included
             known = np.flatnonzero(labels != split.TEST)
             source = train_log if period == "val" else features.EventLog(c[known], d[known], a[known], order=known)
-            day = int(d.max()) + 1 if cfg.history_within_day else d
+            day = int(d.max()) + 1 if same_day else d
             table = eval_set(c, a, d, rows, day, source, cfg.history_len, vocabs)
         else:  # random: not temporal; history is the customer's latest training purchases
             table = eval_set(c, a, d, rows, int(d.max()) + 1, train_log, cfg.history_len, vocabs)
@@ -186,6 +194,7 @@ def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
         "customer_features": list(features.CUSTOMER_FEATURES),
         "article_features": list(features.ARTICLE_FEATURES) + (["desc_tokens"] if cfg.desc_tokens else []),
         "history_len": cfg.history_len,
+        "history_within_day": same_day,
         "row_group_rows": cfg.row_group_rows,
         "examples": {"rows": int(len(train_rows)), "shards": shards},
         "eval": evals,

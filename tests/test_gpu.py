@@ -29,8 +29,7 @@ def run(cmd, timeout=900):
 
 def test_nccl_training_checkpoints_and_resumes(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
-    common = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=20", "trainer.log_every=10",
-              "trainer.recall_k=[12]"]
+    common = ["trainer.epochs=2", "trainer.checkpoint_every=20"]
     out = run(train_cmd(prepared, tmp_path, *common, "trainer.max_steps=50", nproc=1, port=29701))
     assert "backend nccl" in out or "nccl" in out.lower()
     assert max(complete_steps(tmp_path)) == 50
@@ -44,7 +43,7 @@ def test_nccl_training_checkpoints_and_resumes(tiny_prepared, tmp_path):
 def test_row_wise_sharding_with_fused_adam_then_export_index_evaluate(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     train = tmp_path / "train"
-    run(train_cmd(prepared, train, "trainer.epochs=1", "trainer.batch_size=256", "trainer.recall_k=[12]",
+    run(train_cmd(prepared, train, "trainer.epochs=1",
                   "sharding.fused_optimizer=adam", "sharding.fused_lr=0.01",
                   "+sharding.constraints={t_article: {sharding_types: [row_wise]}, "
                   "t_customer_id: {sharding_types: [row_wise]}}", nproc=1, port=29711))

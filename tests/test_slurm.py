@@ -23,8 +23,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 and not shutil.which("slurmctld"),
                        reason="Slurm is not installed and installing it needs root"),
 ]
-COMMON = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=15", "trainer.validate=false",
-          "trainer.log_every=5", "trainer.keep_checkpoints=10", "sharding.print_plan=false"]
+COMMON = ["experiment=debug", "trainer.epochs=2", "trainer.checkpoint_every=15", "trainer.validate=false",
+          "trainer.log_every=5", "trainer.keep_checkpoints=10"]
 
 
 def submit_train(slurm, prepared: str, run_dir: pathlib.Path, name: str) -> int:

@@ -22,9 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int = 2, port: int = 29611) -> list[str]:
+    """torchrun on the shared debug preset (conf/experiment/debug.yaml) plus the test's overrides."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-            "-m", "trainer.train", f"prepare.out={prepared}", f"hydra.run.dir={run_dir}", "trainer.progress=false",
-            "sharding.print_plan=false", *overrides]
+            "-m", "trainer.train", "experiment=debug", f"prepare.out={prepared}", f"hydra.run.dir={run_dir}",
+            *overrides]
 
 
 # Every collective must go through trainer/distributed.py (which places tensors where nccl wants them):
@@ -90,8 +91,7 @@ def popularity_recall(prepared: str, k: int = 12) -> float:
 
 def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
-    run(train_cmd(prepared, tmp_path / "run", "trainer.epochs=3", "trainer.batch_size=256", "trainer.log_every=10",
-                  "trainer.recall_k=[12]"))
+    run(train_cmd(prepared, tmp_path / "run", "trainer.epochs=3"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     losses = [m["loss"] for m in metrics["train"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.5  # the loss decreases
@@ -146,7 +146,7 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
 
 def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
-    common = ["trainer.epochs=2", "trainer.batch_size=256", "trainer.checkpoint_every=15", "trainer.validate=false",
+    common = ["trainer.epochs=2", "trainer.checkpoint_every=15", "trainer.validate=false",
               "trainer.log_every=5", "trainer.keep_checkpoints=10"]
     run(train_cmd(prepared, tmp_path / "a", *common, "trainer.pipeline=off", port=29621))
     # The same run, SIGKILLed (every process) once it has a complete checkpoint past step 30, then restarted;
@@ -229,7 +229,7 @@ def test_resume_on_another_world_size(tiny_prepared, tmp_path):
     """2 ranks checkpoint, 1 rank resumes: weights and step carry over, the plan's table optimiser
     state and the epoch's data position start again (with a warning), and training finishes."""
     prepared, _ = tiny_prepared
-    common = ["trainer.epochs=1", "trainer.batch_size=256", "trainer.validate=false"]
+    common = ["trainer.epochs=1", "trainer.validate=false"]
     run_dir = tmp_path / "run"
     run(train_cmd(prepared, run_dir, *common, "trainer.max_steps=10", nproc=2, port=29651))
     proc = run(train_cmd(prepared, run_dir, *common, "trainer.max_steps=14", nproc=1, port=29652))
@@ -242,7 +242,7 @@ def test_mined_hard_negatives_train_unpipelined(tiny_prepared, tmp_path):
     """loss=hard_negatives on 2 ranks: the miner's second table lookup runs unpipelined (auto), the
     model learns, and pipeline=on is refused with a reason."""
     prepared, _ = tiny_prepared
-    common = ["loss=hard_negatives", "trainer.batch_size=256", "trainer.recall_k=[12]"]
+    common = ["loss=hard_negatives"]
     proc = run(train_cmd(prepared, tmp_path / "run", *common, "trainer.epochs=2", port=29661))
     out = proc.stdout + proc.stderr
     assert "will be pipelined" not in out
@@ -258,7 +258,7 @@ def test_sigterm_to_every_process_with_loader_workers(tiny_prepared, tmp_path):
     """Slurm's SIGTERM reaches every process of the step, data-loader workers included: the workers
     leave it to the trainer, which checkpoints the step it is at and stops; a restart finishes the run."""
     prepared, _ = tiny_prepared
-    common = ["trainer.epochs=1", "trainer.batch_size=256", "trainer.validate=false", "trainer.log_every=5",
+    common = ["trainer.epochs=1", "trainer.validate=false", "trainer.log_every=5",
               "trainer.num_workers=2"]
     cmd = train_cmd(prepared, tmp_path, *common, nproc=1, port=29671)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -287,7 +287,7 @@ def test_sigterm_to_every_process_with_loader_workers(tiny_prepared, tmp_path):
 def test_transformer_history_trains_pipelined_on_two_ranks(tiny_prepared, tmp_path):
     """The sequence encoder under TorchRec's pipeline: its FX trace must get through the model."""
     prepared, _ = tiny_prepared
-    proc = run(train_cmd(prepared, tmp_path, "trainer.epochs=1", "trainer.batch_size=256", "trainer.max_steps=20",
+    proc = run(train_cmd(prepared, tmp_path, "trainer.epochs=1", "trainer.max_steps=20",
                          "trainer.validate=false", "trainer.pipeline=on", "model.history_encoder=transformer",
                          "model.history_positions=8", port=29681))
     assert "Module 'ebc' will be pipelined" in proc.stdout + proc.stderr

@@ -15,8 +15,8 @@ import json
 from omegaconf import OmegaConf
 
 # Manifest entries that describe the data itself (not where it lies or how long prepare took).
-_DATA_KEYS = ("split", "cardinalities", "customer_features", "article_features", "history_len", "examples",
-              "eval", "transactions")
+_DATA_KEYS = ("split", "cardinalities", "customer_features", "article_features", "history_len",
+              "history_within_day", "examples", "eval", "transactions")
 
 
 def data_digest(manifest: dict) -> str:
