@@ -127,7 +127,18 @@ def _fill(spec: Table, n: int, given: dict[str, pa.Array]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=spec.schema)
 
 
+# GroupLens's CSV layout (ml-latest, ml-latest-small, ml-20m, ml-25m, ml-32m): headers, quoted titles,
+# no users file (customers are the raters, without demographics). Internal name -> the file's column.
+ML_CSV_VARIANTS = ("ml-latest", "ml-latest-small", "ml-20m", "ml-25m", "ml-32m")
+ML_CSV_COLUMNS = {"ratings": {"user": "userId", "movie": "movieId", "rating": "rating", "ts": "timestamp"},
+                  "movies": {"movie": "movieId", "title": "title", "genres": "genres"}}
+
+
 def _ml_files(variant: str) -> dict:
+    if variant in ML_CSV_VARIANTS:
+        return {"ratings": ("ratings.csv", ",", None, list(ML_CSV_COLUMNS["ratings"]), "utf8"),
+                "movies": ("movies.csv", ",", None, list(ML_CSV_COLUMNS["movies"]), "utf8"),
+                "users": None}
     if variant == "ml-100k":
         return {
             "ratings": ("u.data", "\t", None, ["user", "movie", "rating", "ts"], "utf8"),
@@ -141,23 +152,56 @@ def _ml_files(variant: str) -> dict:
             "movies": ("movies.dat", "\x1f", "::", ["movie", "title", "genres"], "latin1"),
             "users": ("users.dat", "\x1f", "::", ["user", "gender", "age", "occupation", "zip"], "latin1"),
         }
-    raise ValueError(f"data.movielens_variant={variant!r}: expected ml-100k or ml-1m")
+    raise ValueError(f"data.movielens_variant={variant!r}: expected ml-100k, ml-1m or one of {list(ML_CSV_VARIANTS)}")
 
 
 def ingest_movielens(raw_dir: str, root: str, variant: str, min_rating: int, opts) -> dict:
     files = _ml_files(variant)
     reports = {}
 
+    csv = variant in ML_CSV_VARIANTS
+
     def read(kind: str, parsers: dict, required: set[str]):
         name, delim, multi, names, enc = files[kind]
         rep = Report(join(raw_dir, name), opts.max_examples)
-        for batch, lines in stream_csv(rep.file, names, rep, delimiter=delim, column_names=names,
+        header = ML_CSV_COLUMNS[kind] if csv else None  # a header names the columns; else they are positional
+        expected = [header[n] for n in names] if header else names
+        for batch, lines in stream_csv(rep.file, expected, rep, delimiter=delim, column_names=None if header else names,
                                        encoding=enc, block_size=opts.batch_bytes, multi_char_delimiter=multi):
+            batch = pa.RecordBatch.from_arrays(batch.columns, names=names) if header else batch
             cols, keep = parse_columns(batch.select(list(parsers)), parsers, required, lines, rep)
             yield rep, cols, keep, lines
         reports[kind] = rep
 
-    # Users -> customers.
+    if csv:
+        customers = _raters(raw_dir, files, opts, reports)
+    else:
+        customers = _ml_users(read, variant, reports)
+    articles = _ml_movies(read, variant, reports)
+    write_parquet(customers, table_url(root, "customers"))
+    write_parquet(articles, table_url(root, "articles"))
+    _ml_ratings(read, root, customers, articles, min_rating, opts)
+    return {"customers": reports["users"], "articles": reports["movies"], "transactions": reports["ratings"]}
+
+
+def _raters(raw_dir: str, files: dict, opts, reports: dict) -> pa.Table:
+    """Customers of a layout without a users file: every distinct user id of ratings.csv (one columnar
+    pass over the user column; the ratings themselves are checked and counted in their own pass)."""
+    name = files["ratings"][0]
+    scratch = Report(join(raw_dir, name), 0)
+    ids = []
+    for batch, lines in stream_csv(scratch.file, ["userId"], scratch, delimiter=",", block_size=opts.batch_bytes):
+        parsed, keep = parse_columns(batch, {"userId": integer(pa.int64(), lo=0)}, {"userId"}, lines, scratch)
+        ids.append(pc.unique(parsed["userId"].filter(pa.array(keep))))
+    users = pc.unique(pa.chunked_array(ids, pa.int64()).combine_chunks()) if ids else pa.array([], pa.int64())
+    users = pc.cast(users.take(pc.sort_indices(users)), pa.string())
+    rep = Report(f"{scratch.file} (raters; no users file in this layout)", opts.max_examples)
+    rep.rows_read = rep.rows_written = len(users)
+    reports["users"] = rep
+    return _fill(CUSTOMERS, len(users), {"customer_id": users})
+
+
+def _ml_users(read, variant: str, reports: dict) -> pa.Table:
     parts = []
     user_parsers = {"user": integer(pa.int64(), lo=0), "age": integer(pa.int16(), 0, 150), "gender": text(),
                     "occupation": text() if variant == "ml-100k" else integer(pa.int64(), 0, 20), "zip": text()}
@@ -172,9 +216,10 @@ def ingest_movielens(raw_dir: str, root: str, variant: str, min_rating: int, opt
         rep.rows_written += int(keep.sum())
     users = pa.concat_tables([p[0] for p in parts])
     users = _drop_duplicates(users, "customer_id", np.concatenate([p[1] for p in parts]), reports["users"])
-    customers = _fill(CUSTOMERS, users.num_rows, {k: users[k] for k in users.column_names})
+    return _fill(CUSTOMERS, users.num_rows, {k: users[k] for k in users.column_names})
 
-    # Movies -> articles.
+
+def _ml_movies(read, variant: str, reports: dict) -> pa.Table:
     parts = []
     if variant == "ml-100k":
         movie_parsers = {"movie": integer(pa.int64(), lo=0), "title": text()}
@@ -203,11 +248,10 @@ def ingest_movielens(raw_dir: str, root: str, variant: str, min_rating: int, opt
         rep.rows_written += int(keep.sum())
     movies = pa.concat_tables([p[0] for p in parts])
     movies = _drop_duplicates(movies, "article_id", np.concatenate([p[1] for p in parts]), reports["movies"])
-    articles = _fill(ARTICLES, movies.num_rows, {k: movies[k] for k in movies.column_names})
-    write_parquet(customers, table_url(root, "customers"))
-    write_parquet(articles, table_url(root, "articles"))
+    return _fill(ARTICLES, movies.num_rows, {k: movies[k] for k in movies.column_names})
 
-    # Ratings -> transactions.
+
+def _ml_ratings(read, root: str, customers: pa.Table, articles: pa.Table, min_rating: int, opts) -> None:
     writer = ShardWriter(table_url(root, "transactions"), TRANSACTIONS.schema, opts.shard_rows)
     known = {"customer_id": customers["customer_id"], "article_id": articles["article_id"]}
     rating_parsers = {"user": integer(pa.int64(), lo=0), "movie": integer(pa.int64(), lo=0),
@@ -228,7 +272,6 @@ def ingest_movielens(raw_dir: str, root: str, variant: str, min_rating: int, opt
         writer.write(t)
         rep.rows_written += int(keep.sum())
     writer.close()
-    return {"customers": reports["users"], "articles": reports["movies"], "transactions": reports["ratings"]}
 
 
 def ingest(data_cfg, opts) -> dict:

@@ -181,3 +181,25 @@ def test_raw_dir_required_for_real_data(tmp_path):
     data = OmegaConf.structured(DataConfig(name="hm", source="hm", root=str(tmp_path)))
     with pytest.raises(IngestError, match="set data.raw_dir"):
         ingest(data, OmegaConf.structured(IngestOptions()))
+
+
+@pytest.mark.parametrize("batch_bytes", [64 << 20, 200])
+def test_movielens_csv_layout_without_users(tmp_path, batch_bytes):
+    """GroupLens's CSV layout (ml-latest, ml-25m, ml-32m): headers, quoted titles with commas, genres
+    joined by '|', no users file: the customers are the raters."""
+    raw = tmp_path / "ml"
+    raw.mkdir()
+    (raw / "movies.csv").write_text('movieId,title,genres\n1,Toy Story (1995),Adventure|Animation|Children\n'
+                                    '2,"American President, The (1995)",Comedy|Drama|Romance\n'
+                                    '3,Heat (1995),(no genres listed)\n')
+    (raw / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,4.5,964981247\n"
+                                     "7,2,3.0,964982224\nx,1,4.0,964982703\n7,99,5.0,964983815\n12,3,2.5,964982931\n")
+    summary = run_ingest(raw, tmp_path / "out", source="movielens", movielens_variant="ml-latest-small",
+                         batch_bytes=batch_bytes)
+    r = summary["tables"]["transactions"]
+    assert (r["rows_read"], r["rows_written"]) == (6, 4)
+    assert r["rejected_by_reason"] == {"bad_integer:user": 1, "unknown_article": 1}
+    assert sorted(read_customers(str(tmp_path / "out"))["customer_id"].to_pylist()) == ["1", "12", "7"]
+    arts = {a["article_id"]: a for a in read_articles(str(tmp_path / "out")).to_pylist()}
+    assert arts[2]["prod_name"] == "American President, The (1995)" and arts[2]["product_type_name"] == "Comedy"
+    assert arts[1]["section_name"] == "1990s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import train_in_process
@@ -80,3 +81,33 @@ def test_best_checkpoint_and_early_stopping(tiny_prepared, tmp_path):
                      str(tmp_path / "export"))
     D.shutdown()
     assert written["step"] == first  # kept through keep_checkpoints=1: the best is never rotated out
+
+
+def test_recommend_leaves_out_bought_articles(tiny_prepared, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from data.io import read_customers, read_json
+    from trainer import distributed as D
+    from trainer.recommend import recommend
+
+    prepared, manifest = tiny_prepared
+    train_in_process(prepared, tmp_path / "train", "trainer.max_steps=30", "trainer.validate=false")
+    root = read_json(f"{prepared}/manifest.json")["root"]
+    customers = read_customers(root)["customer_id"].to_pylist()[:60]
+    tx = pq.read_table(f"{root}/transactions", columns=["customer_id", "article_id"]).to_pylist()
+    bought = {}
+    for row in tx:
+        bought.setdefault(row["customer_id"], set()).add(row["article_id"])
+    got = {}
+    for exclude in (False, True):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="recommend", overrides=[
+                f"train_dir={tmp_path / 'train'}", "index_dir=null", f"run_dir={tmp_path / f'rec-{exclude}'}",
+                f"recommend.customers={customers}", f"recommend.exclude_seen={str(exclude).lower()}"])
+        (tmp_path / f"rec-{exclude}").mkdir()
+        got[exclude] = recommend(cfg, str(tmp_path / f"rec-{exclude}"))["recommendations"]
+        D.shutdown()
+    overlap = lambda recs: sum(len(set(r) & bought.get(c, set())) for c, r in recs.items())  # noqa: E731
+    assert overlap(got[False]) > 0  # the model does rank bought articles high ...
+    assert overlap(got[True]) == 0  # ... and exclude_seen leaves every one of them out
