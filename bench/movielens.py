@@ -226,7 +226,7 @@ def main() -> None:
     rows.update(baselines(train, val, test, n_users, n_items))
     print(f"\nMovieLens-100K, leave-last-one-out, {len(test)} users, full-catalogue ranking of unseen items "
           f"(test item; hyper-parameters and checkpoints chosen on the validation item)")
-    print(f"| model | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 |\n|---|---:|---:|---:|---:|")
+    print("| model | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 |\n|---|---:|---:|---:|---:|")
     for name, m in rows.items():
         print(f"| {name} | {m['recall@10']:.4f} | {m['recall@20']:.4f} | {m['ndcg@10']:.4f} | {m['ndcg@20']:.4f} |")
     (out / "movielens.json").write_text(json.dumps(rows, indent=1))

@@ -38,7 +38,7 @@ def write_hm_fixture(folder: pathlib.Path) -> dict:
         f"{C3},,,PRE-CREATE,NONE,,2973abc5",  # 4 ok, age null (legitimately empty)
         f"{C1},,,ACTIVE,NONE,30,zzz",  # 5 duplicate id -> rejected
         f"{'d' * 64},,,ACTIVE,NONE,abc,zzz",  # 6 bad age -> nulled, row kept
-        f",,,ACTIVE,NONE,30,zzz",  # 7 missing customer_id -> rejected
+        ",,,ACTIVE,NONE,30,zzz",  # 7 missing customer_id -> rejected
         f"{'e' * 64},,,ACTIVE,NONE,30,zzz,extra",  # 8 malformed -> rejected
     ]
     (folder / "customers.csv").write_bytes(("\n".join(customers) + "\n").encode()

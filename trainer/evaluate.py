@@ -185,7 +185,7 @@ def run(cfg) -> dict:
 
 
 def markdown(report: dict, ks) -> str:
-    cols = [f"map@12"] + [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate")] + ["mrr", "coverage"]
+    cols = ["map@12"] + [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "hitrate")] + ["mrr", "coverage"]
     lines = [f"Evaluation on the {report['period']} period: {report['customers']:,} customers, full-catalogue "
              f"retrieval{' excluding already-bought articles' if report['exclude_seen'] else ''}.", "",
              "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
