@@ -214,6 +214,9 @@ def main(cfg) -> dict:
     start_run(cfg)
     report = main_job(cfg)
     k = cfg.index.k
+    run = report["export"]
+    log.info("indexing the export of run %s step %s (fingerprint %s)", run.get("train_dir"), run.get("step"),
+             run.get("fingerprint"))
     log.info("index %s nlist=%d built in %.2fs on %s; nprobe=%d meets recall@%d >= %.2f",
              report["kind"], report["nlist"], report["build_s"], report["built_on"], report["nprobe"], k,
              cfg.index.target_recall)
