@@ -39,6 +39,7 @@ class Report:
     rejected: Counter = field(default_factory=Counter)
     nulled: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
+    extra_columns: list = field(default_factory=list)  # in the file's header, not read
 
     @property
     def rows_rejected(self) -> int:
@@ -76,6 +77,7 @@ class Report:
             "rejected_by_reason": dict(sorted(self.rejected.items())),
             "values_set_to_null": dict(sorted(self.nulled.items())),
             "examples": self.examples,
+            **({"columns_ignored": self.extra_columns} if self.extra_columns else {}),
         }
 
     def check(self) -> None:
@@ -119,6 +121,11 @@ def _empty(text: pa.Array) -> np.ndarray:
     return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True).to_numpy(zero_copy_only=False)
 
 
+def _plain(text: pa.Array) -> pa.Array:
+    """A number's text as pyarrow casts it: surrounding blanks and a leading '+' removed."""
+    return pc.replace_substring_regex(pc.utf8_trim_whitespace(text), r"^\+", "")
+
+
 def _mask(arr: pa.Array) -> np.ndarray:
     return pc.fill_null(arr, False).to_numpy(zero_copy_only=False)
 
@@ -138,7 +145,7 @@ def integer(type_: pa.DataType, lo: int | None = None, hi: int | None = None) ->
     def parse(raw):
         t, _ = _to_text(raw)
         ok = _mask(pc.match_substring_regex(t, INT_RE))
-        digits = pc.replace_substring_regex(pc.utf8_trim_whitespace(t), r"\.0*$", "")
+        digits = pc.replace_substring_regex(_plain(t), r"\.0*$", "")
         digits = pc.if_else(pa.array(ok), digits, pa.scalar(None, pa.string()))
         try:
             v = digits.cast(pa.int64())
@@ -155,7 +162,10 @@ def number(type_: pa.DataType = pa.float32(), lo: float | None = None) -> Parser
     def parse(raw):
         t, _ = _to_text(raw)
         ok = _mask(pc.match_substring_regex(t, FLOAT_RE))  # excludes nan/inf by construction
-        v = pc.if_else(pa.array(ok), t, pa.scalar(None, pa.string())).cast(pa.float64())
+        v = pc.if_else(pa.array(ok), _plain(t), pa.scalar(None, pa.string())).cast(pa.float64())
+        # 1e999 overflows to inf, 1e300 does not fit a float32: both are bad values, not infinities
+        biggest = float(np.finfo(type_.to_pandas_dtype()).max)
+        ok &= _mask(pc.less_equal(pc.abs(v), biggest))
         if lo is not None:
             ok &= _mask(pc.greater_equal(v, lo))
         bad = ~ok & ~_empty(t)
@@ -166,10 +176,19 @@ def number(type_: pa.DataType = pa.float32(), lo: float | None = None) -> Parser
 def date(fmt: str = "%Y-%m-%d") -> Parser:
     def parse(raw):
         t, _ = _to_text(raw)
-        ts = pc.strptime(pc.utf8_trim_whitespace(t), format=fmt, unit="s", error_is_null=True)
+        trimmed = pc.utf8_trim_whitespace(t)
+        ts = pc.strptime(trimmed, format=fmt, unit="s", error_is_null=True)
+        # strptime rolls 2018-02-30 over to 2018-03-02: a date must print back as it was written
+        # (leading zeros aside)
+        same = pc.equal(_unpadded(pc.strftime(ts, format=fmt)), _unpadded(trimmed))
+        ts = pc.if_else(pc.fill_null(same, False), ts, pa.scalar(None, ts.type))
         bad = _mask(pc.is_null(ts)) & ~_empty(t)
         return ts.cast(pa.date32()), bad, "bad_date"
     return parse
+
+
+def _unpadded(text: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(text, r"(^|\D)0+(\d)", r"\1\2")
 
 
 def parse_columns(batch: pa.RecordBatch, parsers: dict[str, Parser], required: set[str],
@@ -200,31 +219,124 @@ def parse_columns(batch: pa.RecordBatch, parsers: dict[str, Parser], required: s
 
 
 # ---------------------------------------------------------------- streaming reader
+#
+# The file is cut into blocks at record boundaries here, not by pyarrow's streaming reader, so that:
+# a quoted newline straddling a block is never split; every record's file line is known (blank lines
+# and quoted newlines counted); a row with the wrong number of fields is rejected with its own line; an
+# unterminated quote is an error naming its line instead of a swallowed rest of the file; and a
+# multi-character separator is translated on whole records. All of it is vectorised over the block's
+# bytes with NumPy: newline, quote and delimiter positions, and quote parity before each of them.
+
+NL, CR, QUOTE = 10, 13, 34
 
 
-class _Translate(io.RawIOBase):
-    """A read-only stream that replaces a multi-character separator (MovieLens '::') with one byte."""
+def _quotes(a: np.ndarray, delim: int) -> np.ndarray:
+    """Positions of the quotes that count for quoting, as pyarrow's parser reads them.
 
-    def __init__(self, f, old: bytes, new: bytes):
-        self.f, self.old, self.new = f, old, new
-        self.carry, self.buf, self.eof = b"", b"", False
+    A quote opens a quoted field only at the start of a field; elsewhere outside quotes it is a literal
+    character (``ab"c``). Literal quotes are dropped until the parity is consistent (rarely more than
+    one pass; none in well-formed files).
+    """
+    q = np.flatnonzero(a == QUOTE)
+    while len(q):
+        opening = (np.arange(len(q)) % 2) == 0  # an even number of quotes before it: outside quotes
+        prev = np.where(q > 0, a[np.maximum(q - 1, 0)], NL)
+        at_field_start = (prev == delim) | (prev == NL) | (prev == CR) | (q == 0)
+        escaped = np.isin(q - 1, q)  # the second quote of "" inside a quoted field
+        literal = opening & ~at_field_start & ~escaped
+        if not literal.any():
+            break
+        q = np.delete(q, np.flatnonzero(literal)[0])  # the first one changes the parity after it
+    return q
 
-    def readable(self):
-        return True
 
-    def readinto(self, b):
-        while len(self.buf) < len(b) and not self.eof:
-            chunk = self.f.read(1 << 20)
-            data = self.carry + chunk
-            self.eof = not chunk
-            # Hold back a trailing partial separator so it is translated with the next chunk.
-            k = 0 if self.eof else next((k for k in range(len(self.old) - 1, 0, -1)
-                                         if data.endswith(self.old[:k])), 0)
-            data, self.carry = (data[:-k], data[-k:]) if k else (data, b"")
-            self.buf += data.replace(self.old, self.new)
-        n = min(len(b), len(self.buf))
-        b[:n], self.buf = self.buf[:n], self.buf[n:]
-        return n
+def _outside(positions: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Mask of positions outside quoted fields (an even number of counted quotes before them)."""
+    return (np.searchsorted(q, positions) % 2) == 0
+
+
+class _Records:
+    """Complete records of one block: byte spans, first line of each, fields counted outside quotes."""
+
+    def __init__(self, data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray,
+                 fields: np.ndarray):
+        self.data, self.starts, self.ends, self.lines, self.fields = data, starts, ends, lines, fields
+
+    def text(self, i: int) -> str:
+        return self.data[self.starts[i]:self.ends[i]].decode("utf-8", errors="backslashreplace").rstrip("\r\n")
+
+    def take(self, keep: np.ndarray) -> bytes:
+        """The bytes of the kept records, in order (one vectorised gather)."""
+        if not keep.any():
+            return b""
+        if keep.all() and np.array_equal(self.starts[1:], self.ends[:-1]):  # contiguous: no blank lines between
+            return self.data[self.starts[0]:self.ends[-1]]
+        a = np.frombuffer(self.data, np.uint8)
+        lengths = (self.ends - self.starts)[keep]
+        idx = np.repeat(self.starts[keep] - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+        return a[idx].tobytes()
+
+
+class _BlockSplitter:
+    """Cuts a byte stream into blocks of complete records, counting lines from the start of the file."""
+
+    def __init__(self, url: str, delimiter: bytes, quoting: bool, translate: tuple[bytes, bytes] | None,
+                 max_record: int):
+        self.url, self.delim, self.quoting, self.translate = url, delimiter[0], quoting, translate
+        self.max_record = max_record
+        self.carry = b""
+        self.line = 1  # file line of the first byte of ``carry``
+
+    def feed(self, chunk: bytes) -> _Records | None:
+        eof = not chunk
+        data = self.carry + chunk
+        if not data:
+            return None
+        a = np.frombuffer(data, np.uint8)
+        nl = np.flatnonzero(a == NL)
+        q = _quotes(a, self.delim) if self.quoting else np.zeros(0, np.int64)
+        ends = nl[_outside(nl, q)] + 1 if len(q) else nl + 1
+        if eof:
+            if len(q) % 2:
+                start = int(ends[-1]) if len(ends) else 0
+                line = self.line + int(np.searchsorted(nl, start))
+                raise IngestError(f"{self.url}: line {line}: a quoted field opened on this record is never closed "
+                                  f"(the rest of the file, to line {self.line + len(nl)}, would be one value)")
+            if not len(ends) or ends[-1] != len(data):
+                ends = np.r_[ends, len(data)]  # last record without a final newline
+        complete = int(ends[-1]) if len(ends) else 0
+        self.carry = data[complete:]
+        if len(self.carry) > self.max_record:
+            raise IngestError(f"{self.url}: line {self.line + len(nl[nl < complete])}: one record longer than "
+                              f"{self.max_record} bytes (an unterminated quote?)")
+        if not complete:
+            return None
+        starts = np.r_[0, ends[:-1]]
+        lines = self.line + np.searchsorted(nl, starts)
+        self.line += int(np.searchsorted(nl, complete))
+        data = data[:complete]
+        if self.translate:  # on whole records, so a separator never straddles two reads; newlines unchanged
+            data = data.replace(*self.translate)
+            a = np.frombuffer(data, np.uint8)
+            ends = np.flatnonzero(a == NL) + 1
+            if data[-1:] != b"\n":
+                ends = np.r_[ends, len(data)]
+            starts = np.r_[0, ends[:-1]]
+        body = ends - starts - (a[ends - 1] == NL) - ((ends - starts >= 2) & (a[np.maximum(ends - 2, 0)] == CR))
+        blank = body <= 0
+        d = np.flatnonzero(a == self.delim)
+        if len(q):
+            d = d[_outside(d, q)]
+        fields = np.diff(np.searchsorted(d, np.r_[starts, ends[-1]])) + 1
+        keep = ~blank
+        return _Records(data, starts[keep], ends[keep], lines[keep], fields[keep])
+
+
+def _parse_header(rec: _Records, delimiter: str, encoding: str) -> list[str]:
+    head = rec.data[rec.starts[0]:rec.ends[0]]
+    return pcsv.read_csv(io.BytesIO(head), read_options=pcsv.ReadOptions(encoding=encoding),
+                         parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                                         quote_char='"' if delimiter == "," else False)).column_names
 
 
 def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str = ",",
@@ -234,57 +346,64 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
     """Yields (batch of binary columns, file line number of each row), in bounded memory.
 
     ``column_names`` is for headerless files. Rows with the wrong number of fields are rejected as
-    ``malformed_row`` and quoted. Raises IngestError for a missing or empty file or missing columns.
+    ``malformed_row`` and quoted with their line; blank lines are not rows. Raises IngestError for a
+    missing or empty file, missing columns or an unterminated quote. Columns beyond ``expected`` are
+    listed in the report as ignored.
     """
     fs, path = fs_and_path(url)
     if not fs.exists(path):
         raise IngestError(f"{url}: file not found")
     if fs.size(path) == 0:
         raise IngestError(f"{url}: file is empty")
-    malformed: list[int] = []
-
-    def on_invalid(row) -> str:
-        line = int(row.number) if row.number is not None else -1
-        malformed.append(line)
-        report.reject("malformed_row", np.array([line]), None, [f"{row.actual_columns} fields, "
-                                                                f"expected {row.expected_columns}: {row.text}"])
-        return "skip"
-
-    header_lines = 0 if column_names else 1
-    read_opts = pcsv.ReadOptions(block_size=block_size, use_threads=False, encoding=encoding,
-                                 column_names=column_names)
-    parse_opts = pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid,
-                                   quote_char='"' if delimiter == "," else False)
-    with fs.open(path, "rb") as raw:
-        src = _Translate(raw, multi_char_delimiter.encode(), delimiter.encode()) if multi_char_delimiter else raw
-        src = io.BufferedReader(src, 1 << 20) if multi_char_delimiter else src
-        try:
-            # Everything is read as bytes: parsing and UTF-8 checks happen per column, per row.
-            reader = pcsv.open_csv(src, read_options=read_opts, parse_options=parse_opts,
-                                   convert_options=pcsv.ConvertOptions(
-                                       column_types={c: pa.binary() for c in expected}))
-        except pa.ArrowInvalid as e:
-            if "Empty CSV file" in str(e):
-                raise IngestError(f"{url}: file is empty (no header), or its header is longer than "
-                                      f"the block size ({block_size} bytes)") from e
-            raise IngestError(f"{url}: cannot read CSV header: {e}") from e
-        names = reader.schema.names
-        missing = [c for c in expected if c not in names]
-        if missing:
-            raise SchemaError(f"{url}: missing column(s) {missing}; found {names}")
-        valid_seen = 0
-        for batch in reader:
-            n = batch.num_rows
-            if n == 0:
-                continue
-            report.rows_read += n
-            # Line of each valid row: skip over the malformed lines reported before it.
-            m = np.sort(np.array(malformed, dtype=np.int64)) - 1 - header_lines
-            q = m - np.arange(len(m))  # valid rows before each malformed one
-            i = np.arange(valid_seen, valid_seen + n)
-            lines = i + 1 + header_lines + np.searchsorted(q, i, side="right")
-            valid_seen += n
-            yield batch.select(expected), lines
-        report.rows_read += len(malformed)
+    quoting = delimiter == ","
+    translate = (multi_char_delimiter.encode(), delimiter.encode()) if multi_char_delimiter else None
+    splitter = _BlockSplitter(url, delimiter.encode(), quoting, translate, max_record=16 * block_size + (1 << 20))
+    names = list(column_names) if column_names else None
+    parse_opts = pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
+                                   newlines_in_values=quoting, ignore_empty_lines=False)
+    with fs.open(path, "rb") as f:
+        while True:
+            chunk = f.read(block_size)
+            rec = splitter.feed(chunk)
+            if rec is not None and len(rec.starts) and names is None:
+                names = _parse_header(rec, delimiter, encoding)
+                missing = [c for c in expected if c not in names]
+                if missing:
+                    raise SchemaError(f"{url}: missing column(s) {missing}; found {names}")
+                report.extra_columns = [c for c in names if c not in expected]
+                rec = _Records(rec.data, rec.starts[1:], rec.ends[1:], rec.lines[1:], rec.fields[1:])
+            if rec is not None and len(rec.starts):
+                yield from _parse_block(url, rec, names, expected, report, delimiter, encoding, parse_opts)
+            if not chunk:
+                break
+    if names is None:
+        raise IngestError(f"{url}: file is empty (no header)")
     if report.rows_read == 0:
         raise IngestError(f"{url}: no data rows")
+
+
+def _parse_block(url, rec: _Records, names, expected, report: Report, delimiter, encoding, parse_opts):
+    n = len(rec.starts)
+    report.rows_read += n
+    ok = rec.fields == len(names)
+    bad = np.flatnonzero(~ok)
+    report.reject("malformed_row", rec.lines[bad], None,
+                  [f"{rec.fields[i]} fields, expected {len(names)}: {rec.text(i)}" for i in bad[:report.max_examples]])
+    if not ok.any():
+        return
+    lines = rec.lines[ok]
+    invalid = []
+    table = pcsv.read_csv(
+        io.BytesIO(rec.take(ok)),
+        read_options=pcsv.ReadOptions(column_names=names, encoding=encoding, use_threads=False,
+                                      block_size=max(1 << 20, len(rec.data) + 1)),
+        parse_options=pcsv.ParseOptions(delimiter=parse_opts.delimiter, quote_char=parse_opts.quote_char,
+                                        newlines_in_values=parse_opts.newlines_in_values, ignore_empty_lines=False,
+                                        invalid_row_handler=lambda row: invalid.append(row.text) or "skip"),
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in expected}, include_columns=expected))
+    if invalid or table.num_rows != len(lines):
+        raise IngestError(f"{url}: lines {lines[0]}-{lines[-1]}: the CSV parser read {table.num_rows} rows where "
+                          f"{len(lines)} were counted ({invalid[:3]}); please report this file's lines")
+    for batch in table.to_batches():
+        yield batch, lines[:batch.num_rows]
+        lines = lines[batch.num_rows:]

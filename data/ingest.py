@@ -38,6 +38,9 @@ ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "c
                     "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer"]
 
 
+AGE_RANGE = (0, 150)  # years; a value outside is a bad value (nulled and counted), not an age
+
+
 def _parsers_for(spec: Table) -> tuple[dict, set[str]]:
     """Column parsers derived from the canonical schema (for sources that follow it, i.e. H&M)."""
     parsers = {}
@@ -46,7 +49,7 @@ def _parsers_for(spec: Table) -> tuple[dict, set[str]]:
         if pa.types.is_date(t):
             parsers[col.name] = date()
         elif pa.types.is_integer(t):
-            parsers[col.name] = integer(t)
+            parsers[col.name] = integer(t, *AGE_RANGE) if col.name == "age" else integer(t)
         elif pa.types.is_floating(t):
             parsers[col.name] = number(t, lo=0.0 if col.name in ("price", "age") else None)
         else:
@@ -203,7 +206,7 @@ def _raters(raw_dir: str, files: dict, opts, reports: dict) -> pa.Table:
 
 def _ml_users(read, variant: str, reports: dict) -> pa.Table:
     parts = []
-    user_parsers = {"user": integer(pa.int64(), lo=0), "age": integer(pa.int16(), 0, 150), "gender": text(),
+    user_parsers = {"user": integer(pa.int64(), lo=0), "age": integer(pa.int16(), *AGE_RANGE), "gender": text(),
                     "occupation": text() if variant == "ml-100k" else integer(pa.int64(), 0, 20), "zip": text()}
     for rep, c, keep, lines in read("users", user_parsers, {"user"}):
         occupation = c["occupation"]

@@ -52,20 +52,27 @@ def build_vocabs(customers: pa.Table, articles: pa.Table) -> dict[str, pa.Table]
 
 
 def read_interactions(root: str, vocabs: dict, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """All transactions as compact (customer_idx, article_idx, day) arrays; rows with an id outside the
-    vocabularies are dropped and counted."""
+    """All transactions as compact (customer_idx, article_idx, day) arrays. Rows with a null key or day
+    (``missing_<column>``) or an id outside the vocabularies (``unknown_<customer|article>``) are dropped
+    and counted, first reason wins: rows_read = kept + the dropped counts."""
     cs, as_, ds = [], [], []
-    counts = {"rows_read": 0, "unknown_customer": 0, "unknown_article": 0}
+    counts = {"rows_read": 0, "missing_t_dat": 0, "missing_customer_id": 0, "missing_article_id": 0,
+              "unknown_customer": 0, "unknown_article": 0}
     for batch in tqdm(iter_transactions(root, columns=["t_dat", "customer_id", "article_id"]),
                       desc="read transactions", disable=not progress, unit="batch"):
-        c, c_oov = vocab.lookup(batch.column("customer_id"), vocabs["customer_id"])
-        a, a_oov = vocab.lookup(batch.column("article_id"), vocabs["article_id"])
-        d = batch.column("t_dat").cast(pa.int32()).to_numpy(zero_copy_only=False)
-        ok = (c != vocab.OOV) & (a != vocab.OOV)
+        dropped = np.zeros(batch.num_rows, dtype=bool)
+        for name in ("t_dat", "customer_id", "article_id"):
+            null = pc.is_null(batch.column(name)).to_numpy(zero_copy_only=False)
+            counts[f"missing_{name}"] += int((null & ~dropped).sum())
+            dropped |= null
+        c, _ = vocab.lookup(batch.column("customer_id"), vocabs["customer_id"])
+        a, _ = vocab.lookup(batch.column("article_id"), vocabs["article_id"])
+        d = pc.fill_null(batch.column("t_dat").cast(pa.int32()), 0).to_numpy(zero_copy_only=False)
+        for name, oov in (("unknown_customer", c == vocab.OOV), ("unknown_article", a == vocab.OOV)):
+            counts[name] += int((oov & ~dropped).sum())
+            dropped |= oov
         counts["rows_read"] += batch.num_rows
-        counts["unknown_customer"] += int(c_oov)
-        counts["unknown_article"] += int(((a == vocab.OOV) & (c != vocab.OOV)).sum())
-        cs.append(c[ok]), as_.append(a[ok]), ds.append(d[ok].astype(np.int32))
+        cs.append(c[~dropped]), as_.append(a[~dropped]), ds.append(d[~dropped].astype(np.int32))
     if counts["rows_read"] == 0:
         raise ValueError(f"{root}/transactions: no rows")
     return np.concatenate(cs), np.concatenate(as_), np.concatenate(ds), counts
@@ -214,10 +221,11 @@ def main(cfg: DictConfig) -> dict:
     m = prepare(cfg.data, cfg.split, cfg.prepare)
     write_json(m, join(run_dir, "report.json"))
     t = m["transactions"]
-    log.info("prepare %s (%s split): %d examples in %d shards, eval %s; dropped unknown ids: %d customers, "
-             "%d articles; %.1fs, peak RSS %d MB", cfg.data.name, cfg.split.protocol, m["examples"]["rows"],
+    dropped = {k: v for k, v in t.items() if k.startswith(("missing_", "unknown_")) and v}
+    log.info("prepare %s (%s split): %d examples in %d shards, eval %s; transactions dropped: %s; %.1fs, "
+             "peak RSS %d MB", cfg.data.name, cfg.split.protocol, m["examples"]["rows"],
              len(m["examples"]["shards"]), {k: v["customers"] for k, v in m["eval"].items()},
-             t["unknown_customer"], t["unknown_article"], m["seconds"], m["peak_rss_mb"])
+             dropped or "none", m["seconds"], m["peak_rss_mb"])
     return m
 
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import prepare_options
 from data import vocab
 from data.config import DataConfig, SplitConfig
-from data.io import join, table_url, write_parquet
+from data.io import fs_and_path, join, table_url, write_parquet
 from data.prepare import prepare
 from data.schema import ARTICLES, CUSTOMERS, TRANSACTIONS
 
@@ -240,3 +240,23 @@ def test_leave_last_one_out_with_test_and_same_day_histories(tmp_path_factory, r
             mine = sorted((rows_idx[j][2], j) for j in range(len(rows_idx))
                           if rows_idx[j][0] == r["customer_idx"] and allowed[j])
             assert r["history"] == [rows_idx[j][1] for _, j in mine][-3:]
+
+
+def test_null_keys_and_days_are_dropped_and_counted(tmp_path):
+    """A transactions shard written by another tool may hold nulls: each dropped row is counted by
+    its first reason, and rows read = kept + dropped."""
+    root, out = str(tmp_path / "d"), str(tmp_path / "p")
+    write_dataset(root, 2, 2, [(0, 0, 0), (0, 1, 1), (1, 0, 20)])
+    shard = join(table_url(root, "transactions"), "part-00000.parquet")
+    tx = pq.read_table(shard)
+    nullable = pa.schema([f.with_nullable(True) for f in TRANSACTIONS.schema])
+    extra = pa.table({"t_dat": pa.array([None, tx["t_dat"][0].as_py(), tx["t_dat"][0].as_py()], pa.date32()),
+                      "customer_id": pa.array(["c0", None, None]),
+                      "article_id": pa.array([1, 1, None], pa.int64()),
+                      "price": pa.array([0.1, 0.1, 0.1], pa.float32()),
+                      "sales_channel_id": pa.array([1, 1, 1], pa.int8())}, schema=nullable)
+    pq.write_table(pa.concat_tables([tx.cast(nullable), extra]), fs_and_path(shard)[1])
+    t = run(root, out)["transactions"]
+    assert (t["missing_t_dat"], t["missing_customer_id"], t["missing_article_id"]) == (1, 2, 0)
+    assert t["rows_read"] == 6 and t["kept"] == 3
+    assert t["rows_read"] == t["kept"] + sum(v for k, v in t.items() if k.startswith(("missing_", "unknown_")))
