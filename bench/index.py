@@ -6,7 +6,8 @@ side by side in one run.
 Synthetic embeddings mimic a trained two-tower space: items sit around 2,000 sub-styles that group into
 24 styles; a customer blends one to three sub-styles (taste) plus noise. ``--queries independent``
 draws queries around unrelated directions instead, the worst case for any IVF index (a customer whose
-taste matches no item cluster). ``--embeddings DIR`` uses a real export (items.parquet, users_*.parquet).
+taste matches no item cluster). ``--embeddings DIR`` uses a real export run directory
+(its output/items.parquet, output/users_*.parquet).
 
     .venv/bin/python bench/index.py
     .venv/bin/python bench/index.py --queries-from independent
@@ -57,7 +58,7 @@ def synthetic(items: int, queries: int, d: int, queries_from: str, rng: np.rando
 
 
 def exported(directory: str) -> tuple[np.ndarray, np.ndarray]:
-    root = pathlib.Path(directory)
+    root = pathlib.Path(directory) / "output"  # what trainer.export published
     items = pq.read_table(root / "items.parquet", columns=["embedding"]).column(0).combine_chunks()
     users = pa.concat_tables([pq.read_table(p, columns=["embedding"]) for p in sorted(root.glob("users_*.parquet"))])
     as_matrix = lambda col, d: col.flatten().to_numpy().reshape(-1, d).astype(np.float32)  # noqa: E731

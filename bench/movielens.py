@@ -182,8 +182,8 @@ def project_model(name: str, overrides: list[str], paths: list[str], out: pathli
     run(["-m", "trainer.export", "data=movielens", *paths, f"train_dir={train_dir}", "checkpoint=best",
          f"hydra.run.dir={export_dir}"])
     metrics = json.loads((train_dir / "metrics.json").read_text())
-    items = pq.read_table(export_dir / "items.parquet")
-    users = pq.read_table(export_dir / "users_test.parquet")
+    items = pq.read_table(export_dir / "output" / "items.parquet")
+    users = pq.read_table(export_dir / "output" / "users_test.parquet")
     item_vec = np.array(items["embedding"].to_pylist(), np.float32)
     item_id = np.array(items["article_id"].to_pylist())
     user_vec = np.array(users["embedding"].to_pylist(), np.float32)

@@ -26,6 +26,7 @@ from data.csvparse import IngestError, Report, date, integer, number, parse_colu
 from data.io import ShardWriter, join, table_url, write_json, write_parquet
 from data.runinfo import peak_rss_mb, start_run
 from data.schema import ARTICLES, CUSTOMERS, TRANSACTIONS, UNKNOWN, Table
+from data.staging import staged
 
 log = logging.getLogger(__name__)
 
@@ -281,19 +282,21 @@ def ingest(data_cfg, opts) -> dict:
     t0 = time.perf_counter()
     if not data_cfg.raw_dir:
         raise IngestError(f"data={data_cfg.name}: set data.raw_dir to the folder with the raw files")
-    if data_cfg.source == "hm":
-        reports = ingest_hm(data_cfg.raw_dir, data_cfg.root, opts)
-    elif data_cfg.source == "movielens":
-        reports = ingest_movielens(data_cfg.raw_dir, data_cfg.root, data_cfg.movielens_variant,
-                                   data_cfg.movielens_min_rating, opts)
-    else:
+    if data_cfg.source not in ("hm", "movielens"):
         raise IngestError(f"data={data_cfg.name} has source={data_cfg.source!r}; ingest reads hm or movielens "
                           "(synthetic presets are made by data.synth)")
-    for rep in reports.values():
-        rep.check()
-    summary = {"source": data_cfg.source, "root": data_cfg.root, "seconds": round(time.perf_counter() - t0, 2),
-               "peak_rss_mb": peak_rss_mb(), "tables": {k: r.as_dict() for k, r in reports.items()}}
-    write_json(summary, join(data_cfg.root, "ingest_report.json"))
+    # Written aside and published whole (data/staging.py): a killed ingest leaves the previous dataset.
+    with staged(data_cfg.root, "ingest_report.json") as out:
+        if data_cfg.source == "hm":
+            reports = ingest_hm(data_cfg.raw_dir, out, opts)
+        else:
+            reports = ingest_movielens(data_cfg.raw_dir, out, data_cfg.movielens_variant,
+                                       data_cfg.movielens_min_rating, opts)
+        for rep in reports.values():
+            rep.check()
+        summary = {"source": data_cfg.source, "root": data_cfg.root, "seconds": round(time.perf_counter() - t0, 2),
+                   "peak_rss_mb": peak_rss_mb(), "tables": {k: r.as_dict() for k, r in reports.items()}}
+        write_json(summary, join(out, "ingest_report.json"))
     return summary
 
 

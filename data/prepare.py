@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data import features, split, vocab
-from data.io import fs_and_path, iter_transactions, join, read_articles, read_customers, write_json, write_parquet
+from data.io import iter_transactions, join, read_articles, read_customers, write_json, write_parquet
 from data.runinfo import peak_rss_mb, start_run
+from data.staging import staged
 
 log = logging.getLogger(__name__)
 EPOCH = np.datetime64("1970-01-01", "D")
@@ -83,9 +84,6 @@ def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_
     """Globally shuffled training examples, one shard at a time (history looked up per shard)."""
     rng = np.random.default_rng([cfg.seed, 104729])
     perm = train_rows[rng.permutation(len(train_rows))]
-    fs, path = fs_and_path(join(out, "examples"))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
     shards = []
     n_shards = max(1, -(-len(perm) // cfg.shard_rows))
     for k in tqdm(range(n_shards), desc="write examples", disable=not progress, unit="shard"):
@@ -140,9 +138,16 @@ def within_day(data_cfg, cfg) -> bool:
 
 
 def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
+    """Writes everything aside and publishes it in place of ``prepare.out`` whole, the manifest last
+    (data/staging.py): a reader never sees one run's vocabularies beside another run's examples."""
+    with staged(cfg.out, "manifest.json") as out:
+        return _prepare(data_cfg, split_cfg, cfg, out, progress)
+
+
+def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     same_day = within_day(data_cfg, cfg)
-    root, out = data_cfg.root, cfg.out
+    root = data_cfg.root
     customers, articles = read_customers(root), read_articles(root)
     vocabs = build_vocabs(customers, articles)
     for name, v in vocabs.items():

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data.config import SynthConfig
 from data.io import ShardWriter, join, table_url, write_json, write_parquet
+from data.staging import staged
 from data.runinfo import peak_rss_mb, start_run
 from data.schema import ARTICLES, CUSTOMERS, TRANSACTIONS
 
@@ -444,24 +445,32 @@ class Generator:
 
 
 def generate(cfg: SynthConfig, root: str, progress: bool = True) -> dict:
-    """Writes customers, articles and sharded transactions under ``root``; returns a summary."""
+    """Writes customers, articles and sharded transactions under ``root``; returns a summary.
+
+    The dataset is written aside and replaces ``root`` whole (data/staging.py), its manifest last.
+    """
+    with staged(root, "manifest.json") as out:
+        return _generate(cfg, root, out, progress)
+
+
+def _generate(cfg: SynthConfig, root: str, out: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     seeds = np.random.SeedSequence(cfg.seed).spawn(3)
     styles = Styles(np.random.default_rng(seeds[0]), cfg.n_styles)
     customers, cust_state = make_customers(cfg, np.random.default_rng(seeds[1]), styles)
     articles, art_state = make_articles(cfg, np.random.default_rng(seeds[2]), styles)
-    write_parquet(customers, table_url(root, "customers"))
-    write_parquet(articles, table_url(root, "articles"))
+    write_parquet(customers, table_url(out, "customers"))
+    write_parquet(articles, table_url(out, "articles"))
     write_parquet(pa.table({"customer_id": customers["customer_id"],
                             "primary_style": cust_state["primary"],
-                            "secondary_style": cust_state["secondary"]}), join(root, "_truth", "customers.parquet"))
+                            "secondary_style": cust_state["secondary"]}), join(out, "_truth", "customers.parquet"))
     write_parquet(pa.table({"article_id": articles["article_id"], "style": art_state["style"],
                             "age_mu": styles.age_mu[art_state["style"]]}),
-                  join(root, "_truth", "articles.parquet"))
+                  join(out, "_truth", "articles.parquet"))
 
     gen = Generator(cfg, cust_state, art_state, styles, customers["customer_id"].combine_chunks())
     article_ids = articles["article_id"].combine_chunks()
-    writer = ShardWriter(table_url(root, "transactions"), TRANSACTIONS.schema, cfg.shard_rows)
+    writer = ShardWriter(table_url(out, "transactions"), TRANSACTIONS.schema, cfg.shard_rows)
     volume = weekly_volume(cfg, gen.start)
     for w in tqdm(range(cfg.n_weeks), desc="synth weeks", disable=not progress, mininterval=2.0):
         week = gen.week(w, int(volume[w]))
@@ -482,7 +491,7 @@ def generate(cfg: SynthConfig, root: str, progress: bool = True) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
-    write_json(summary, join(root, "manifest.json"))
+    write_json(summary, join(out, "manifest.json"))
     return summary
 
 

@@ -134,7 +134,7 @@ def test_second_run_with_resume_false_is_the_one_exported(tiny_prepared, tmp_pat
     from trainer import distributed as D
     D.shutdown()
     assert written["step"] == 12 and written["checkpoint"].endswith("step-00000012")
-    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    report = json.loads((tmp_path / "export" / "output" / "export_report.json").read_text())
     assert report["fingerprint"] == written["fingerprint"]
 
 

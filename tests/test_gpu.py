@@ -52,7 +52,7 @@ def test_row_wise_sharding_with_fused_adam_then_export_index_evaluate(tiny_prepa
     export = tmp_path / "export"
     run([sys.executable, "-m", "trainer.export", f"train_dir={train}", f"hydra.run.dir={export}"])
     run([sys.executable, "-m", "trainer.index", f"export_dir={export}", f"hydra.run.dir={tmp_path / 'index'}"])
-    report = json.loads((tmp_path / "index" / "index_report.json").read_text())
+    report = json.loads((tmp_path / "index" / "output" / "index_report.json").read_text())
     assert report["built_on"] == "GPU" and report["searched_on"] == "GPU"
     run([sys.executable, "-m", "trainer.evaluate", f"export_dir={export}", f"index_dir={tmp_path / 'noindex'}",
          f"prepare.out={prepared}", f"hydra.run.dir={tmp_path / 'eval'}"])

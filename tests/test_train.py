@@ -107,13 +107,13 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
     run([sys.executable, "-m", "trainer.export", f"hydra.run.dir={exp1}", *base[:1]])
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641", "-m",
          "trainer.export", f"hydra.run.dir={exp2}", *base[:1]])
-    e1 = pq.read_table(exp1 / "items.parquet")
-    e2 = pq.read_table(exp2 / "items.parquet")
+    e1 = pq.read_table(exp1 / "output" / "items.parquet")
+    e2 = pq.read_table(exp2 / "output" / "items.parquet")
     assert e1["article_id"].equals(e2["article_id"])
     v1 = np.array(e1["embedding"].to_pylist())
     v2 = np.array(e2["embedding"].to_pylist())
     assert np.allclose(v1, v2, atol=1e-5)
-    u1 = pq.read_table(exp1 / "users_val.parquet")
+    u1 = pq.read_table(exp1 / "output" / "users_val.parquet")
     assert u1.num_rows == pq.read_table(f"{prepared}/eval/val.parquet").num_rows
 
     # Index and evaluate on top: every method reported, the model's numbers match the training run's.

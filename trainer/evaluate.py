@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from data.io import fs_and_path, join, read_json, write_json
 from data.runinfo import start_run
+from data.staging import output_of
 from trainer import baselines as bl
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
 from trainer import index as ix
@@ -65,15 +66,15 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
                   period: str = "val") -> tuple[np.ndarray, str]:
     """Top-k article_idx per evaluation customer from exported embeddings: through the IVF index when
     there is one (it must have been built from this export), else exact search; on the GPU when present."""
-    item_idx, items = ix.read_embeddings(join(export_dir, "items.parquet"), "article_idx")
-    user_idx, users = ix.read_embeddings(join(export_dir, f"users_{period}.parquet"), "customer_idx")
+    item_idx, items = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
+    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
     pos = {c: i for i, c in enumerate(user_idx.tolist())}
     missing = [c for c in customers.tolist() if c not in pos]
     if missing:
         raise ValueError(f"{export_dir}/users_{period}.parquet lacks {len(missing)} evaluation customers; re-run export")
     q = users[[pos[c] for c in customers.tolist()]]
-    if index_dir and _exists(join(index_dir, "index.faiss")):
-        exported = read_json(join(export_dir, "export_report.json"))
+    if index_dir and _exists(join(output_of(index_dir), "index.faiss")):
+        exported = read_json(join(output_of(export_dir), "export_report.json"))
         ix.check_matches(index_dir, exported.get("fingerprint"), exported.get("step"))
         index, _ = ix.load(index_dir)
         searcher = ix.for_search(index, _read_nprobe(index_dir))
@@ -87,7 +88,7 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
 
 def exported_run(export_dir: str, prepared: str) -> dict:
     """Which train run, step and fingerprint an export holds; refuses one made from other prepared data."""
-    report = read_json(join(export_dir, "export_report.json"))
+    report = read_json(join(output_of(export_dir), "export_report.json"))
     now = data_digest(read_json(join(prepared, "manifest.json")))
     if report.get("data_digest") != now:
         raise RuntimeError(f"{export_dir} holds embeddings of a model trained on other prepared data (digest "
@@ -98,14 +99,14 @@ def exported_run(export_dir: str, prepared: str) -> dict:
 
 
 def _read_nprobe(index_dir: str) -> int:
-    return read_json(join(index_dir, "index_report.json"))["nprobe"]
+    return read_json(join(output_of(index_dir), "index_report.json"))["nprobe"]
 
 
 def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_neg: int, seed: int,
                      n_items: int, period: str = "val") -> dict:
     """Each positive ranked against n_neg random articles: HitRate@10 and NDCG@10 (optimistic)."""
-    item_idx, item_emb = ix.read_embeddings(join(export_dir, "items.parquet"), "article_idx")
-    user_idx, users = ix.read_embeddings(join(export_dir, f"users_{period}.parquet"), "customer_idx")
+    item_idx, item_emb = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
+    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
     pos_of = {c: i for i, c in enumerate(user_idx.tolist())}
     rows = np.repeat(np.arange(len(customers)), np.diff(offsets))
     u = users[[pos_of[c] for c in customers[rows].tolist()]]
@@ -143,7 +144,7 @@ def run(cfg) -> dict:
         rankings[name] = drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
 
     model_run = None
-    if _exists(join(cfg.export_dir, "items.parquet")):
+    if _exists(join(output_of(cfg.export_dir), "items.parquet")):
         model_run = exported_run(cfg.export_dir, prepared)
 
         def model():

@@ -5,7 +5,8 @@
 
 Reads the train run's own resolved config (``train_dir/config.yaml``) so the model matches, loads its
 newest complete checkpoint (DCP reshards a checkpoint saved by any number of ranks onto this world),
-refuses it if the prepared data changed since training, and writes into the run directory:
+refuses it if the prepared data changed since training, and publishes into ``<run_dir>/output`` (written
+aside and put in place whole, the report last; data/staging.py):
 
     items.parquet          article_idx, article_id, embedding (fixed-size list of float32)
     users_<period>.parquet customer_idx, customer_id, embedding, for each eval period (val, test)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 
 import hydra
 import numpy as np
@@ -26,6 +28,7 @@ from omegaconf import DictConfig
 from data import vocab
 from data.io import fs_and_path, join, write_json, write_parquet
 from data.runinfo import start_run
+from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer.inference import Embedder
@@ -41,6 +44,12 @@ def embedding_array(x: torch.Tensor) -> pa.Array:
 def export(cfg: DictConfig, run_dir: str) -> dict:
     embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint))
     rank = D.rank()
+    # every rank computes embeddings (collectives); rank 0 writes and publishes
+    with staged(output_of(run_dir), "export_report.json") if rank == 0 else nullcontext() as out:
+        return _export(embedder, run, rank, out)
+
+
+def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
     items = embedder.items()
     written = {"train_dir": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
                "fingerprint": run.fingerprint_id, "data_digest": run.data_digest}
@@ -49,7 +58,7 @@ def export(cfg: DictConfig, run_dir: str) -> dict:
         article_ids = np.r_[-1, art_vocab["value"].to_numpy()]  # row 0 is the OOV bucket
         write_parquet(pa.table({"article_idx": pa.array(np.arange(len(article_ids)), pa.int32()),
                                 "article_id": pa.array(article_ids, pa.int64()),
-                                "embedding": embedding_array(items)}), join(run_dir, "items.parquet"))
+                                "embedding": embedding_array(items)}), join(out, "items.parquet"))
         written["items"] = int(items.shape[0])
     for period in ("val", "test"):
         url = join(embedder.prepared, "eval", f"{period}.parquet")
@@ -59,12 +68,12 @@ def export(cfg: DictConfig, run_dir: str) -> dict:
         if rank == 0:
             ids = vocab.load(embedder.prepared, "customer_id")["value"].take(pa.array(cust - 1))
             write_parquet(pa.table({"customer_idx": pa.array(cust, pa.int32()), "customer_id": ids,
-                                    "embedding": embedding_array(emb)}), join(run_dir, f"users_{period}.parquet"))
+                                    "embedding": embedding_array(emb)}), join(out, f"users_{period}.parquet"))
             written[f"users_{period}"] = int(len(cust))
     if rank == 0:
-        write_json(written, join(run_dir, "export_report.json"))
-        log.info("exported run %s step %d (fingerprint %s): %s into %s", run.train_dir, run.step,
-                 run.fingerprint_id, {k: v for k, v in written.items() if k.startswith(("items", "users"))}, run_dir)
+        write_json(written, join(out, "export_report.json"))
+        log.info("exported run %s step %d (fingerprint %s): %s", run.train_dir, run.step,
+                 run.fingerprint_id, {k: v for k, v in written.items() if k.startswith(("items", "users"))})
     return written
 
 

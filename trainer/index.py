@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from data.io import fs_and_path, join, read_json, read_table, write_json, write_parquet
 from data.runinfo import start_run
+from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401  (registers the index schema)
 from trainer.search import top_k
 
@@ -97,7 +98,7 @@ def for_search(index: faiss.Index, nprobe: int, use_gpu: bool | None = None) -> 
 
 def check_matches(index_dir: str, fingerprint_id: str, step: int) -> None:
     """Refuses an index built from another run (or another step) than the model it serves."""
-    built_from = read_json(join(index_dir, "index_report.json")).get("export", {})
+    built_from = read_json(join(output_of(index_dir), "index_report.json")).get("export", {})
     if (built_from.get("fingerprint"), built_from.get("step")) != (fingerprint_id, step):
         raise RuntimeError(f"{index_dir} was built from run fingerprint {built_from.get('fingerprint')} step "
                            f"{built_from.get('step')}, but the model is {fingerprint_id} step {step}; rebuild the "
@@ -149,18 +150,20 @@ def choose_nprobe(rows: list[dict], target: float, k: int = 12) -> int:
     return max(rows, key=lambda r: r[f"recall@{k}"])["nprobe"]
 
 
-def save(index: faiss.Index, article_ids: np.ndarray, out: str, report: dict) -> None:
-    """``index.faiss`` (CPU), ``index_ids.parquet`` (row -> article_id) and ``index_report.json``."""
-    fs, path = fs_and_path(join(out, "index.faiss"))
-    fs.makedirs(fs_and_path(out)[1], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(faiss.serialize_index(index).tobytes())
-    write_parquet(pa.table({"row": pa.array(np.arange(len(article_ids)), pa.int64()),
-                            "article_id": pa.array(article_ids, pa.int64())}), join(out, "index_ids.parquet"))
-    write_json(report, join(out, "index_report.json"))
+def save(index: faiss.Index, article_ids: np.ndarray, run_dir: str, report: dict) -> None:
+    """``index.faiss`` (CPU), ``index_ids.parquet`` (row -> article_id) and ``index_report.json`` (the
+    commit mark), published together under ``<run_dir>/output``."""
+    with staged(output_of(run_dir), "index_report.json") as out:
+        fs, path = fs_and_path(join(out, "index.faiss"))
+        with fs.open(path, "wb") as f:
+            f.write(faiss.serialize_index(index).tobytes())
+        write_parquet(pa.table({"row": pa.array(np.arange(len(article_ids)), pa.int64()),
+                                "article_id": pa.array(article_ids, pa.int64())}), join(out, "index_ids.parquet"))
+        write_json(report, join(out, "index_report.json"))
 
 
-def load(out: str) -> tuple[faiss.Index, np.ndarray]:
+def load(run_dir: str) -> tuple[faiss.Index, np.ndarray]:
+    out = output_of(run_dir)
     fs, path = fs_and_path(join(out, "index.faiss"))
     if not fs.exists(path):
         raise FileNotFoundError(f"{join(out, 'index.faiss')}: no index; run trainer.index first")
@@ -182,11 +185,11 @@ def main_job(cfg) -> dict:
     """Builds the index from the export stage's item embeddings; sweeps nprobe with the validation
     customers' embeddings as queries; keeps the smallest nprobe that meets index.target_recall."""
     ic = cfg.index
-    article_idx, items = read_embeddings(join(cfg.export_dir, "items.parquet"), "article_idx")
-    art_ids = read_table(join(cfg.export_dir, "items.parquet"))["article_id"].to_numpy()
+    article_idx, items = read_embeddings(join(output_of(cfg.export_dir), "items.parquet"), "article_idx")
+    art_ids = read_table(join(output_of(cfg.export_dir), "items.parquet"))["article_id"].to_numpy()
     keep = article_idx > 0  # the OOV row is not an article
     items, art_ids = items[keep], art_ids[keep]
-    _, queries = read_embeddings(join(cfg.export_dir, "users_val.parquet"), "customer_idx")
+    _, queries = read_embeddings(join(output_of(cfg.export_dir), "users_val.parquet"), "customer_idx")
     queries = queries[: ic.sweep_queries]
     t0 = time.perf_counter()
     on_gpu = gpu_available() if ic.gpu is None else bool(ic.gpu)
@@ -199,7 +202,7 @@ def main_job(cfg) -> dict:
     rows = sweep(index, items, queries, ic.k, exact=exact, use_gpu=on_gpu)
     nprobe = choose_nprobe(rows, ic.target_recall, ic.k)
     index.nprobe = nprobe
-    export_report = join(cfg.export_dir, "export_report.json")
+    export_report = join(output_of(cfg.export_dir), "export_report.json")
     report = {"kind": ic.kind, "nlist": index.nlist, "items": int(len(items)), "build_s": round(build_s, 3),
               "built_on": "GPU" if on_gpu else "CPU", "searched_on": "GPU" if on_gpu else "CPU", "nprobe": nprobe,
               "target_recall": ic.target_recall, "exact_qps": exact_qps, "sweep": rows,

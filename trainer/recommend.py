@@ -28,6 +28,7 @@ from data.io import fs_and_path, join, read_articles, read_customers, read_json,
 from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
+from data.staging import output_of
 from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer import index as ix
@@ -67,12 +68,12 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     ranked = np.tile(popular, (len(cust_idx), 1))
 
     index_dir = cfg.index_dir
-    index_file = fs_and_path(join(index_dir, "index.faiss")) if index_dir else None
+    index_file = fs_and_path(join(output_of(index_dir), "index.faiss")) if index_dir else None
     index = items = None
     if index_file and index_file[0].exists(index_file[1]):
         index, index_article_ids = ix.load(index_dir)
         ix.check_matches(index_dir, run.fingerprint_id, run.step)
-        index = ix.for_search(index, read_json(join(index_dir, "index_report.json"))["nprobe"])
+        index = ix.for_search(index, read_json(join(output_of(index_dir), "index_report.json"))["nprobe"])
         row_to_idx = vocab.lookup(pa.array(index_article_ids, pa.int64()), vocabs["article_id"])[0]
         how = f"IVF index {index_dir}"
     else:
