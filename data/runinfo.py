@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import resource
+import sys
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,3 +27,25 @@ def start_run(cfg: DictConfig) -> str:
 def peak_rss_mb() -> int:
     """Peak resident set size of this process, in MB (Linux reports KB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class ConsoleFilter(logging.Filter):
+    """Lets through to the console the project's own records, and errors from anywhere; the rest
+    (TorchRec's planner, FBGEMM, library warnings) reaches only the run's log file
+    (conf/hydra/job_logging/twotower.yaml). Python warnings are routed to logging on the way, so
+    that they land in the log file instead of on the console."""
+
+    OWN = ("__main__", "data", "trainer", "launch", "bench")
+
+    def __init__(self):
+        super().__init__()
+        logging.captureWarnings(True)
+        if "torch" in sys.modules:  # torch logs through its own stderr handler; send it to ours instead
+            torch_log = logging.getLogger("torch")
+            for handler in list(torch_log.handlers):
+                if type(handler) is not logging.FileHandler:
+                    torch_log.removeHandler(handler)
+            torch_log.propagate = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.split(".")[0] in self.OWN

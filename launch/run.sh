@@ -21,7 +21,8 @@ step "1/6 synthesise data=$DATA"
 step "2/6 prepare (vocabularies, week split, example shards)"
 "$PY" -m data.prepare "data=$DATA" "$@"
 step "3/6 train on $NPROC process(es)"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m trainer.train "data=$DATA" \
+# OMP_NUM_THREADS: torchrun's own default (1 per process), set here so it prints no banner about it.
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m trainer.train "data=$DATA" \
   trainer.resume=false "$@" ${TRAIN_ARGS:-}
 step "4/6 export embeddings"
 "$PY" -m trainer.export "data=$DATA" "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,6 +24,28 @@ def test_run_sh_runs_every_stage(tmp_path):
     table = (tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.md").read_text()
     assert "| two-tower |" in table and "| repurchase + popularity |" in table
     assert "| two-tower |" in proc.stdout  # the table is printed at the end
+
+    # A quiet console: the stages' own lines, a compact sharding plan and the results; the libraries'
+    # chatter (TorchRec's planner, Python warnings) only in the run's log file.
+    console = [line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+               if line.strip() and not re.search(r"\d+%\||it/s\]|/s\]$", line)]
+    assert len(console) <= 60, "\n".join(console)
+    assert "sharding plan over 2 rank(s)" in proc.stdout
+    assert not any("GreedyPerfPartitioner" in line or "Warning" in line for line in console), "\n".join(console)
+    train_log = (tmp_path / "runs" / "tiny" / "train" / "train.log").read_text()
+    assert "GreedyPerfPartitioner" in train_log and "FutureWarning" in train_log
+
+    # The pictures, shown in the report.
+    evaluate = tmp_path / "runs" / "tiny" / "evaluate"
+    for picture in ("recall_at_k.png", "nprobe.png", "training.png"):
+        assert f"]({picture})" in table and (evaluate / picture).stat().st_size > 10_000, picture
+    from trainer.plots import series_of
+
+    assert {"two-tower", "popularity (last week)", "item-kNN"} <= set(series_of(str(evaluate / "recall_at_k.png")))
+    trained = series_of(str(evaluate / "training.png"))
+    assert len(trained["in_batch_loss"]) == len(trained["step"]) > 3 and len(trained["epoch"]) == 1
+    assert (tmp_path / "runs" / "tiny" / "train" / "training.png").exists()
+    assert (tmp_path / "runs" / "tiny" / "index" / "nprobe.png").exists()
 
 
 def test_torchrun_wrapper_derives_run_dir_and_resumes(tiny_prepared, tmp_path):

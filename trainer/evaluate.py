@@ -25,11 +25,13 @@ from omegaconf import DictConfig
 from data.io import fs_and_path, join, read_json, write_json
 from data.runinfo import start_run
 from data.staging import output_of
+from trainer import plots
 from trainer import baselines as bl
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
 from trainer import index as ix
 from trainer.fingerprint import data_digest
 from trainer.metrics import evaluate as metrics
+from trainer.metrics import recall_curve
 from trainer import search
 from trainer.search import top_k
 
@@ -177,12 +179,37 @@ def run(cfg) -> dict:
     if ec.sampled_negatives and "two-tower" in rankings:
         report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, offsets, items,
                                                         ec.sampled_negatives, ec.seed, manifest_n_items, str(ec.period))
+    report["pictures"] = pictures(cfg, rankings, offsets, items, model_run)
     write_json(report, join(cfg.run_dir, "evaluation.json"))
     md = markdown(report, ec.ks)
     fs, path = fs_and_path(join(cfg.run_dir, "evaluation.md"))
     with fs.open(path, "w") as f:
         f.write(md)
     return report
+
+
+def pictures(cfg, rankings: dict, offsets: np.ndarray, items: np.ndarray, model_run: dict | None) -> dict:
+    """PNGs beside the report: Recall@K of every method; and, when they exist, the index's nprobe curve
+    and the model's training curves (drawn again from the index and train runs' own records)."""
+    out = {}
+    curves = {name: recall_curve(r, offsets, items) for name, r in rankings.items()}
+    plots.recall_curves(curves, join(cfg.run_dir, "recall_at_k.png"),
+                        f"Recall@K on the {cfg.evaluate.period} period, full catalogue")
+    out["recall_at_k.png"] = "Recall@K, model and baselines"
+    index_report = join(output_of(cfg.index_dir), "index_report.json") if cfg.index_dir else None
+    if index_report and _exists(index_report) and "two-tower" in rankings:
+        r = read_json(index_report)
+        k = int(next(key for key in r["sweep"][0] if key.startswith("recall@")).split("@")[1])
+        plots.nprobe_curve(r["sweep"], k, r["exact_qps"], join(cfg.run_dir, "nprobe.png"), chosen=r["nprobe"])
+        out["nprobe.png"] = "IVF index: recall against exact search and QPS per nprobe"
+    history = join(model_run["train_dir"], "metrics.json") if model_run else None
+    if history and _exists(history):
+        h = read_json(history)
+        metric = (h.get("best") or {}).get("metric") or next(
+            (k for k in (h.get("val") or [{}])[0] if k.startswith("recall@")), "recall@12")
+        plots.training_curves(h, join(cfg.run_dir, "training.png"), metric)
+        out["training.png"] = f"training loss per step and validation {metric} per epoch"
+    return out
 
 
 def markdown(report: dict, ks) -> str:
@@ -196,6 +223,8 @@ def markdown(report: dict, ks) -> str:
         s = report["sampled_optimistic"]
         lines += ["", f"Sampled protocol (OPTIMISTIC, not comparable): each positive among {s['negatives']} random "
                       f"negatives: HitRate@10 {s['hitrate@10']:.4f}, NDCG@10 {s['ndcg@10']:.4f}."]
+    for name, caption in report.get("pictures", {}).items():
+        lines += ["", f"**{caption}**", "", f"![{caption}]({name})"]
     return "\n".join(lines) + "\n"
 
 

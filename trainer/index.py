@@ -26,6 +26,7 @@ import pyarrow as pa
 from data.io import fs_and_path, join, read_json, read_table, write_json, write_parquet
 from data.runinfo import start_run
 from data.staging import output_of, staged
+from trainer import plots
 from trainer import config as _train_config  # noqa: F401  (registers the index schema)
 from trainer.search import top_k
 
@@ -209,6 +210,7 @@ def main_job(cfg) -> dict:
               "export": read_json(export_report) if fs_and_path(export_report)[0].exists(
                   fs_and_path(export_report)[1]) else {}}
     save(index, art_ids, cfg.run_dir, report)
+    plots.nprobe_curve(rows, ic.k, exact_qps, join(cfg.run_dir, "nprobe.png"), chosen=nprobe)
     return report
 
 

@@ -34,12 +34,16 @@ class Negatives:
 
 
 class LogQ:
-    """Sampling-probability estimates q_j of articles in the in-batch candidate stream.
+    """Per-draw sampling probabilities q_j of articles in the in-batch candidate stream (the correction
+    is ``log(N_batch * q_j)``, the candidate's expected count among the N_batch drawn).
 
     ``static``: training frequencies from data.prepare (smoothed). ``streaming``: the estimate of Yi et
-    al. 2019 from the gap between an article's appearances, updated with every step's candidates
-    (every rank sees the same gathered ids, so the estimate is identical everywhere). The estimates live
-    on the training device: the update is a few scatter ops, no host round trip.
+    al. 2019 from the gap between the steps an article appears in, counted in draws (candidates seen),
+    not in steps, so that it estimates the same per-draw probability as ``static``: q = (mean copies
+    per appearance) / (mean draws between appearances), both moving averages, so that an article drawn
+    several times a step is not capped at one per step. Every step's candidates update it (every rank sees the same
+    gathered ids, so the estimate is identical everywhere). The estimates live on the training device:
+    the update is a few scatter ops, no host round trip.
     """
 
     def __init__(self, mode: str, n_items: int, counts: torch.Tensor | None = None, alpha: float = 0.01,
@@ -53,33 +57,42 @@ class LogQ:
             c = counts.double() + 1.0
             self.log_prob = torch.log(c / c.sum()).float().to(device)
         elif mode == "streaming":
-            self.last_seen = torch.zeros(n_items, dtype=torch.float64, device=device)
+            self.drawn = torch.zeros((), dtype=torch.float64, device=device)  # candidates seen so far
+            self.last_seen = torch.zeros(n_items, dtype=torch.float64, device=device)  # ``drawn`` then
             self.gap = torch.full((n_items,), float(n_items), dtype=torch.float64, device=device)
+            self.copies = torch.ones(n_items, dtype=torch.float64, device=device)  # q = copies / gap: uniform
+            self._count = torch.zeros(n_items, dtype=torch.float64, device=device)
 
     def log_q(self, ids: torch.Tensor) -> torch.Tensor:
         if self.mode == "static":
             return self.log_prob.to(ids.device)[ids]
-        return (-torch.log(self.gap.to(ids.device)[ids])).float()
+        return (torch.log(self.copies.to(ids.device)[ids]) - torch.log(self.gap.to(ids.device)[ids])).float()
 
-    def update(self, ids: torch.Tensor, step: int) -> None:
+    def update(self, ids: torch.Tensor) -> None:
         """``ids``: every rank's positives of the step. A repeated id writes the same value each time
         (all its copies read the same old state), so no de-duplication is needed."""
         if self.mode != "streaming":
             return
         ids = ids.to(self.gap.device)
-        seen = self.last_seen[ids]
-        old = self.gap[ids]
-        gap = torch.where(seen > 0, step - seen, old)
+        self._count.zero_().index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+        self.drawn += ids.numel()
+        seen, old = self.last_seen[ids], self.gap[ids]
+        gap = torch.where(seen > 0, self.drawn - seen, old)
         self.gap[ids] = (1 - self.alpha) * old + self.alpha * gap
-        self.last_seen[ids] = float(step)
+        self.copies[ids] = (1 - self.alpha) * self.copies[ids] + self.alpha * self._count[ids]
+        self.last_seen[ids] = self.drawn
 
     def state_dict(self) -> dict:
-        return {"last_seen": self.last_seen, "gap": self.gap} if self.mode == "streaming" else {}
+        if self.mode != "streaming":
+            return {}
+        return {"drawn": self.drawn, "last_seen": self.last_seen, "gap": self.gap, "copies": self.copies}
 
     def load_state_dict(self, state: dict) -> None:
         if self.mode == "streaming":
+            self.drawn.copy_(state["drawn"])
             self.last_seen.copy_(state["last_seen"])
             self.gap.copy_(state["gap"])
+            self.copies.copy_(state["copies"])
 
 
 def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor, cfg,
@@ -95,6 +108,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
         cand, rank, cand_ids = positive, 0, positive_ids
     target = torch.arange(b, device=query.device) + rank * b
     n_batch = cand.shape[0]
+    batch_cand = cand
     correction = []
     if logq is not None and logq.mode != "off":
         correction.append(math.log(n_batch) + logq.log_q(cand_ids))
@@ -125,4 +139,11 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
             # by raw similarity, as retrieval ranks (the logQ-corrected logits favour rare articles)
             best = cand_ids[(query @ cand.T).argmax(dim=1)]
             stats["in_batch_acc"] = float((best == positive_ids).float().mean())
+            # The plain in-batch softmax loss (no logQ correction, no extra or hard negatives): a number a
+            # person can read, starting near log(batch) and going down as the model learns. The
+            # objective itself moves with the streaming logQ estimates.
+            plain = (query.float() / cfg.temperature) @ batch_cand.float().T
+            if cfg.mask_accidental_hits:
+                plain.masked_fill_(hit[:, :n_batch], MASKED)
+            stats["in_batch_loss"] = F.cross_entropy(plain, target).detach()
     return loss, stats

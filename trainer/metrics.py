@@ -59,6 +59,17 @@ def evaluate(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray, ks=(12,
     return out
 
 
+def recall_curve(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Recall@K for K = 1..ranked.shape[1] (queries with empty ground truth skipped)."""
+    n_rel = np.diff(offsets)
+    keep = n_rel > 0
+    if not keep.any():
+        return np.zeros(ranked.shape[1])
+    sub_offsets = np.r_[0, np.cumsum(n_rel[keep])]
+    hit = hits_matrix(ranked[keep], sub_offsets, items[np.repeat(keep, n_rel)])
+    return np.mean(np.cumsum(hit, axis=1) / n_rel[keep][:, None], axis=0)
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores per row; equal scores go to the lower index (deterministic)."""
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]

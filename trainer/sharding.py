@@ -60,8 +60,30 @@ def shard(model: nn.Module, cfg, device: torch.device, pg=None, print_plan: bool
     plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     if print_plan and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.info("sharding plan:\n%s", dmp.plan)
+        log.info("%s", plan_table(plan, model.tables, world))
     return dmp
+
+
+def plan_table(plan, tables, world: int) -> str:
+    """The sharding plan in a few lines: one per sharded table (rows, dim, how, kernel, ranks, size);
+    the small replicated (data-parallel) tables on one line. TorchRec's own report is in the log file."""
+    by_name = {t.name: t for t in tables}
+    lines, replicated = [f"sharding plan over {world} rank(s):",
+                         f"  {'table':<22} {'rows':>11} {'dim':>4}  {'sharding':<16} {'kernel':<8} {'ranks':<10} MB"], []
+    for module in plan.plan.values():
+        for param, ps in module.items():
+            name = param.split(".")[-1]
+            t = by_name.get(name)
+            if ps.sharding_type == "data_parallel":
+                replicated.append(name)
+                continue
+            rows, dim = (t.num_embeddings, t.embedding_dim) if t else (0, 0)
+            ranks = ",".join(map(str, sorted(set(ps.ranks or []))))
+            lines.append(f"  {name:<22} {rows:>11,} {dim:>4}  {ps.sharding_type:<16} {ps.compute_kernel:<8} "
+                         f"{ranks[:10]:<10} {rows * dim * 4 / 2**20:.1f}")
+    if replicated:
+        lines.append(f"  replicated on every rank (data_parallel): {', '.join(sorted(replicated))}")
+    return "\n".join(lines)
 
 
 

@@ -59,4 +59,4 @@ class TrainTask:
     def after_step(self, positive_ids: torch.Tensor, step: int) -> None:
         """Feeds every rank's positives of the step into the streaming logQ estimate."""
         if self.logq.mode == "streaming":
-            self.logq.update(torch.cat(D.all_gather(positive_ids)), step)
+            self.logq.update(torch.cat(D.all_gather(positive_ids)))

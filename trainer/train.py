@@ -33,6 +33,7 @@ from data.runinfo import start_run
 from data.stream import ExampleStream, make_loader
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer import distributed as D
+from trainer import plots
 from trainer.builder import build
 from trainer.device import loader_workers, set_precision
 from trainer.checkpoint import CheckpointManager
@@ -288,6 +289,7 @@ class Trainer:
         out = {"step": st.step, "epoch": st.epoch, **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))
+            plots.training_curves(st.history, join(self.run_dir, "training.png"), self.cfg.trainer.select_metric)
             if self._patience_spent():
                 log.info("early stop: %d validations without a better %s than %.4f (step %d)",
                          self.cfg.trainer.patience, st.history["best"]["metric"], st.history["best"]["value"],
@@ -297,18 +299,20 @@ class Trainer:
 
     def _log(self, loss: torch.Tensor, stats: dict) -> None:
         st, world = self.state, self.dist.world
-        mean_loss = float(D.all_reduce(loss.detach().float().reshape(1))) / world
+        plain = stats.get("in_batch_loss", torch.full_like(loss.detach(), float("nan")))
+        mean_loss, in_batch_loss = (D.all_reduce(torch.stack([loss.detach().float(), plain.float()])) / world).tolist()
         now = time.perf_counter()
         per_rank = self._examples / max(now - self._t_log, 1e-9)
         self._examples, self._t_log = 0, now
         dense = self.built.dense_optimizer
         lr = dense.param_groups[0]["lr"] if dense is not None else self.cfg.sharding.fused_lr
-        st.history["train"].append({"step": st.step, "loss": mean_loss})
+        st.history["train"].append({"step": st.step, "epoch": st.epoch, "loss": mean_loss,
+                                    "in_batch_loss": in_batch_loss})
         if self.dist.rank == 0:
-            log.info("step %d epoch %d loss %.4f in-batch acc %.3f | %.0f ex/s total, %.0f ex/s per rank | lr %.2e",
-                     st.step, st.epoch, mean_loss, stats.get("in_batch_acc", float("nan")), per_rank * world,
-                     per_rank, lr)
-        self.scalars.add({"loss": mean_loss, "examples_per_s": per_rank * world, "lr": lr,
+            log.info("step %d epoch %d in-batch loss %.4f (objective %.4f) in-batch acc %.3f | %.0f ex/s total, "
+                     "%.0f ex/s per rank | lr %.2e", st.step, st.epoch, in_batch_loss, mean_loss,
+                     stats.get("in_batch_acc", float("nan")), per_rank * world, per_rank, lr)
+        self.scalars.add({"loss": mean_loss, "in_batch_loss": in_batch_loss, "examples_per_s": per_rank * world, "lr": lr,
                           "in_batch_acc": stats.get("in_batch_acc", float("nan"))}, st.step, "train")
 
 
