@@ -29,6 +29,10 @@ def peak_rss_mb() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+# ``log.info(..., extra=FILE_ONLY)``: a detail for the run's log file, not the console.
+FILE_ONLY = {"file_only": True}
+
+
 class ConsoleFilter(logging.Filter):
     """Lets through to the console the project's own records, and errors from anywhere; the rest
     (TorchRec's planner, FBGEMM, library warnings) reaches only the run's log file
@@ -48,4 +52,6 @@ class ConsoleFilter(logging.Filter):
             torch_log.propagate = True
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or record.name.split(".")[0] in self.OWN
+        if record.levelno >= logging.ERROR:
+            return True
+        return record.name.split(".")[0] in self.OWN and not getattr(record, "file_only", False)

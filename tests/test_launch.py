@@ -43,7 +43,7 @@ def test_run_sh_runs_every_stage(tmp_path):
 
     assert {"two-tower", "popularity (last week)", "item-kNN"} <= set(series_of(str(evaluate / "recall_at_k.png")))
     trained = series_of(str(evaluate / "training.png"))
-    assert len(trained["in_batch_loss"]) == len(trained["step"]) > 3 and len(trained["epoch"]) == 1
+    assert len(trained["in_batch_loss"]) == len(trained["step"]) >= 1 and len(trained["epoch"]) == 1
     assert (tmp_path / "runs" / "tiny" / "train" / "training.png").exists()
     assert (tmp_path / "runs" / "tiny" / "index" / "nprobe.png").exists()
 

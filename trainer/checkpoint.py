@@ -36,6 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from data.runinfo import FILE_ONLY
 from trainer import distributed as D
 from trainer.fingerprint import differences, short_id
 from trainer.state import BLOB
@@ -182,7 +183,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(partial, final)
             self._rotate(keep_step=best["step"] if best else None)
-            log.info("checkpoint %s", final)
+            log.info("checkpoint %s", final, extra=FILE_ONLY)
         D.barrier()
         return final
 

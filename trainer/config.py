@@ -130,8 +130,12 @@ class LoopConfig:
     batch_size: int = 1024  # per rank
     epochs: int = 2
     max_steps: int = -1  # stop early (for tests and benchmarks)
-    log_every: int = 50
+    log_every: int = 50  # steps between logged losses (log file, TensorBoard, metrics.json)
+    console_every_s: float = 30.0  # ... of which the console shows one every this many seconds
     checkpoint_every: int = 500  # steps; and always at the end
+    # Ranks agree on a stop signal every N steps (and at each epoch end): a collective with a host read,
+    # so not every step (that would stall a GPU's queue); N steps of latency against a grace of minutes.
+    stop_check_every: int = 10
     keep_checkpoints: int = 3
     resume: bool = True  # from the latest complete checkpoint in the run directory
     recall_k: list = field(default_factory=lambda: [12, 100])  # the k of Recall/NDCG/HitRate@k in validation

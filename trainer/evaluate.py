@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from omegaconf import DictConfig
 
 from data.io import fs_and_path, join, read_json, write_json
-from data.runinfo import start_run
+from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
 from trainer import plots
 from trainer import baselines as bl
@@ -142,7 +142,8 @@ def run(cfg) -> dict:
         t0 = time.perf_counter()
         r = fn()
         timings[name] = round(time.perf_counter() - t0, 3)
-        log.info("%s: top-%d for %d customers in %.1fs", name, width, len(customers), timings[name])
+        log.info("%s: top-%d for %d customers in %.1fs", name, width, len(customers), timings[name],
+                 extra=FILE_ONLY)
         rankings[name] = drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
 
     model_run = None
@@ -232,7 +233,9 @@ def markdown(report: dict, ks) -> str:
 def main(cfg: DictConfig) -> dict:
     start_run(cfg)
     report = run(cfg)
-    print(markdown(report, cfg.evaluate.ks))
+    shown = {k: v for k, v in report.items() if k != "pictures"}
+    print(markdown(shown, cfg.evaluate.ks) + f"Report and pictures ({', '.join(report['pictures'])}): "
+          f"{join(cfg.run_dir, 'evaluation.md')}")
     return report
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from data.io import fs_and_path, join, read_json, read_table, write_json, write_parquet
-from data.runinfo import start_run
+from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of, staged
 from trainer import plots
 from trainer import config as _train_config  # noqa: F401  (registers the index schema)
@@ -227,7 +227,12 @@ def main(cfg) -> dict:
              cfg.index.target_recall)
     for r in report["sweep"]:
         log.info("  nprobe %4d  recall@%d %.4f  %10.0f QPS (%.1fx exact)", r["nprobe"], k, r[f"recall@{k}"],
-                 r["qps"], r["qps"] / report["exact_qps"])
+                 r["qps"], r["qps"] / report["exact_qps"], extra=FILE_ONLY)
+    sweep = report["sweep"]  # the console gets the sweep as three rows
+    log.info("  %-11s %s", "nprobe", " ".join(f"{r['nprobe']:>7d}" for r in sweep))
+    log.info("  %-11s %s", f"recall@{k}", " ".join(f"{r[f'recall@{k}']:>7.4f}" for r in sweep))
+    log.info("  %-11s %s   (exact search %.0f QPS)", "kQPS", " ".join(f"{r['qps'] / 1e3:>7.0f}" for r in sweep),
+             report["exact_qps"])
     return report
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data import config as _data_config  # noqa: F401  (registers the data configs)
 from data.io import join, write_json
-from data.runinfo import start_run
+from data.runinfo import FILE_ONLY, start_run
 from data.stream import ExampleStream, make_loader
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer import distributed as D
@@ -85,6 +85,7 @@ class Trainer:
         self.guard = FiniteGuard(dev)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
         self._examples, self._t_log = 0, time.perf_counter()  # examples/s between log lines
+        self._t_console = float("-inf")  # when a step line last went to the console
         self._running = None  # the current epoch's step runner
         self._seen = None  # validation customers' training purchases (trainer.validate_exclude_seen)
 
@@ -131,7 +132,7 @@ class Trainer:
                         continue
                     if loop.checkpoint_every > 0 and st.step % loop.checkpoint_every == 0:
                         self._save()
-                    if self.stop.requested():
+                    if st.step % max(1, loop.stop_check_every) == 0 and self.stop.requested():
                         raise StopRequested()
                 self.steps.detach()
                 if st.batch_in_epoch == 0:  # an epoch ended
@@ -309,9 +310,13 @@ class Trainer:
         st.history["train"].append({"step": st.step, "epoch": st.epoch, "loss": mean_loss,
                                     "in_batch_loss": in_batch_loss})
         if self.dist.rank == 0:
+            # every logged step goes to the run's log file; to the console one every trainer.console_every_s
+            to_console = now - self._t_console >= self.cfg.trainer.console_every_s or st.step == 1
+            self._t_console = now if to_console else self._t_console
             log.info("step %d epoch %d in-batch loss %.4f (objective %.4f) in-batch acc %.3f | %.0f ex/s total, "
                      "%.0f ex/s per rank | lr %.2e", st.step, st.epoch, in_batch_loss, mean_loss,
-                     stats.get("in_batch_acc", float("nan")), per_rank * world, per_rank, lr)
+                     stats.get("in_batch_acc", float("nan")), per_rank * world, per_rank, lr,
+                     extra=None if to_console else FILE_ONLY)
         self.scalars.add({"loss": mean_loss, "in_batch_loss": in_batch_loss, "examples_per_s": per_rank * world, "lr": lr,
                           "in_batch_acc": stats.get("in_batch_acc", float("nan"))}, st.step, "train")
 
