@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data.io import fs_and_path  # noqa: E402
@@ -67,7 +68,7 @@ def nprobe_curve(sweep: list[dict], k: int, exact_qps: float, url: str, chosen: 
     if chosen is not None:
         ax.axvline(chosen, color="tab:green", linestyle=":", label=f"chosen nprobe {chosen}")
     lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
-    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="lower right")
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="center right")
     ax.set_title("IVF index: recall and speed per nprobe")
     return _save(fig, url, {"nprobe": nprobe, f"recall@{k}": recall, "qps": qps, "exact_qps": exact_qps})
 
@@ -94,6 +95,7 @@ def training_curves(history: dict, url: str, metric: str) -> dict:
     values = [v.get(metric) for v in val]
     right.plot(epochs, values, marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.grid(alpha=0.3)
     series.update({"epoch": epochs, metric: values})
     return _save(fig, url, series)
