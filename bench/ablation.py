@@ -30,6 +30,8 @@ CONFIGS = {
     "streaming logQ, 256 mixed": ["loss=default", "loss.mixed_negatives=256"],
     "streaming logQ, 1024 mixed (default)": ["loss=default"],
     "default, T=0.1": ["loss=default", "loss.temperature=0.1"],
+    "default, 4096 mixed": ["loss=default", "loss.mixed_negatives=4096"],
+    "default, static logQ": ["loss=default", "loss.logq=static"],
     "default + 4 hard negatives": ["loss=hard_negatives"],
 }
 

@@ -163,3 +163,21 @@ def test_killed_export_and_index_leave_the_previous_outputs(tiny_prepared, tmp_p
               f"hydra.run.dir={tmp_path / 'eval'}")
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert "IVF" in json.dumps(report)
+
+
+def test_staged_on_an_fsspec_url():
+    """Object stores have no atomic directory rename: there the commit mark written last is what a
+    reader trusts; the publish itself must still leave exactly the new output."""
+    import fsspec
+
+    from data.io import read_json, write_json
+
+    fs = fsspec.filesystem("memory")
+    for version in (1, 2):
+        with staged("memory://staging-test/out", "manifest.json") as tmp:
+            assert tmp.startswith("memory://")
+            write_json({"v": version}, f"{tmp}/part.json")
+            write_json({"v": version}, f"{tmp}/manifest.json")
+    assert read_json("memory://staging-test/out/manifest.json") == {"v": 2}
+    assert fs.ls("/staging-test", detail=False) == ["/staging-test/out"]
+    fs.rm("/staging-test", recursive=True)
