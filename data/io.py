@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import fsspec
@@ -27,14 +29,27 @@ def table_url(root: str, name: str) -> str:
     return join(root, "transactions") if name == TRANSACTIONS.name else join(root, f"{name}.parquet")
 
 
-def write_parquet(table: pa.Table, url: str, row_group_size: int | None = None) -> None:
-    """Writes atomically where the filesystem allows: to a temporary name, then renamed."""
+@contextmanager
+def atomic_open(url: str, mode: str = "wb"):
+    """A file opened for writing under a temporary name and renamed to ``url`` when the block ends
+    without an error, so a reader never sees it half-written (atomic where the filesystem renames
+    atomically; on object stores an upload appears whole anyway)."""
     fs, path = fs_and_path(url)
     fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, path)
+
+
+def write_parquet(table: pa.Table, url: str, row_group_size: int | None = None) -> None:
+    with atomic_open(url, "wb") as f:
+        pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
 
 
 class ShardWriter:
@@ -117,9 +132,7 @@ def read_articles(root: str) -> pa.Table:
 
 
 def write_json(obj: Any, url: str) -> None:
-    fs, path = fs_and_path(url)
-    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "w") as f:
+    with atomic_open(url, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
 

@@ -181,3 +181,15 @@ def test_staged_on_an_fsspec_url():
     assert read_json("memory://staging-test/out/manifest.json") == {"v": 2}
     assert fs.ls("/staging-test", detail=False) == ["/staging-test/out"]
     fs.rm("/staging-test", recursive=True)
+
+
+def test_a_file_written_atomically_is_whole_or_absent(tmp_path):
+    from data.io import atomic_open, write_json
+
+    write_json({"v": 1}, str(tmp_path / "r.json"))
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(tmp_path / "r.json"), "w") as f:
+            f.write('{"v": 2, "half')
+            raise RuntimeError("killed")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

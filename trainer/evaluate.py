@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from omegaconf import DictConfig
 
-from data.io import fs_and_path, join, read_json, write_json
+from data.io import atomic_open, fs_and_path, join, read_json, write_json
 from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
 from trainer import plots
@@ -183,8 +183,7 @@ def run(cfg) -> dict:
     report["pictures"] = pictures(cfg, rankings, offsets, items, model_run)
     write_json(report, join(cfg.run_dir, "evaluation.json"))
     md = markdown(report, ec.ks)
-    fs, path = fs_and_path(join(cfg.run_dir, "evaluation.md"))
-    with fs.open(path, "w") as f:
+    with atomic_open(join(cfg.run_dir, "evaluation.md"), "w") as f:
         f.write(md)
     return report
 

@@ -16,12 +16,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data.io import fs_and_path  # noqa: E402
+from data.io import atomic_open, fs_and_path  # noqa: E402
 
 
 def _save(fig, url: str, series: dict) -> dict:
-    fs, path = fs_and_path(url)
-    with fs.open(path, "wb") as f:
+    with atomic_open(url, "wb") as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight",
                     metadata={"Description": json.dumps(series, separators=(",", ":"))})
     plt.close(fig)

@@ -24,7 +24,7 @@ import pyarrow.csv as pcsv
 from omegaconf import DictConfig
 
 from data import features, vocab
-from data.io import fs_and_path, join, read_articles, read_customers, read_json, write_json
+from data.io import atomic_open, fs_and_path, join, read_articles, read_customers, read_json, write_json
 from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
@@ -110,7 +110,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
         text = pc.binary_join(lists, " ")
         out = pa.table({"customer_id": raw, "prediction": text})
         url = rc.output or join(run_dir, "submission.csv")
-        with fs_and_path(url)[0].open(fs_and_path(url)[1], "wb") as f:
+        with atomic_open(url, "wb") as f:
             f.write(b"customer_id,prediction\n")  # H&M's header, unquoted
             pcsv.write_csv(out, f, pcsv.WriteOptions(include_header=False, quoting_style="none"))
         counts["submission"] = url
