@@ -54,9 +54,9 @@ from tqdm import tqdm
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data.config import SynthConfig
 from data.io import ShardWriter, join, table_url, write_json, write_parquet
-from data.staging import staged
 from data.runinfo import peak_rss_mb, start_run
 from data.schema import ARTICLES, CUSTOMERS, TRANSACTIONS
+from data.staging import staged
 
 log = logging.getLogger(__name__)
 
@@ -450,10 +450,10 @@ def generate(cfg: SynthConfig, root: str, progress: bool = True) -> dict:
     The dataset is written aside and replaces ``root`` whole (data/staging.py), its manifest last.
     """
     with staged(root, "manifest.json") as out:
-        return _generate(cfg, root, out, progress)
+        return _generate(cfg, out, progress)
 
 
-def _generate(cfg: SynthConfig, root: str, out: str, progress: bool) -> dict:
+def _generate(cfg: SynthConfig, out: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     seeds = np.random.SeedSequence(cfg.seed).spawn(3)
     styles = Styles(np.random.default_rng(seeds[0]), cfg.n_styles)
