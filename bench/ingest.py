@@ -77,12 +77,12 @@ def main() -> None:
         write_file(path, args.rows)
         mb = path.stat().st_size / 1e6
         print(f"{args.rows:,} rows, {mb:.0f} MB")
-        results = [(f"pyarrow open_csv (streaming), {16} MiB blocks", *timed(lambda: arrow_streaming(str(path), 16 << 20)))]
+        results = [("pyarrow open_csv (streaming), 16 MiB blocks", *timed(lambda: arrow_streaming(str(path), 16 << 20)))]
         for block in (4, 16, 64):
             results.append((f"project stream_csv, {block} MiB blocks", *timed(lambda b=block: project(str(path), b << 20))))
         results.append(("pyarrow read_csv (whole file, threads)", *timed(lambda: arrow_whole(str(path)))))
         base = results[0][1] / results[0][2]
-        print(f"| reader | rows | seconds | MB/s | rows/s | vs open_csv |\n|---|---:|---:|---:|---:|---:|")
+        print("| reader | rows | seconds | MB/s | rows/s | vs open_csv |\n|---|---:|---:|---:|---:|---:|")
         for name, rows, secs in results:
             assert rows == args.rows, (name, rows)
             print(f"| {name} | {rows:,} | {secs:.2f} | {mb / secs:.0f} | {rows / secs:,.0f} | {rows / secs / base:.2f}x |")

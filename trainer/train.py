@@ -301,7 +301,8 @@ class Trainer:
     def _log(self, loss: torch.Tensor, stats: dict) -> None:
         st, world = self.state, self.dist.world
         plain = stats.get("in_batch_loss", torch.full_like(loss.detach(), float("nan")))
-        mean_loss, in_batch_loss = (D.all_reduce(torch.stack([loss.detach().float(), plain.float()])) / world).tolist()
+        both = D.all_reduce(torch.stack([loss.detach().float(), plain.float()])) / world
+        mean_loss, in_batch_loss = both.tolist()
         now = time.perf_counter()
         per_rank = self._examples / max(now - self._t_log, 1e-9)
         self._examples, self._t_log = 0, now
@@ -317,8 +318,8 @@ class Trainer:
                      "%.0f ex/s per rank | lr %.2e", st.step, st.epoch, in_batch_loss, mean_loss,
                      stats.get("in_batch_acc", float("nan")), per_rank * world, per_rank, lr,
                      extra=None if to_console else FILE_ONLY)
-        self.scalars.add({"loss": mean_loss, "in_batch_loss": in_batch_loss, "examples_per_s": per_rank * world, "lr": lr,
-                          "in_batch_acc": stats.get("in_batch_acc", float("nan"))}, st.step, "train")
+        self.scalars.add({"loss": mean_loss, "in_batch_loss": in_batch_loss, "examples_per_s": per_rank * world,
+                          "lr": lr, "in_batch_acc": stats.get("in_batch_acc", float("nan"))}, st.step, "train")
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
