@@ -359,8 +359,6 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
     translate = (multi_char_delimiter.encode(), delimiter.encode()) if multi_char_delimiter else None
     splitter = _BlockSplitter(url, delimiter.encode(), quoting, translate, max_record=16 * block_size + (1 << 20))
     names = list(column_names) if column_names else None
-    parse_opts = pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
-                                   newlines_in_values=quoting, ignore_empty_lines=False)
     with fs.open(path, "rb") as f:
         while True:
             chunk = f.read(block_size)
@@ -373,7 +371,7 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
                 report.extra_columns = [c for c in names if c not in expected]
                 rec = _Records(rec.data, rec.starts[1:], rec.ends[1:], rec.lines[1:], rec.fields[1:])
             if rec is not None and len(rec.starts):
-                yield from _parse_block(url, rec, names, expected, report, delimiter, encoding, parse_opts)
+                yield from _parse_block(url, rec, names, expected, report, delimiter, encoding)
             if not chunk:
                 break
     if names is None:
@@ -382,7 +380,7 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
         raise IngestError(f"{url}: no data rows")
 
 
-def _parse_block(url, rec: _Records, names, expected, report: Report, delimiter, encoding, parse_opts):
+def _parse_block(url, rec: _Records, names, expected, report: Report, delimiter, encoding):
     n = len(rec.starts)
     report.rows_read += n
     ok = rec.fields == len(names)
@@ -397,8 +395,8 @@ def _parse_block(url, rec: _Records, names, expected, report: Report, delimiter,
         io.BytesIO(rec.take(ok)),
         read_options=pcsv.ReadOptions(column_names=names, encoding=encoding, use_threads=False,
                                       block_size=max(1 << 20, len(rec.data) + 1)),
-        parse_options=pcsv.ParseOptions(delimiter=parse_opts.delimiter, quote_char=parse_opts.quote_char,
-                                        newlines_in_values=parse_opts.newlines_in_values, ignore_empty_lines=False,
+        parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False,
+                                        newlines_in_values=delimiter == ",", ignore_empty_lines=False,
                                         invalid_row_handler=lambda row: invalid.append(row.text) or "skip"),
         convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in expected}, include_columns=expected))
     if invalid or table.num_rows != len(lines):
