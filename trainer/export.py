@@ -46,7 +46,12 @@ def export(cfg: DictConfig, run_dir: str) -> dict:
     rank = D.rank()
     # every rank computes embeddings (collectives); rank 0 writes and publishes
     with staged(output_of(run_dir), "export_report.json") if rank == 0 else nullcontext() as out:
-        return _export(embedder, run, rank, out)
+        written = _export(embedder, run, rank, out)
+    if rank == 0:
+        log.info("exported run %s step %d (fingerprint %s): %s into %s", run.train_dir, run.step,
+                 run.fingerprint_id, {k: v for k, v in written.items() if k.startswith(("items", "users"))},
+                 output_of(run_dir))
+    return written
 
 
 def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
@@ -72,8 +77,6 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
             written[f"users_{period}"] = int(len(cust))
     if rank == 0:
         write_json(written, join(out, "export_report.json"))
-        log.info("exported run %s step %d (fingerprint %s): %s", run.train_dir, run.step,
-                 run.fingerprint_id, {k: v for k, v in written.items() if k.startswith(("items", "users"))})
     return written
 
 
