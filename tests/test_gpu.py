@@ -74,7 +74,8 @@ def test_search_on_the_gpu_equals_the_cpu():
     assert torch.equal(cpu, gpu.cpu())
 
 
-def test_the_miner_on_the_gpu_equals_the_cpu():
+@pytest.mark.parametrize("anchor", ["query", "positive"])
+def test_the_miner_on_the_gpu_equals_the_cpu(anchor):
     from trainer.negatives import HardNegativeMiner
 
     rng = np.random.default_rng(1)
@@ -85,7 +86,7 @@ def test_the_miner_on_the_gpu_equals_the_cpu():
     values = torch.from_numpy(rng.integers(1, 3000, int(lengths.sum())))
     out = {}
     for dev in ("cpu", "cuda"):
-        m = HardNegativeMiner(4, 20, 200, 3000, 16, dev)
+        m = HardNegativeMiner(4, 20, 200, 3000, 16, dev, anchor=anchor)
         m.refresh(items.to(dev))
         out[dev] = m.mine(q.to(dev), pos.to(dev), lengths.to(dev), values.to(dev), 0, 7, 0).cpu()
     assert torch.equal(out["cpu"], out["cuda"])

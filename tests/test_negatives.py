@@ -9,37 +9,70 @@ import torch
 from trainer.negatives import HardNegativeMiner
 
 
-def naive_candidates(items, q, pos, history, lo, hi):
-    """Per row: the articles ranked [lo, hi) by inner product (row 0 never), minus target and history."""
+def naive_candidates(items, anchors, pos, history, lo, hi):
+    """Per row: the articles ranked [lo, hi) by inner product with the row's anchor vector (row 0
+    never), minus target and history."""
     out = []
-    for b in range(len(q)):
-        scores = items @ q[b]
+    for b in range(len(anchors)):
+        scores = items @ anchors[b]
         scores[0] = -np.inf
         ranked = np.argsort(-scores, kind="stable")[:hi][lo:]
         out.append({int(a) for a in ranked if a != pos[b] and a not in history[b]})
     return out
 
 
-def test_mined_negatives_come_from_the_window_and_skip_known_positives():
-    rng = np.random.default_rng(0)
-    n, d, b = 400, 8, 32
+def batch(seed=0, n=400, d=8, b=32):
+    rng = np.random.default_rng(seed)
     items = rng.normal(size=(n, d)).astype(np.float32)
     q = rng.normal(size=(b, d)).astype(np.float32)
     pos = rng.integers(1, n, b)
     lengths = rng.integers(0, 8, b)
     values = rng.integers(1, n, int(lengths.sum()))
     history = np.split(values, np.cumsum(lengths)[:-1])
-    m = HardNegativeMiner(4, 5, 40, n, d)
+    return items, q, pos, lengths, values, history
+
+
+@pytest.mark.parametrize("anchor", ["query", "positive"])
+def test_mined_negatives_come_from_the_window_and_skip_known_positives(anchor):
+    items, q, pos, lengths, values, history = batch()
+    m = HardNegativeMiner(4, 5, 40, len(items), items.shape[1], anchor=anchor)
     m.refresh(torch.from_numpy(items))
-    got = m.mine(torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values),
-                 seed=1, step=3, rank=0)
-    allowed = naive_candidates(items, q, pos, history, 5, 40)
-    assert got.shape == (b, 4)
+    args = (torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values))
+    got = m.mine(*args, seed=1, step=3, rank=0)
+    allowed = naive_candidates(items, q if anchor == "query" else items[pos], pos, history, 5, 40)
+    assert got.shape == (len(q), 4)
     for row, ok in zip(got.tolist(), allowed):
         assert set(row) <= ok and len(set(row)) == 4
-    again = m.mine(torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values),
-                   seed=1, step=3, rank=0)
-    assert torch.equal(got, again)  # a function of (seed, step, rank) and the snapshot: resume draws the same
+    assert torch.equal(got, m.mine(*args, seed=1, step=3, rank=0))  # a function of (seed, step, rank) and the
+    assert not torch.equal(got, m.mine(*args, seed=1, step=4, rank=0))  # snapshot: resume draws the same
+
+
+def test_draws_cover_the_window_evenly():
+    """Over many steps a row's negatives spread over its whole usable window, near-uniformly."""
+    items, q, pos, lengths, values, history = batch(seed=3, b=1)
+    m = HardNegativeMiner(4, 5, 40, len(items), items.shape[1], anchor="query")
+    m.refresh(torch.from_numpy(items))
+    args = (torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values))
+    drawn = torch.cat([m.mine(*args, seed=0, step=s, rank=0)[0] for s in range(2000)]).numpy()
+    allowed = naive_candidates(items, q, pos, history, 5, 40)[0]
+    counts = np.array([(drawn == a).sum() for a in sorted(allowed)])
+    assert set(drawn.tolist()) == allowed
+    expected = len(drawn) / len(allowed)
+    assert counts.min() > 0.7 * expected and counts.max() < 1.3 * expected
+
+
+def test_a_window_with_too_few_usable_articles_falls_back_to_the_catalogue():
+    items, q, pos, lengths, values, _ = batch(seed=4, n=30, b=16)
+    m = HardNegativeMiner(3, 0, 4, 30, items.shape[1], anchor="positive")
+    m.refresh(torch.from_numpy(items))
+    history = np.split(values, np.cumsum(lengths)[:-1])
+    window = m.neighbours.numpy()[pos]
+    got = m.mine(torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values),
+                 seed=0, step=0, rank=0).numpy()
+    for row, w, p, h in zip(got, window, pos, history):
+        usable = [a for a in w if a != p and a not in h]
+        assert set(usable) <= set(row) or len(usable) > 3  # every usable one is taken when there are few
+        assert ((row >= 1) & (row < 30)).all()
 
 
 def test_state_round_trip_and_bad_windows():
@@ -48,7 +81,10 @@ def test_state_round_trip_and_bad_windows():
     other = HardNegativeMiner(2, 0, 10, 50, 4)
     other.load_state_dict(m.state_dict())
     assert other.ready and torch.equal(other.embeddings, m.embeddings)
+    assert torch.equal(other.neighbours, m.neighbours)  # recomputed from the snapshot
     with pytest.raises(ValueError, match="empty"):
         HardNegativeMiner(2, 10, 10, 50, 4)
     with pytest.raises(ValueError, match="does not fit"):
         HardNegativeMiner(8, 0, 5, 50, 4)
+    with pytest.raises(ValueError, match="anchor"):
+        HardNegativeMiner(2, 0, 10, 50, 4, anchor="target")

@@ -21,6 +21,11 @@ class LogQMode(Choice):
     streaming = "streaming"  # the estimate of Yi et al. 2019, updated every step
 
 
+class HardAnchor(Choice):
+    positive = "positive"  # the target's neighbours, listed once per refresh (PinSage): cheap per step
+    query = "query"  # the query's exact top over the catalogue, every step (ANCE): costly
+
+
 class FusedOptimizer(Choice):
     rowwise_adagrad = "rowwise_adagrad"
     adagrad = "adagrad"
@@ -99,8 +104,9 @@ class LossConfig:
     mask_accidental_hits: bool = True  # another row's positive that equals this row's is not a negative
     cross_rank: bool = True  # candidates all-gathered from every rank
     mixed_negatives: int = 1024  # uniform random catalogue articles per batch, shared by all rows
-    hard_negatives: int = 0  # mined per row from a FAISS index of current item embeddings
-    hard_every: int = 0  # re-mine every N steps (0: each epoch)
+    hard_negatives: int = 0  # mined per row by exact search over a snapshot of the item embeddings
+    hard_anchor: HardAnchor = HardAnchor.positive  # search around the row's target or its query
+    hard_every: int = 0  # refresh the snapshot every N steps (0: each epoch)
     hard_rank_lo: int = 20  # skip the nearest (near-duplicates and unlabelled positives) ...
     hard_rank_hi: int = 200  # ... and sample from ranks [lo, hi)
 

@@ -71,7 +71,7 @@ class Trainer:
         counts = torch.from_numpy(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy().copy())
         self.logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)
         self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, model.output_dim,
-                                       dev) if lc.hard_negatives > 0 else None
+                                       dev, str(lc.hard_anchor)) if lc.hard_negatives > 0 else None
         self.task = TrainTask(model.model, model.keys, lc, self.logq, self.miner, self.stream.tables, n_items,
                               loop.seed, dev, set_precision(loop.precision, dev))
         self.state = TrainState()
