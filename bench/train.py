@@ -71,7 +71,7 @@ def make_trainer(data: str, batch: int, extra: list[str], device: str) -> Traine
     t.stream.set_epoch(0)
     t.task.with_stats = False  # as between log lines
     if t.miner is not None:
-        t.miner.refresh(t.embedder.items())
+        t.miner.refresh(t.embedder.items(scoring=False))
     return t
 
 

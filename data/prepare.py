@@ -13,6 +13,7 @@ Writes under ``prepare.out`` (default ``<data.root>/prepared``):
                                   history (last N articles strictly before day, training rows only);
                                   globally shuffled, row groups of prepare.row_group_rows
     item_freq.parquet             training purchases per article_idx (for logQ correction)
+    item_week_sales.parquet       training purchases per (week before the end of training, article_idx)
     eval/<val|test>.parquet       per evaluation customer: query day, history, target articles
     manifest.json                 sizes, cardinalities, split bounds, counts, time and peak RSS
 
@@ -137,6 +138,21 @@ def within_day(data_cfg, cfg) -> bool:
     return bool(data_cfg.get("sessions", False))
 
 
+def recent_sales(a: np.ndarray, d: np.ndarray, train: np.ndarray) -> dict:
+    """Training purchases per (article, week), weeks counted back from the end of training (week -1:
+    the last 7 training days), so the first week after training, where evaluation starts, sees exactly
+    the sales of the week before it. The trainer reads an article's sales in the week before each
+    example's week (trainer/popularity.py). Columnar: one sort of (week, article) keys."""
+    end = int(d[train].max()) + 1
+    weeks = -(-(end - int(d[train].min())) // 7)
+    n_items = int(a.max(initial=0)) + 1
+    keys, counts = np.unique((d[train].astype(np.int64) - end) // 7 * n_items + a[train], return_counts=True)
+    table = pa.table({"week": pa.array((keys // n_items).astype(np.int32)),  # floor division: -1, -2, ...
+                      "article_idx": pa.array((keys % n_items).astype(np.int32)),
+                      "count": pa.array(counts.astype(np.int32))})
+    return {"table": table, "train_end": str(EPOCH + end), "weeks": int(weeks)}
+
+
 def prepare(data_cfg, split_cfg, cfg, progress: bool = True) -> dict:
     """Writes everything aside and publishes it in place of ``prepare.out`` whole, the manifest last
     (data/staging.py): a reader never sees one run's vocabularies beside another run's examples."""
@@ -171,6 +187,8 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
     freq = np.bincount(a[train_rows], minlength=art_cards["article_id"])
     write_parquet(pa.table({"article_idx": pa.array(np.arange(len(freq), dtype=np.int32)),
                             "count": pa.array(freq.astype(np.int64))}), join(out, "item_freq.parquet"))
+    sales = recent_sales(a, d, labels == split.TRAIN)
+    write_parquet(sales.pop("table"), join(out, "item_week_sales.parquet"))
     shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day, progress)
 
     evals = {}
@@ -205,6 +223,7 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
         "cardinalities": {**cust_cards, **art_cards},
         "customer_features": list(features.CUSTOMER_FEATURES),
         "article_features": list(features.ARTICLE_FEATURES) + (["desc_tokens"] if cfg.desc_tokens else []),
+        "recent_sales": sales,
         "history_len": cfg.history_len,
         "history_within_day": same_day,
         "row_group_rows": cfg.row_group_rows,

@@ -66,6 +66,7 @@ class Batch:
     article_idx: torch.Tensor  # (B,) int64: the positive item of each row
     extra_item: KeyedJaggedTensor | None = None  # M extra catalogue articles (mixed negatives)
     extra_ids: torch.Tensor | None = None  # (M,) int64: their article_idx
+    week: torch.Tensor | None = None  # (B,) int64: the row's week for recent sales (FeatureTables.week_index)
 
     def _map(self, fn) -> "Batch":
         return Batch(*(None if getattr(self, f) is None else fn(getattr(self, f)) for f in self._fields()))
@@ -78,7 +79,7 @@ class Batch:
 
     @staticmethod
     def _fields() -> tuple[str, ...]:
-        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids")
+        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids", "week")
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
@@ -146,6 +147,9 @@ class FeatureTables:
         last = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
         days = np.arange(first - 1, last + 400)
         self._tod = (first - 1, np.stack(features.time_of_year(days), axis=1))
+        sales = manifest.get("recent_sales")
+        self._sales = None if sales is None else (
+            int(np.datetime64(sales["train_end"], "D").astype(np.int64)), int(sales["weeks"]))
         self.customer = self._dense(cust, "customer_idx", self.customer_features, self.cards["customer_id"])
         self.article = self._dense(art, "article_idx", self.article_features, self.cards["article_id"])
         if self.has_desc:  # a list array indexed by article_idx: a batch's tokens are one Arrow take
@@ -175,6 +179,15 @@ class FeatureTables:
         if len(day) and (day.min() < lo or day.max() >= lo + len(table)):
             return np.stack(features.time_of_year(day), axis=1)
         return table[day - lo]
+
+    def week_index(self, day: np.ndarray) -> np.ndarray:
+        """(B,) int32: which row of the recent-sales table a day reads (trainer/popularity.py): ``weeks``
+        for the first week after training (evaluation) and later, ``weeks - 1`` for the last training
+        week, ..., 0 before the data. All 0 for prepared data without recent sales."""
+        if self._sales is None:
+            return np.zeros(len(day), np.int32)
+        end, weeks = self._sales
+        return np.clip((np.asarray(day, np.int64) - end) // 7 + weeks, 0, weeks).astype(np.int32)
 
     def desc(self, article_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lengths and concatenated tokens of the given articles' descriptions."""
@@ -219,6 +232,7 @@ class Columns:
     history: Jagged
     desc: Jagged | None
     tod: np.ndarray  # (n, 2) float32
+    week: np.ndarray  # (n,) int32
 
     def __len__(self) -> int:
         return len(self.customer)
@@ -227,7 +241,8 @@ class Columns:
         hi = len(self) if hi is None else hi
         return Columns(self.customer[lo:hi], self.article[lo:hi], self.cust_feats[:, lo:hi],
                        self.art_feats[:, lo:hi], self.history.slice(lo, hi),
-                       self.desc.slice(lo, hi) if self.desc is not None else None, self.tod[lo:hi])
+                       self.desc.slice(lo, hi) if self.desc is not None else None, self.tod[lo:hi],
+                       self.week[lo:hi])
 
     def concat(self, other: "Columns") -> "Columns":
         return Columns(np.r_[self.customer, other.customer], np.r_[self.article, other.article],
@@ -235,7 +250,7 @@ class Columns:
                        np.concatenate([self.art_feats, other.art_feats], axis=1),
                        self.history.concat(other.history),
                        self.desc.concat(other.desc) if self.desc is not None else None,
-                       np.concatenate([self.tod, other.tod]))
+                       np.concatenate([self.tod, other.tod]), np.r_[self.week, other.week])
 
     def pack(self, item_keys: tuple[str, ...]) -> "PackedBatch":
         """One int64 buffer in KJT key-major layout: values, then lengths, then ids and dense."""
@@ -249,7 +264,7 @@ class Columns:
                  np.ones(b * (1 + len(self.art_feats)), np.int64)]
         if self.desc is not None:
             parts.append(self.desc.lengths())
-        parts += [self.customer, self.article, np.ascontiguousarray(self.tod).view(np.int64).reshape(-1)]
+        parts += [self.customer, self.article, np.ascontiguousarray(self.tod).view(np.int64).reshape(-1), self.week]
         return PackedBatch(torch.from_numpy(np.concatenate(parts, dtype=np.int64)), b, nq, ni, item_keys)
 
 
@@ -287,8 +302,8 @@ class PackedBatch:
     def _unpack_one(self) -> Batch:
         b, nq, ni = self.batch, self.n_query_values, self.n_item_values
         nqk, nik = len(QUERY_KEYS), len(self.item_keys)
-        cuts = np.cumsum([nq, ni, b * nqk, b * nik, b, b, b])
-        q_val, i_val, q_len, i_len, cust, art, dense = torch.tensor_split(self.buf, cuts[:-1].tolist())
+        cuts = np.cumsum([nq, ni, b * nqk, b * nik, b, b, b, b])
+        q_val, i_val, q_len, i_len, cust, art, dense, week = torch.tensor_split(self.buf, cuts[:-1].tolist())
         # Values per key, known here without reading the lengths (a device sync on a GPU): one id per row
         # for every key but the last (history on the query side, description tokens on the item side).
         q_counts = [b] * (nqk - 1) + [nq - b * (nqk - 1)]
@@ -299,7 +314,7 @@ class PackedBatch:
             item=KeyedJaggedTensor(keys=list(self.item_keys), values=i_val, lengths=i_len, stride=b,
                                    length_per_key=i_counts),
             query_dense=dense.view(torch.float32).view(b, 2),
-            customer_idx=cust, article_idx=art,
+            customer_idx=cust, article_idx=art, week=week,
         )
 
 
@@ -453,6 +468,7 @@ class ExampleStream(IterableDataset):
         t = t.take(pa.array(perm[skip:]))  # one C++ gather over contiguous columns, list column included
         c = t["customer_idx"].to_numpy()
         a = t["article_idx"].to_numpy()
+        day = t["day"].to_numpy()
         hist = t["history"].combine_chunks()  # one chunk already: no copy
         h_off = hist.offsets.to_numpy().astype(np.int64)
         h_val = hist.values.to_numpy()[h_off[0]:h_off[-1]]
@@ -463,7 +479,7 @@ class ExampleStream(IterableDataset):
         tb = self.tables
         desc = Jagged.from_lengths(*tb.desc(a)) if tb.has_desc else None
         return Columns(c, a, np.take(tb.customer, c, axis=1), np.take(tb.article, a, axis=1),
-                       Jagged(h_off - h_off[0], h_val), desc, tb.time_of_year(t["day"].to_numpy())), oov
+                       Jagged(h_off - h_off[0], h_val), desc, tb.time_of_year(day), tb.week_index(day)), oov
 
     def _file(self, url: str) -> pq.ParquetFile:
         key = (threading.get_ident(), url)
@@ -578,4 +594,4 @@ def columns_for(tables: FeatureTables, customer: np.ndarray, article: np.ndarray
     return Columns(customer, article, np.take(tables.customer, customer, axis=1),
                    np.take(tables.article, article, axis=1),
                    Jagged.from_lengths(np.asarray(hist_lengths), np.asarray(hist_values, np.int32)), desc,
-                   tables.time_of_year(np.asarray(day, np.int64)))
+                   tables.time_of_year(np.asarray(day, np.int64)), tables.week_index(np.asarray(day, np.int64)))

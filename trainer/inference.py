@@ -26,6 +26,7 @@ from trainer.checkpoint import CheckpointManager, best, latest
 from trainer.config import TrainJob
 from trainer.fingerprint import data_digest, fingerprint
 from trainer.inputs import model_input
+from trainer.popularity import RecentSales, sales_bias
 from trainer.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,18 @@ def prepared_manifest(prepared: str) -> dict:
     return read_json(join(prepared, "manifest.json"))
 
 
+def recent_sales(cfg, manifest: dict, device: torch.device) -> RecentSales | None:
+    """The recent-sales table of a run's config (model.recent_sales_buckets), or None when off."""
+    n = int(cfg.model.recent_sales_buckets)
+    return RecentSales(cfg.prepare.out, manifest, n, device) if n else None
+
+
 class Embedder:
     def __init__(self, model, keys: list[str], prepared: str, manifest: dict, device: torch.device,
-                 tables: FeatureTables | None = None):
+                 tables: FeatureTables | None = None, sales: RecentSales | None = None):
         self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
         self.tables = tables or FeatureTables(prepared, manifest)
+        self.sales = sales  # scoring vectors carry the recent-sales bonus (trainer/popularity.py)
         self.n_items = int(manifest["cardinalities"]["article_id"])
         self.last_day = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
 
@@ -98,7 +106,8 @@ class Embedder:
         if dist_.rank == 0:
             log.info("loaded run %s: step %d from %s (fingerprint %s)", train_dir, loaded.step, loaded.path,
                      manager.fp_id)
-        return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device), info
+        return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device,
+                   sales=recent_sales(cfg, manifest, dist_.device)), info
 
     # ------------------------------------------------------------ embeddings
 
@@ -113,9 +122,11 @@ class Embedder:
             self.model.train(training)
 
     @torch.no_grad()
-    def items(self, chunk: int = 8192, check_stop=None) -> torch.Tensor:
+    def items(self, chunk: int = 8192, check_stop=None, scoring: bool = True) -> torch.Tensor:
         """(catalogue, D) for every article_idx, on this rank's device, identical on every rank.
-        ``check_stop`` is called between chunks (the same number on every rank)."""
+        ``check_stop`` is called between chunks (the same number on every rank). ``scoring``: with the
+        recent-sales bonus as of the week after training (D + 1 columns, to score against
+        :meth:`queries`); else the item tower's vectors alone."""
         n, world, rank = self.n_items, D.world_size(), D.rank()
         per_rank = -(-n // world)
         ids = np.arange(rank * per_rank, (rank + 1) * per_rank) % n
@@ -127,13 +138,19 @@ class Embedder:
             if check_stop:
                 check_stop()
         local = torch.cat(out)
-        return torch.cat(D.all_gather(local))[:n]
+        everyone = torch.cat(D.all_gather(local))[:n]
+        if scoring and self.sales is not None:
+            everyone = self.sales.item(everyone, torch.arange(n, device=everyone.device), sales_bias(self.model),
+                                       scoring=True)
+        return everyone
 
     @torch.no_grad()
     def queries(self, customer, day, hist_lengths, hist_values) -> torch.Tensor:
-        """Query vectors of the given rows (no collective: the caller keeps the ranks in step)."""
+        """Query vectors of the given rows (no collective: the caller keeps the ranks in step), for scoring
+        against :meth:`items` (with recent sales: one more column, 1)."""
         batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
-        return self._forward(batch)[0]
+        q = self._forward(batch)[0]
+        return self.sales.query(q, None) if self.sales is not None else q
 
     def eval_rows(self, period: str):
         """The evaluation table of a period (``val`` or ``test``)."""

@@ -75,13 +75,14 @@ class ModelInput(Pipelineable):
     query_dense: torch.Tensor  # (B, 3): sin, cos of the time of year, the history's length
     article_idx: torch.Tensor  # (B,) the positive of each row
     extra_ids: torch.Tensor | None = None  # (M,) article_idx of the item-only rows
+    week: torch.Tensor | None = None  # (B,) the rows' weeks for recent sales (trainer/popularity.py)
 
     @classmethod
     def from_batch(cls, batch: Batch, keys: list[str]) -> "ModelInput":
         """query_dense: the batch's time of year, then the history's length (for the sequence encoder)."""
         lengths = batch.query["history"].lengths().to(batch.query_dense.dtype)[:, None]
         return cls(join_rows(batch.query, batch.item, keys, batch.extra_item),
-                   torch.cat([batch.query_dense, lengths], dim=1), batch.article_idx, batch.extra_ids)
+                   torch.cat([batch.query_dense, lengths], dim=1), batch.article_idx, batch.extra_ids, batch.week)
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())

@@ -114,6 +114,8 @@ class TwoTower(nn.Module):
             self.item_tower = nn.Identity()
             self.output_dim = i_in
         self.feature_keys = [*query_keys(cfg), *self.item_features]
+        # the score bonus per bucket of recent sales (trainer/popularity.py); used by the loss and scoring
+        self.sales_bias = nn.Parameter(torch.zeros(cfg.recent_sales_buckets)) if cfg.recent_sales_buckets else None
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,
                 n_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

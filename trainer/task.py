@@ -14,18 +14,21 @@ from trainer import distributed as D
 from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss
 from trainer.negatives import HardNegativeMiner
+from trainer.popularity import RecentSales, sales_bias
 
 
 class TrainTask:
     def __init__(self, model, keys: list[str], loss_cfg, logq: LogQ, miner: HardNegativeMiner | None,
                  tables: FeatureTables, n_items: int, seed: int, device: torch.device,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, sales: RecentSales | None = None):
         self.model, self.keys, self.cfg, self.logq, self.miner = model, keys, loss_cfg, logq, miner
         self.tables, self.n_items, self.seed, self.device = tables, n_items, seed, device
         self.autocast = autocast  # bfloat16 for the towers and logits (trainer.precision=bf16), or None
         self.item_features: ItemFeatures | None = None  # built on first use (mined hard negatives only)
         self.step = 0  # the step being trained (for the miner's draws), set by the loop
         self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
+        self.sales = sales  # recent sales as a score bonus (trainer/popularity.py), or None
+        self._bias = None  # the model's sales_bias parameter, found on first use
 
     def __call__(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -34,12 +37,22 @@ class TrainTask:
     def _loss(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         b = len(inp)
         q_all, i_all = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
-        q, pos = q_all[:b], i_all[:b]
+        q = q_all[:b]
+        hard = self._hard_negatives(inp, q) if self.miner is not None and self.miner.ready else None
+        if self.sales is not None:  # the rows' weeks against each candidate's recent sales
+            bias = self._bias = self._bias if self._bias is not None else sales_bias(self.model)
+            ids = inp.article_idx if inp.extra_ids is None else torch.cat([inp.article_idx, inp.extra_ids])
+            q, i_all = self.sales.query(q, inp.week), self.sales.item(i_all, ids, bias)
+            if hard is not None:
+                h, h_ids = hard
+                h = self.sales.item(h.reshape(-1, h.shape[-1]), h_ids.reshape(-1), bias)
+                hard = h.reshape(b, h_ids.shape[1], -1), h_ids
+        pos = i_all[:b]
         neg = Negatives()
         if self.cfg.mixed_negatives > 0:
             neg.extra, neg.extra_ids = i_all[b:], inp.extra_ids
-        if self.miner is not None and self.miner.ready:
-            neg.hard, neg.hard_ids = self._hard_negatives(inp, q)
+        if hard is not None:
+            neg.hard, neg.hard_ids = hard
         loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
                                      group=True if self.cfg.cross_rank else None, catalog_size=self.n_items,
                                      with_stats=self.with_stats)

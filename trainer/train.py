@@ -38,7 +38,7 @@ from trainer.builder import build
 from trainer.device import loader_workers, set_precision
 from trainer.checkpoint import CheckpointManager
 from trainer.fingerprint import fingerprint
-from trainer.inference import Embedder, prepared_manifest
+from trainer.inference import Embedder, prepared_manifest, recent_sales
 from trainer.logs import Scalars, quiet_libraries
 from trainer.loss import LogQ
 from trainer.negatives import HardNegativeMiner
@@ -66,14 +66,15 @@ class Trainer:
                                     extra_items=cfg.loss.mixed_negatives)
         self._batches_per_epoch: dict[int, int] = {}
         self.loader = make_loader(self.stream, pin_memory=dev.type == "cuda", packed=True)
-        self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables)
+        sales = recent_sales(cfg, self.manifest, dev)
+        self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables, sales)
         lc = cfg.loss
         counts = torch.from_numpy(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy().copy())
         self.logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)
         self.miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, model.output_dim,
                                        dev, str(lc.hard_anchor)) if lc.hard_negatives > 0 else None
         self.task = TrainTask(model.model, model.keys, lc, self.logq, self.miner, self.stream.tables, n_items,
-                              loop.seed, dev, set_precision(loop.precision, dev))
+                              loop.seed, dev, set_precision(loop.precision, dev), sales)
         self.state = TrainState()
         self.position = LoaderPosition(self.loader)
         self.steps = Steps(model.model, model.dense_optimizer, self.task, self.position, model.keys, dev,
@@ -200,7 +201,7 @@ class Trainer:
 
     def _refresh_miner(self) -> None:
         self.steps.detach()
-        self.miner.refresh(self.embedder.items(check_stop=self.stop.check))
+        self.miner.refresh(self.embedder.items(check_stop=self.stop.check, scoring=False))
 
     def _validate(self) -> None:
         st, loop = self.state, self.cfg.trainer

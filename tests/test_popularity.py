@@ -1,0 +1,89 @@
+"""Recent sales as a score bonus, against a naive per-row reference from the raw transactions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data.prepare import recent_sales
+from data.stream import FeatureTables
+from trainer.popularity import RecentSales, buckets_of
+
+
+def naive_bucket(count: int, n_buckets: int) -> int:
+    return 0 if count == 0 else min(math.ceil(2 * math.log2(1 + count)), n_buckets - 1)
+
+
+def test_buckets_by_hand():
+    assert buckets_of(np.array([0, 1, 2, 3, 7, 1000, 10**6]), 32).tolist() == [0, 2, 4, 4, 6, 20, 31]
+
+
+@pytest.fixture
+def sales_setup(tmp_path):
+    """Purchases over 5 weeks; the last training day is 2020-03-02 (a Monday), training ends the day after."""
+    rng = np.random.default_rng(0)
+    n_items, n = 12, 400
+    first = np.datetime64("2020-01-28", "D").astype(np.int64)
+    d = rng.integers(first, first + 35, n)
+    a = rng.integers(1, n_items, n)
+    train = d < first + 34  # the last day is not training (the evaluation period)
+    info = recent_sales(a, d, train)
+    pq.write_table(info.pop("table"), tmp_path / "item_week_sales.parquet")
+    manifest = {"recent_sales": info, "cardinalities": {"article_id": n_items}}
+    return tmp_path, manifest, a, d, train
+
+
+def naive_sales_before(a, d, train, end: int, item: int, day: int) -> int:
+    """Training purchases of ``item`` in the 7-day week before the week holding ``day``, weeks cut at
+    ``end`` (the first day after training); days at or after ``end`` read the last 7 training days."""
+    week_start = end + 7 * min((day - end) // 7, 0)
+    return int(sum(1 for x, y, t in zip(a, d, train) if t and x == item and week_start - 7 <= y < week_start))
+
+
+def test_a_rows_bonus_is_its_candidates_sales_in_the_week_before(sales_setup):
+    root, manifest, a, d, train = sales_setup
+    end = int(np.datetime64(manifest["recent_sales"]["train_end"], "D").astype(np.int64))
+    assert end == int(d[train].max()) + 1
+    sales = RecentSales(str(root), manifest, 8)
+    bias = torch.linspace(-1.0, 2.5, 8)
+    tables = FeatureTables.__new__(FeatureTables)  # only the week index is needed here
+    tables._sales = (end, manifest["recent_sales"]["weeks"])
+    days = np.array([int(d[train].min()), end - 8, end - 7, end - 1, end, end + 9])
+    week = torch.from_numpy(tables.week_index(days).astype(np.int64))
+    q = torch.randn(len(days), 5)
+    items = torch.randn(11, 5)
+    ids = torch.arange(1, 12)
+    got = sales.query(q, week) @ sales.item(items, ids, bias).T
+    for r, day in enumerate(days):
+        for j, item in enumerate(ids.tolist()):
+            count = naive_sales_before(a, d, train, end, item, int(day))
+            want = float(q[r] @ items[j]) + float(bias[naive_bucket(count, 8)])
+            assert got[r, j].item() == pytest.approx(want, abs=1e-5), (day, item, count)
+    # scoring (export, validation, recommend): every query as of the first week after training
+    scored = sales.query(q, None) @ sales.item(items, ids, bias, scoring=True).T
+    for j, item in enumerate(ids.tolist()):
+        bonus = float(bias[naive_bucket(naive_sales_before(a, d, train, end, item, end), 8)])
+        assert torch.allclose(scored[:, j], q @ items[j] + bonus, atol=1e-5)
+
+
+def test_missing_recent_sales_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recent_sales_buckets=0"):
+        RecentSales(str(tmp_path), {"cardinalities": {"article_id": 3}}, 8)
+    with pytest.raises(ValueError, match="2..256"):
+        (tmp_path / "item_week_sales.parquet").write_bytes(b"")
+        RecentSales(str(tmp_path), {"recent_sales": {"weeks": 1}, "cardinalities": {"article_id": 3}}, 1)
+
+
+def test_weeks_are_counted_back_from_the_end_of_training():
+    a = np.array([1, 1, 2, 2, 2])
+    day0 = np.datetime64("2021-06-01", "D").astype(np.int64)
+    d = np.array([0, 6, 7, 13, 14]) + day0  # training ends after day 13: days 7..13 are week -1
+    info = recent_sales(a, d, np.array([True, True, True, True, False]))
+    t = info["table"].to_pydict()
+    assert info["train_end"] == str(dt.date(2021, 6, 15)) and info["weeks"] == 2
+    assert sorted(zip(t["week"], t["article_idx"], t["count"])) == [(-2, 1, 2), (-1, 2, 2)]

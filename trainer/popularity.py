@@ -1,0 +1,69 @@
+"""Recent sales: what an article sold in the week before, as a learned bonus to its score.
+
+Fashion demand moves week by week (launches, decay, seasons); the towers see an article's features but
+not its sales as of the day a customer shops. Each article's purchases in the week before a row's week
+are bucketed (about log2 steps) and each bucket has a learned score bonus ``bias[bucket]`` (the model's
+``sales_bias``). The bonus depends on the row (its week) and the candidate, yet stays an inner product,
+so the loss, the cross-rank candidates, the negatives, export and the FAISS index need nothing new:
+
+    query' = [query, one_hot(week)]          item' = [item, bias[bucket(sales of the item, each week)]]
+    <query', item'> = <query, item> + bias[bucket(sales of the item in the week before the row's)]
+
+For scoring (validation, export, recommend) everything is as of the first week after training:
+``query' = [query, 1]`` and ``item' = [item, bias[bucket(sales in the last training week)]]``.
+The table comes from data.prepare (``item_week_sales.parquet``; weeks counted back from the end of
+training); data.stream gives each row its week (``FeatureTables.week_index``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from data.io import fs_and_path, join
+
+
+def buckets_of(counts: np.ndarray, n_buckets: int) -> np.ndarray:
+    """0 for no sales, then half-log2 steps: 1 -> 2, 2 -> 4 (3.2), 3 -> 4, 7 -> 6, 1000 -> 20, capped."""
+    return np.minimum(np.ceil(2 * np.log2(1 + counts.astype(np.float64))), n_buckets - 1).astype(np.uint8)
+
+
+class RecentSales:
+    def __init__(self, prepared: str, manifest: dict, n_buckets: int, device: torch.device | str = "cpu"):
+        info = manifest.get("recent_sales")
+        url = join(prepared, "item_week_sales.parquet")
+        if info is None or not fs_and_path(url)[0].exists(fs_and_path(url)[1]):
+            raise FileNotFoundError(f"{prepared}: the prepared data has no recent sales (item_week_sales.parquet); "
+                                    "re-run data.prepare, or train with model.recent_sales_buckets=0")
+        if not 2 <= n_buckets <= 256:
+            raise ValueError(f"model.recent_sales_buckets={n_buckets}: expected 2..256 (or 0: off)")
+        self.weeks, self.n_buckets = int(info["weeks"]), n_buckets
+        n_items = int(manifest["cardinalities"]["article_id"])
+        t = pq.read_table(url)
+        counts = np.zeros((self.weeks + 1, n_items), np.int64)
+        # row L is read by rows of week L - weeks and holds the sales of the week before: L - weeks - 1
+        row = t["week"].to_numpy().astype(np.int64) + self.weeks + 1
+        keep = (row >= 0) & (row <= self.weeks)
+        counts[row[keep], t["article_idx"].to_numpy()[keep]] = t["count"].to_numpy()[keep]
+        self.table = torch.from_numpy(buckets_of(counts, n_buckets)).to(device)  # (weeks + 1, catalogue)
+
+    def query(self, q: torch.Tensor, week: torch.Tensor | None) -> torch.Tensor:
+        """[q, one_hot(week)]; ``week`` None: as of the first week after training (scoring)."""
+        if week is None:
+            return torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)
+        return torch.cat([q, torch.nn.functional.one_hot(week.long(), self.weeks + 1).to(q.dtype)], dim=1)
+
+    def item(self, i: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor, scoring: bool = False) -> torch.Tensor:
+        """[i, bias[bucket]] for each week (training), or for the week after training (``scoring``)."""
+        ids = ids.to(self.table.device).long()
+        rows = self.table[-1:, ids] if scoring else self.table[:, ids]
+        return torch.cat([i, bias[rows.long()].T.to(i.dtype)], dim=1)
+
+
+def sales_bias(model: torch.nn.Module) -> torch.Tensor:
+    """The model's learned bonus per bucket (TwoTower.sales_bias), through DMP/DDP wrappers."""
+    for name, p in model.named_parameters():
+        if name.endswith("sales_bias"):
+            return p
+    raise KeyError("the model has no sales_bias parameter (model.recent_sales_buckets=0)")
