@@ -18,11 +18,15 @@ class TinyEmbedder:
 
     device = torch.device("cpu")
 
-    def __init__(self, items, queries, targets):
-        self.item_vectors, self.query_vectors = items, queries
+    def __init__(self, items, queries, targets, history=None, bonus=None):
+        self.item_vectors, self.query_vectors, self.bonus = items, queries, bonus
         self.n_items = len(items)
         self.table = pa.table({"customer_idx": np.arange(len(queries)),
-                               "targets": pa.array(targets, pa.list_(pa.int32()))})
+                               "targets": pa.array(targets, pa.list_(pa.int32())),
+                               "history": pa.array(history or [[] for _ in targets], pa.list_(pa.int32()))})
+
+    def repeat_bonus(self):
+        return self.bonus
 
     def eval_rows(self, period):
         return self.table
@@ -36,13 +40,19 @@ class TinyEmbedder:
             yield rows, torch.from_numpy(self.query_vectors[rows])
 
 
-def naive_recall(items, queries, targets, k, seen=None):
+def naive_recall(items, queries, targets, k, seen=None, history=None, bonus=None):
     out = []
     for i, q in enumerate(queries):
         scores = items @ q
         scores[0] = -np.inf
         for s in (seen[i] if seen else []):
             scores[s] = -np.inf
+        if bonus is not None:  # the p-th newest article of the history gets bonus[p] (the newest copy counts)
+            newest = list(dict.fromkeys(reversed(history[i])))
+            recent = list(reversed(history[i]))[:len(bonus)]
+            for item in newest:
+                if item in recent and item > 0:
+                    scores[item] += bonus[recent.index(item)]
         top = set(np.argsort(-scores, kind="stable")[:k].tolist())
         out.append(len(top & set(targets[i])) / len(targets[i]))
     return float(np.mean(out))
@@ -61,6 +71,22 @@ def test_validation_matches_a_naive_ranking_with_and_without_seen_articles():
     excl = validate(emb, [5, 10], seen=(offsets, np.concatenate(seen)))
     assert excl["recall@10"] == pytest.approx(naive_recall(items, queries, targets, 10, seen))
     assert {"ndcg@5", "ndcg@10", "map@12", "mrr"} <= set(excl)
+
+
+def test_validation_gives_the_customers_own_last_articles_their_repeat_bonus():
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(60, 8)).astype(np.float32)
+    queries = rng.normal(size=(12, 8)).astype(np.float32)
+    history = [list(rng.integers(0, 60, rng.integers(0, 9))) for _ in range(12)]
+    # targets: mostly the customers' own recent articles, so the bonus changes the recall
+    targets = [list({*(h[-2:] if h else [1]), int(rng.integers(1, 60))} - {0}) or [1] for h in history]
+    bonus = np.array([3.0, 2.0, 1.0], np.float32)
+    with_bonus = validate(TinyEmbedder(items, queries, targets, history, bonus), [5])
+    without = validate(TinyEmbedder(items, queries, targets, history), [5])
+    assert with_bonus["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5, history=history,
+                                                                bonus=bonus))
+    assert without["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5))
+    assert with_bonus["recall@5"] > without["recall@5"]
 
 
 def test_best_checkpoint_and_early_stopping(tiny_prepared, tmp_path):

@@ -86,6 +86,7 @@ class ModelConfig:
         "garment_group", "desc_tokens"])
     time_features: bool = True  # sin/cos of the time of year into the query tower
     recent_sales_buckets: int = 32  # an article's sales in the week before, as a learned bonus (0: off)
+    repeat_positions: int = 8  # a learned bonus for buying again one of the last N articles (0: off)
     history_encoder: HistoryEncoder = HistoryEncoder.bag
     history_positions: int = 20  # transformer: the most recent purchases it reads, newest first
     encoder_layers: int = 2

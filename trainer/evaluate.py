@@ -33,6 +33,7 @@ from trainer.fingerprint import data_digest
 from trainer.metrics import evaluate as metrics
 from trainer.metrics import recall_curve
 from trainer import search
+from trainer.repeats import boost_recent
 from trainer.search import top_k
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,39 @@ def drop_seen(ranked: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
 
 
 def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int,
-                  period: str = "val") -> tuple[np.ndarray, str]:
+                  period: str = "val", history: list | None = None) -> tuple[np.ndarray, str]:
     """Top-k article_idx per evaluation customer from exported embeddings: through the IVF index when
-    there is one (it must have been built from this export), else exact search; on the GPU when present."""
+    there is one (it must have been built from this export), else exact search; on the GPU when present.
+    With ``history`` (each customer's articles, oldest first) and a learned repeat bonus in the export,
+    the customer's last articles carry it (trainer/repeats.py)."""
+    bonus = read_json(join(output_of(export_dir), "export_report.json")).get("repeat_bonus")
+    if history is None or not bonus:
+        return _model_ranking(export_dir, customers, index_dir, k, period)
+    bonus = np.asarray(bonus, np.float32)
+    ranked, how = _model_ranking(export_dir, customers, index_dir, k + len(bonus), period)
+    item_idx, items = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
+    by_idx = np.zeros((int(item_idx.max()) + 1, items.shape[1]), np.float32)
+    by_idx[item_idx] = items
+    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
+    q = users[positions_of(user_idx, customers)]
+    offsets = np.r_[0, np.cumsum([len(h) for h in history])].astype(np.int64)
+    values = np.concatenate(history) if len(history) else np.zeros(0, np.int64)
+    out = np.empty((len(customers), k), np.int64)
+    for lo in range(0, len(customers), 8192):
+        hi = min(lo + 8192, len(customers))
+        out[lo:hi] = boost_recent(ranked[lo:hi], q[lo:hi], by_idx, offsets[lo:hi + 1] - offsets[lo],
+                                  values[offsets[lo]:offsets[hi]], bonus, k)
+    return out, how + f" + repeat bonus ({len(bonus)} positions)"
+
+
+def positions_of(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions of ``wanted`` in ``keys`` (every one present)."""
+    order = np.argsort(keys, kind="stable")
+    return order[np.searchsorted(keys, wanted, sorter=order)]
+
+
+def _model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int,
+                   period: str = "val") -> tuple[np.ndarray, str]:
     item_idx, items = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
     user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
     pos = {c: i for i, c in enumerate(user_idx.tolist())}
@@ -151,12 +182,14 @@ def run(cfg) -> dict:
         model_run = exported_run(cfg.export_dir, prepared)
 
         def model():
-            r, how = model_ranking(cfg.export_dir, customers, cfg.index_dir, width, str(ec.period))
+            r, how = model_ranking(cfg.export_dir, customers, cfg.index_dir, width, str(ec.period),
+                                   None if ec.exclude_seen else history)
             notes["two-tower"] = how
             return r
         add("two-tower", model)
     for name, export_dir in (ec.runs or {}).items():
-        add(name, lambda d=export_dir: model_ranking(d, customers, None, width, str(ec.period))[0])
+        add(name, lambda d=export_dir: model_ranking(d, customers, None, width, str(ec.period),
+                                                     None if ec.exclude_seen else history)[0])
     add("popularity (last week)", lambda: bl.popularity(inter, len(customers), width))
     add("repurchase + popularity", lambda: bl.repurchase(inter, history, width))
     add("co-visitation", lambda: bl.covisitation(inter, history, width))

@@ -10,7 +10,8 @@ aside and put in place whole, the report last; data/staging.py):
 
     items.parquet          article_idx, article_id, embedding (fixed-size list of float32)
     users_<period>.parquet customer_idx, customer_id, embedding, for each eval period (val, test)
-    export_report.json     which run, checkpoint, step and fingerprint the embeddings come from
+    export_report.json     which run, checkpoint, step and fingerprint the embeddings come from, and the
+                           learned bonus for buying again one of the last articles (``repeat_bonus``)
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
     items = embedder.items()
     written = {"train_dir": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
                "fingerprint": run.fingerprint_id, "data_digest": run.data_digest}
+    bonus = embedder.repeat_bonus()
+    if bonus is not None:  # scoring adds it for the customer's own last articles (trainer/repeats.py)
+        written["repeat_bonus"] = [float(x) for x in bonus]
     if rank == 0:
         art_vocab = vocab.load(embedder.prepared, "article_id")
         article_ids = np.r_[-1, art_vocab["value"].to_numpy()]  # row 0 is the OOV bucket

@@ -27,6 +27,7 @@ from trainer.config import TrainJob
 from trainer.fingerprint import data_digest, fingerprint
 from trainer.inputs import model_input
 from trainer.popularity import RecentSales, sales_bias
+from trainer.repeats import repeat_bias
 from trainer.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class Embedder:
                      manager.fp_id)
         return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device,
                    sales=recent_sales(cfg, manifest, dist_.device)), info
+
+    def repeat_bonus(self) -> np.ndarray | None:
+        """The learned bonus per history position, newest first (trainer/repeats.py), or None."""
+        p = repeat_bias(self.model)
+        return None if p is None else p.detach().float().cpu().numpy()
 
     # ------------------------------------------------------------ embeddings
 

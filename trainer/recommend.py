@@ -33,6 +33,7 @@ from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer import index as ix
 from trainer.inference import Embedder
+from trainer.repeats import boost_recent
 from trainer.search import drop_seen, seen_lists, subset, top_k
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
         items = embedder.items()
         how = "exact search"
     seen = seen_lists(c, a, cust_idx) if rc.exclude_seen else None
+    bonus = embedder.repeat_bonus() if seen is None else None  # buying again (trainer/repeats.py)
+    extra = len(bonus) if bonus is not None else 0
+    item_np = (items if items is not None else embedder.items()).float().cpu().numpy() if extra else None
     chunk = 4096
     for lo in range(0, len(warm), chunk):
         rows = warm[lo:lo + chunk]
@@ -89,13 +93,16 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
         q = embedder.queries(cust_idx[rows], np.full(len(rows), last_day + 1), lengths, h_val[pos])
         own = subset(seen, rows) if seen is not None else None
         if index is not None:
-            width = rc.k + (rc.seen_margin if own is not None else 0)
+            width = rc.k + (rc.seen_margin if own is not None else 0) + extra
             found = index.search(q.cpu().numpy().astype(np.float32), width)[1]
-            idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], 0)
+            idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], -1)
             idx = drop_seen(idx, *own, rc.k) if own is not None else idx
         else:
-            idx = np.clip(top_k(q, items, rc.k, exclude_items=[0], seen=own).cpu().numpy(), 0, None)
-        ranked[rows] = idx
+            idx = top_k(q, items, rc.k + extra, exclude_items=[0], seen=own).cpu().numpy()
+        if extra:
+            idx = boost_recent(idx, q.float().cpu().numpy(), item_np, np.r_[0, np.cumsum(lengths)], h_val[pos],
+                               bonus, rc.k)
+        ranked[rows] = np.clip(idx[:, :rc.k], 0, None)
 
     counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),
               "cold_no_history": int(no_history.sum()), "train_dir": run.train_dir, "checkpoint": run.checkpoint,

@@ -15,6 +15,7 @@ from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss
 from trainer.negatives import HardNegativeMiner
 from trainer.popularity import RecentSales, sales_bias
+from trainer.repeats import logit_bonus, recent_articles, repeat_bias
 
 
 class TrainTask:
@@ -29,6 +30,7 @@ class TrainTask:
         self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
         self.sales = sales  # recent sales as a score bonus (trainer/popularity.py), or None
         self._bias = None  # the model's sales_bias parameter, found on first use
+        self._repeat = None  # the model's repeat_bias parameter (False: none), found on first use
 
     def __call__(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -55,8 +57,20 @@ class TrainTask:
             neg.hard, neg.hard_ids = hard
         loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
                                      group=True if self.cfg.cross_rank else None, catalog_size=self.n_items,
-                                     with_stats=self.with_stats)
+                                     with_stats=self.with_stats, bonus=self._repeat_bonus(inp, b))
         return loss, stats, inp.article_idx
+
+    def _repeat_bonus(self, inp: ModelInput, b: int):
+        """The logit bonus for candidates among each row's own last articles (trainer/repeats.py), or None."""
+        if self._repeat is None:
+            self._repeat = repeat_bias(self.model)
+            if self._repeat is None:
+                self._repeat = False
+        if self._repeat is False:
+            return None
+        bias = self._repeat / self.cfg.temperature  # dot-product units, like the towers' scores
+        recent = recent_articles(inp.sparse, b, bias.shape[0])
+        return lambda ids: logit_bonus(recent, ids, bias)
 
     def _hard_negatives(self, inp: ModelInput, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(inp)

@@ -13,6 +13,7 @@ from data.io import join
 from trainer import distributed as D
 from trainer.inference import Embedder
 from trainer.metrics import evaluate
+from trainer.repeats import boost_recent
 from trainer.search import seen_lists, subset, top_k
 
 
@@ -40,10 +41,21 @@ def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[
     if check_stop:
         check_stop()
     k_max = max(int(k) for k in ks)
+    bonus = embedder.repeat_bonus() if seen is None else None  # nothing bought before can come back
+    if bonus is not None:
+        hist = table["history"].combine_chunks()
+        h_off, h_val = hist.offsets.to_numpy().astype(np.int64), hist.values.to_numpy()
+        item_np = items.float().cpu().numpy()
     ranked = []
     for rows, q in embedder.query_chunks(table):
         own = subset(seen, rows) if seen is not None else None
-        ranked.append(top_k(q, items, k_max, exclude_items=[0], seen=own))  # row 0: the OOV bucket
+        width = k_max + (len(bonus) if bonus is not None else 0)
+        top = top_k(q, items, width, exclude_items=[0], seen=own)  # row 0: the OOV bucket
+        if bonus is not None:
+            off, vals = subset((h_off - h_off[0], h_val[h_off[0]:]), rows)
+            top = torch.from_numpy(boost_recent(top.cpu().numpy(), q.float().cpu().numpy(), item_np, off, vals,
+                                                bonus, k_max))
+        ranked.append(top)
         if check_stop:
             check_stop()
     mine = torch.cat(ranked)

@@ -1,0 +1,106 @@
+"""Buying again: the repeat bonus in the loss and at scoring, against naive per-row references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from trainer.repeats import boost_recent, logit_bonus, newest_first, recent_articles
+
+
+def naive_position(history: list[int], item: int, positions: int) -> int | None:
+    """The item's position in the history, newest first (0: the last bought), within ``positions``."""
+    for p, h in enumerate(reversed(history[-positions:])):
+        if h == item and h > 0:
+            return p
+    return None
+
+
+def test_newest_first_by_hand():
+    offsets = np.array([0, 3, 3, 8])
+    values = np.array([5, 6, 7, 1, 2, 1, 0, 3])
+    assert newest_first(offsets, values, 4).tolist() == [[7, 6, 5, -1], [-1, -1, -1, -1], [3, -1, 1, 2]]
+    # row 2: 3 newest, then the OOV 0 (no article), then 1, then 2; the older 1 is a repeat of a newer one
+
+
+def test_logit_bonus_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    b, r, c, h = 6, 4, 15, 3
+    recent = torch.from_numpy(rng.integers(0, 6, (b, r)))
+    shared = torch.from_numpy(rng.integers(1, 6, c))
+    hard = torch.from_numpy(rng.integers(1, 6, (b, h)))
+    bias = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    got_shared, got_hard = logit_bonus(recent, shared, bias), logit_bonus(recent, hard, bias)
+    for row in range(b):
+        hist = list(reversed(recent[row].tolist()))  # oldest first, as naive_position reads it
+        for j in range(c):
+            p = naive_position(hist, int(shared[j]), r)
+            assert got_shared[row, j].item() == (0.0 if p is None else bias[p].item())
+        for j in range(h):
+            p = naive_position(hist, int(hard[row, j]), r)
+            assert got_hard[row, j].item() == (0.0 if p is None else bias[p].item())
+
+
+def test_recent_articles_from_the_bag_and_from_positions():
+    # 2 query rows (histories [4, 5, 6] and [7]) and 1 item-only row (empty history)
+    bag = KeyedJaggedTensor(keys=["history"], values=torch.tensor([4, 5, 6, 7]), lengths=torch.tensor([3, 1, 0]))
+    assert recent_articles(bag, 2, 2).tolist() == [[6, 5], [7, 0]]
+    pos = KeyedJaggedTensor(keys=["hist_0", "hist_1"], values=torch.tensor([6, 7, 5, 0]),
+                            lengths=torch.tensor([1, 1, 0, 1, 1, 0]))
+    assert recent_articles(pos, 2, 3).tolist() == [[6, 5, 0], [7, 0, 0]]
+
+
+def test_boost_recent_equals_ranking_every_article_with_the_bonus():
+    rng = np.random.default_rng(1)
+    n, n_items, d, k = 40, 60, 6, 5
+    items = rng.normal(size=(n_items, d)).astype(np.float32)
+    q = rng.normal(size=(n, d)).astype(np.float32)
+    lengths = rng.integers(0, 7, n)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    values = rng.integers(0, n_items, offsets[-1])
+    bonus = np.array([2.0, 1.0, 0.5, 0.25], np.float32)
+    scores = q @ items.T
+    scores[:, 0] = -np.inf  # the OOV row
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k + len(bonus)]
+    got = boost_recent(ranked, q, items, offsets, values, bonus, k)
+    for row in range(n):
+        hist = values[offsets[row]:offsets[row + 1]].tolist()
+        full = scores[row].copy()
+        for item in range(1, n_items):
+            p = naive_position(hist, item, len(bonus))
+            if p is not None:
+                full[item] += bonus[p]
+        want = np.argsort(-full, kind="stable")[:k]
+        assert np.allclose(np.sort(full[got[row]]), np.sort(full[want])), row
+
+
+def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
+    from types import SimpleNamespace
+
+    from trainer.loss import Negatives, retrieval_loss
+
+    rng = np.random.default_rng(2)
+    b, d, h, t = 5, 4, 2, 0.5
+    q, pos = torch.from_numpy(rng.normal(size=(b, d)).astype(np.float32)), torch.from_numpy(
+        rng.normal(size=(b, d)).astype(np.float32))
+    ids = torch.tensor([3, 4, 5, 6, 7])
+    hard = torch.from_numpy(rng.normal(size=(b, h, d)).astype(np.float32))
+    hard_ids = torch.tensor([[4, 9], [3, 8], [9, 9], [5, 1], [2, 2]])
+    recent = torch.tensor([[4, 3, 0], [5, 0, 0], [0, 0, 0], [6, 5, 1], [7, 2, 0]])
+    bias = torch.tensor([1.5, 0.7, 0.2])
+    cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False)
+    got, _ = retrieval_loss(q, pos, ids, cfg, Negatives(hard=hard, hard_ids=hard_ids), None, with_stats=False,
+                            bonus=lambda c: logit_bonus(recent, c, bias))
+    total = 0.0
+    for r in range(b):  # naive: every candidate's logit plus the bonus of its position in the row's history
+        hist = [x for x in reversed(recent[r].tolist())]
+        cands = [(pos[j], int(ids[j])) for j in range(b)] + [(hard[r, j], int(hard_ids[r, j])) for j in range(h)]
+        logits = []
+        for vec, item in cands:
+            p = naive_position(hist, item, 3)
+            logits.append(float(q[r] @ vec) / t + (0.0 if p is None else float(bias[p])))
+        logits = torch.tensor(logits)
+        total += float(torch.logsumexp(logits, 0) - logits[r])
+    assert got.item() == pytest.approx(total / b, rel=1e-5)

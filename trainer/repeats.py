@@ -1,0 +1,92 @@
+"""Buying again: a learned bonus for a candidate that is one of the query's own last N articles.
+
+Customers re-buy (a colour they liked, a basic): in H&M's data, and in the synthetic generator, a
+share of purchases repeats one of the customer's recent articles. An inner product cannot put a
+customer's own few articles on top, so the model learns a bonus per position of the article in the
+customer's history (newest first; ``model.repeat_positions``, TwoTower.repeat_bias, in dot-product
+units like the towers' scores):
+
+    score(query, article) = <query, article> + repeat_bias[p]   if the article is the query's p-th newest
+
+Training adds it (over the temperature) to every candidate's logit: in-batch, cross-rank, uniform and
+mined. Scoring (validation, evaluate, recommend) retrieves ``k + N`` articles by the inner product (exact
+or through FAISS), adds the customer's last N articles with their bonus, and keeps the best k: exact,
+because at most N of the inner product's top ``k + N`` are history articles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer.inputs import history_positions
+from trainer.model import POSITION_PREFIX
+
+
+def recent_articles(sparse, n_rows: int, positions: int) -> torch.Tensor:
+    """(B, positions) the rows' last articles, newest first, 0 past a row's history; from the model's
+    KJT (the ``history`` bag, or the transformer's ``hist_<p>`` features)."""
+    keys = sparse.keys()
+    if "history" in keys:  # every row of the KJT (the extra item-only rows have empty histories)
+        return history_positions(sparse["history"], positions).view(positions, sparse.stride())[:, :n_rows].T
+    cols = [sparse[f"{POSITION_PREFIX}{p}"].values()[:n_rows] for p in range(positions)
+            if f"{POSITION_PREFIX}{p}" in keys]
+    out = torch.stack(cols, dim=1) if cols else torch.zeros(n_rows, 0, dtype=torch.long)
+    if out.shape[1] < positions:  # the encoder reads fewer positions than the bonus has
+        out = torch.cat([out, out.new_zeros(n_rows, positions - out.shape[1])], dim=1)
+    return out
+
+
+def logit_bonus(recent: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """bias[p] where the candidate is the row's p-th newest article (the newest position when bought
+    more than once), else 0. ``ids``: (C,) candidates shared by all rows, or (B, H) per row."""
+    ids = ids[None, :] if ids.dim() == 1 else ids
+    out = torch.zeros(recent.shape[0], ids.shape[1], dtype=bias.dtype, device=ids.device)
+    for p in reversed(range(recent.shape[1])):  # oldest first: a newer copy overwrites
+        hit = (recent[:, p:p + 1] == ids) & (recent[:, p:p + 1] > 0)
+        out = torch.where(hit, bias[p], out)
+    return out
+
+
+def newest_first(offsets: np.ndarray, values: np.ndarray, positions: int) -> np.ndarray:
+    """(n, positions) the last articles of each CSR row (oldest first in the CSR), newest first, -1 past
+    a row's history; a repeat of a newer position is -1 too."""
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    p = np.arange(positions)
+    at = np.clip(offsets[1:, None] - 1 - p[None, :], 0, None)
+    padded = np.r_[np.asarray(values, np.int64), -1]  # the last: what an empty CSR points at
+    out = np.where(p[None, :] < lengths[:, None], padded[np.minimum(at, len(padded) - 1)], -1)
+    out[out <= 0] = -1  # the OOV article is no article
+    dup = (out[:, :, None] == out[:, None, :]) & np.tri(positions, k=-1, dtype=bool)[None]
+    out[dup.any(2)] = -1
+    return out.reshape(n, positions)
+
+
+def boost_recent(ranked: np.ndarray, queries: np.ndarray, items: np.ndarray, offsets: np.ndarray,
+                 values: np.ndarray, bonus: np.ndarray, k: int) -> np.ndarray:
+    """The best k of each row once its last articles carry their bonus. ``ranked``: (n, W) article
+    rows by inner product (-1: none), W >= k + len(bonus) for an exact answer; ``items`` indexed by
+    article row; ``offsets``/``values``: each row's history (CSR, oldest first)."""
+    recent = newest_first(offsets, values, len(bonus))
+    valid = recent >= 0
+    r_items = items[np.clip(recent, 0, None)]
+    r_score = np.einsum("nd,npd->np", queries, r_items) + bonus[None, :]
+    r_score = np.where(valid, r_score, -np.inf)
+    ok = ranked >= 0
+    a_score = np.einsum("nd,nwd->nw", queries, items[np.clip(ranked, 0, None)])
+    in_hist = (ranked[:, :, None] == np.where(valid, recent, -2)[:, None, :]).any(2)
+    a_score = np.where(ok & ~in_hist, a_score, -np.inf)
+    ids = np.concatenate([ranked, recent], axis=1)
+    score = np.concatenate([a_score, r_score], axis=1)
+    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(ids, order, axis=1)
+    return np.where(np.take_along_axis(score, order, axis=1) > -np.inf, best, -1)
+
+
+def repeat_bias(model: torch.nn.Module) -> torch.Tensor | None:
+    """The model's learned bonus per position (TwoTower.repeat_bias), through DMP/DDP wrappers."""
+    for name, p in model.named_parameters():
+        if name.endswith("repeat_bias"):
+            return p
+    return None
