@@ -49,6 +49,7 @@ CONFIGS = {
     "notebook's model and loss": ["model=mf", "loss=in_batch", "loss.cross_rank=false"],
     "default": [],
     "default, no sales bonus": ["model.recent_sales_buckets=0"],
+    "default, no repeat bonus": ["model.repeat_positions=0"],
     "hard negatives (positive)": ["loss=hard_negatives", "loss.hard_every=100000"],
     "hard negatives (query)": ["loss=hard_negatives", "loss.hard_every=100000", "loss.hard_anchor=query"],
     "default, tf32": ["trainer.precision=tf32"],
@@ -56,6 +57,7 @@ CONFIGS = {
 }
 SHORT = {"notebook": "notebook's model and loss", "default": "default", "hard_negatives": "hard negatives (positive)",
          "hard_query": "hard negatives (query)", "no_sales": "default, no sales bonus",
+         "no_repeat": "default, no repeat bonus",
          "tf32": "default, tf32", "bf16": "default, bf16"}
 
 

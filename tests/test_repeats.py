@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from trainer.repeats import boost_recent, logit_bonus, newest_first, recent_articles
+from trainer.repeats import _dense_bonus, add_bonus, boost_recent, logit_bonus, newest_first, recent_articles
 
 
 def naive_position(history: list[int], item: int, positions: int) -> int | None:
@@ -41,6 +41,23 @@ def test_logit_bonus_matches_a_naive_loop():
         for j in range(h):
             p = naive_position(hist, int(hard[row, j]), r)
             assert got_hard[row, j].item() == (0.0 if p is None else bias[p].item())
+
+
+def test_the_sparse_join_equals_the_dense_comparison_with_gradients():
+    """Shared candidates on the CPU go through the sparse join; the GPU's dense path is the reference."""
+    torch.manual_seed(0)
+    recent = torch.randint(0, 40, (64, 6))
+    recent[3] = torch.tensor([5, 5, 7, 5, 0, 7])  # repeats: the newest position counts
+    ids = torch.randint(1, 40, (300,))  # with many duplicate columns
+    bias = torch.randn(6, requires_grad=True)
+    logits = torch.randn(64, 300)
+    sparse = add_bonus(logits.clone(), recent, ids, bias)
+    dense = logits + _dense_bonus(recent, ids, bias)
+    assert torch.allclose(sparse, dense)
+    g = torch.randn(64, 300)
+    gs, = torch.autograd.grad((sparse * g).sum(), bias)
+    gd, = torch.autograd.grad((dense * g).sum(), bias)
+    assert torch.allclose(gs, gd, atol=1e-4)
 
 
 def test_recent_articles_from_the_bag_and_from_positions():
@@ -92,7 +109,7 @@ def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
     bias = torch.tensor([1.5, 0.7, 0.2])
     cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False)
     got, _ = retrieval_loss(q, pos, ids, cfg, Negatives(hard=hard, hard_ids=hard_ids), None, with_stats=False,
-                            bonus=lambda c: logit_bonus(recent, c, bias))
+                            bonus=lambda logits, c: add_bonus(logits, recent, c, bias))
     total = 0.0
     for r in range(b):  # naive: every candidate's logit plus the bonus of its position in the row's history
         hist = [x for x in reversed(recent[r].tolist())]

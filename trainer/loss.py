@@ -100,8 +100,8 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
                    catalog_size: int | None = None, with_stats: bool = True,
                    bonus=None) -> tuple[torch.Tensor, dict]:
     """Mean softmax cross-entropy of each query against its positive; returns (loss, stats). ``bonus``:
-    a per-(row, candidate) addition to the logits, called with the shared candidates' ids (C,) and the
-    hard negatives' (B, H) (trainer/repeats.py)."""
+    ``bonus(logits, ids)`` adds a per-(row, candidate) term to the logits, called with the shared
+    candidates' ids (C,) and the hard negatives' (B, H) (trainer/repeats.py)."""
     negatives = negatives or Negatives()
     b = query.shape[0]
     if cfg.cross_rank and group is not None:
@@ -128,7 +128,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     else:
         logits = (query / cfg.temperature) @ cand.T
     if bonus is not None:
-        logits = logits + bonus(cand_ids)
+        logits = bonus(logits, cand_ids)
     if cfg.mask_accidental_hits:
         hit = cand_ids[None, :] == positive_ids[:, None]
         hit[torch.arange(b, device=hit.device), target] = False
@@ -136,7 +136,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     if negatives.hard is not None:
         hard_logits = torch.einsum("bd,bhd->bh", query, negatives.hard) / cfg.temperature
         if bonus is not None:
-            hard_logits = hard_logits + bonus(negatives.hard_ids)
+            hard_logits = bonus(hard_logits, negatives.hard_ids)
         hard_logits = hard_logits.masked_fill(negatives.hard_ids == positive_ids[:, None], MASKED)
         logits = torch.cat([logits, hard_logits], dim=1)
     loss = F.cross_entropy(logits, target)

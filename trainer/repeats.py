@@ -40,12 +40,43 @@ def recent_articles(sparse, n_rows: int, positions: int) -> torch.Tensor:
 def logit_bonus(recent: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """bias[p] where the candidate is the row's p-th newest article (the newest position when bought
     more than once), else 0. ``ids``: (C,) candidates shared by all rows, or (B, H) per row."""
+    return add_bonus(torch.zeros(recent.shape[0], ids.shape[-1], dtype=bias.dtype, device=ids.device),
+                     recent, ids, bias)
+
+
+def add_bonus(logits: torch.Tensor, recent: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B, C) plus :func:`logit_bonus`. Shared candidates on the CPU take the sparse join (a
+    few history entries per row against the sorted ids, added in place: no second B x C matrix);
+    elsewhere the dense comparison (no host sync on a GPU)."""
+    if ids.dim() == 1 and ids.device.type == "cpu":
+        rows, cols, pos = _matches(recent, ids)
+        return logits.index_put_((rows, cols), bias[pos].to(logits.dtype), accumulate=True)
+    return logits + _dense_bonus(recent, ids, bias)
+
+
+def _dense_bonus(recent: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     ids = ids[None, :] if ids.dim() == 1 else ids
     out = torch.zeros(recent.shape[0], ids.shape[1], dtype=bias.dtype, device=ids.device)
     for p in reversed(range(recent.shape[1])):  # oldest first: a newer copy overwrites
         hit = (recent[:, p:p + 1] == ids) & (recent[:, p:p + 1] > 0)
         out = torch.where(hit, bias[p], out)
     return out
+
+
+def _matches(recent: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, candidate column, history position) of every candidate that is one of the row's distinct
+    recent articles: the history entries looked up in the sorted candidate ids."""
+    r = recent.shape[1]
+    older_copy = ((recent[:, :, None] == recent[:, None, :])
+                  & torch.ones(r, r, dtype=torch.bool, device=recent.device).tril(-1)).any(2)
+    rows, pos = ((recent > 0) & ~older_copy).nonzero(as_tuple=True)
+    article = recent[rows, pos]
+    sorted_ids, order = torch.sort(ids)
+    lo = torch.searchsorted(sorted_ids, article)
+    n = torch.searchsorted(sorted_ids, article, right=True) - lo  # candidate columns holding it
+    first = torch.cumsum(n, 0) - n
+    k = torch.arange(int(n.sum()), device=ids.device) - torch.repeat_interleave(first - lo, n)
+    return torch.repeat_interleave(rows, n), order[k], torch.repeat_interleave(pos, n)
 
 
 def newest_first(offsets: np.ndarray, values: np.ndarray, positions: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss
 from trainer.negatives import HardNegativeMiner
 from trainer.popularity import RecentSales, sales_bias
-from trainer.repeats import logit_bonus, recent_articles, repeat_bias
+from trainer.repeats import add_bonus, recent_articles, repeat_bias
 
 
 class TrainTask:
@@ -70,7 +70,7 @@ class TrainTask:
             return None
         bias = self._repeat / self.cfg.temperature  # dot-product units, like the towers' scores
         recent = recent_articles(inp.sparse, b, bias.shape[0])
-        return lambda ids: logit_bonus(recent, ids, bias)
+        return lambda logits, ids: add_bonus(logits, recent, ids, bias)
 
     def _hard_negatives(self, inp: ModelInput, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(inp)
