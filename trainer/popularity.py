@@ -4,10 +4,13 @@ Fashion demand moves week by week (launches, decay, seasons); the towers see an 
 not its sales as of the day a customer shops. Each article's purchases in the week before a row's week
 are bucketed (about log2 steps) and each bucket has a learned score bonus ``bias[bucket]`` (the model's
 ``sales_bias``). The bonus depends on the row (its week) and the candidate, yet stays an inner product,
-so the loss, the cross-rank candidates, the negatives, export and the FAISS index need nothing new:
+so export and the FAISS index need nothing new:
 
     query' = [query, one_hot(week)]          item' = [item, bias[bucket(sales of the item, each week)]]
     <query', item'> = <query, item> + bias[bucket(sales of the item in the week before the row's)]
+
+Training adds that bonus (over the temperature) to every candidate's logit through the loss's bonus
+hook (:meth:`RecentSales.add_bonus`: a gather by week instead of a column per week in the GEMM).
 
 For scoring (validation, export, recommend) everything is as of the first week after training:
 ``query' = [query, 1]`` and ``item' = [item, bias[bucket(sales in the last training week)]]``.
@@ -59,6 +62,20 @@ class RecentSales:
         ids = ids.to(self.table.device).long()
         rows = self.table[-1:, ids] if scoring else self.table[:, ids]
         return torch.cat([i, bias[rows.long()].T.to(i.dtype)], dim=1)
+
+
+    def add_bonus(self, logits: torch.Tensor, week: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
+                  scale: float = 1.0) -> torch.Tensor:
+        """``logits`` plus ``scale * bias[bucket]`` of each candidate's sales in the week before the row's:
+        what the one-hot product above adds, without widening the logits GEMM by a column per week.
+        ``ids``: (C,) candidates shared by all rows (their bonus per week, gathered by each row's week)
+        or (B, H) per row."""
+        week = week.to(self.table.device).long()
+        ids = ids.to(self.table.device).long()
+        if ids.dim() == 1:
+            per_week = bias[self.table[:, ids].long()] * scale  # (weeks + 1, C)
+            return logits + per_week.index_select(0, week).to(logits.dtype)
+        return logits + (bias[self.table[week[:, None], ids].long()] * scale).to(logits.dtype)
 
 
 def sales_bias(model: torch.nn.Module) -> torch.Tensor:

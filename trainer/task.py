@@ -39,38 +39,40 @@ class TrainTask:
     def _loss(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         b = len(inp)
         q_all, i_all = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
-        q = q_all[:b]
-        hard = self._hard_negatives(inp, q) if self.miner is not None and self.miner.ready else None
-        if self.sales is not None:  # the rows' weeks against each candidate's recent sales
-            bias = self._bias = self._bias if self._bias is not None else sales_bias(self.model)
-            ids = inp.article_idx if inp.extra_ids is None else torch.cat([inp.article_idx, inp.extra_ids])
-            q, i_all = self.sales.query(q, inp.week), self.sales.item(i_all, ids, bias)
-            if hard is not None:
-                h, h_ids = hard
-                h = self.sales.item(h.reshape(-1, h.shape[-1]), h_ids.reshape(-1), bias)
-                hard = h.reshape(b, h_ids.shape[1], -1), h_ids
-        pos = i_all[:b]
+        q, pos = q_all[:b], i_all[:b]
         neg = Negatives()
         if self.cfg.mixed_negatives > 0:
             neg.extra, neg.extra_ids = i_all[b:], inp.extra_ids
-        if hard is not None:
-            neg.hard, neg.hard_ids = hard
+        if self.miner is not None and self.miner.ready:
+            neg.hard, neg.hard_ids = self._hard_negatives(inp, q)
         loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
                                      group=True if self.cfg.cross_rank else None, catalog_size=self.n_items,
-                                     with_stats=self.with_stats, bonus=self._repeat_bonus(inp, b))
+                                     with_stats=self.with_stats, bonus=self._bonus(inp, b))
         return loss, stats, inp.article_idx
 
-    def _repeat_bonus(self, inp: ModelInput, b: int):
-        """The logit bonus for candidates among each row's own last articles (trainer/repeats.py), or None."""
-        if self._repeat is None:
+    def _bonus(self, inp: ModelInput, b: int):
+        """The loss's per-(row, candidate) logit terms: recent sales (trainer/popularity.py) and buying
+        again (trainer/repeats.py), both learned in dot-product units like the towers' scores; or None."""
+        if self._bias is None:  # the model's parameters, found on first use (False: none)
+            self._bias = sales_bias(self.model) if self.sales is not None else False
             self._repeat = repeat_bias(self.model)
-            if self._repeat is None:
-                self._repeat = False
-        if self._repeat is False:
+            self._repeat = False if self._repeat is None else self._repeat
+        terms = []
+        t = 1.0 / self.cfg.temperature
+        if self._bias is not False:
+            terms.append(lambda logits, ids: self.sales.add_bonus(logits, inp.week, ids, self._bias, t))
+        if self._repeat is not False:
+            recent = recent_articles(inp.sparse, b, self._repeat.shape[0])
+            bias = self._repeat * t
+            terms.append(lambda logits, ids: add_bonus(logits, recent, ids, bias))
+        if not terms:
             return None
-        bias = self._repeat / self.cfg.temperature  # dot-product units, like the towers' scores
-        recent = recent_articles(inp.sparse, b, bias.shape[0])
-        return lambda logits, ids: add_bonus(logits, recent, ids, bias)
+
+        def bonus(logits, ids):
+            for term in terms:
+                logits = term(logits, ids)
+            return logits
+        return bonus
 
     def _hard_negatives(self, inp: ModelInput, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(inp)
