@@ -146,8 +146,7 @@ class Embedder:
         local = torch.cat(out)
         everyone = torch.cat(D.all_gather(local))[:n]
         if scoring and self.sales is not None:
-            everyone = self.sales.item(everyone, torch.arange(n, device=everyone.device), sales_bias(self.model),
-                                       scoring=True)
+            everyone = self.sales.item(everyone, torch.arange(n, device=everyone.device), sales_bias(self.model))
         return everyone
 
     @torch.no_grad()
@@ -156,7 +155,7 @@ class Embedder:
         against :meth:`items` (with recent sales: one more column, 1)."""
         batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
         q = self._forward(batch)[0]
-        return self.sales.query(q, None) if self.sales is not None else q
+        return self.sales.query(q) if self.sales is not None else q
 
     def eval_rows(self, period: str):
         """The evaluation table of a period (``val`` or ``test``)."""

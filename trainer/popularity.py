@@ -3,17 +3,13 @@
 Fashion demand moves week by week (launches, decay, seasons); the towers see an article's features but
 not its sales as of the day a customer shops. Each article's purchases in the week before a row's week
 are bucketed (about log2 steps) and each bucket has a learned score bonus ``bias[bucket]`` (the model's
-``sales_bias``). The bonus depends on the row (its week) and the candidate, yet stays an inner product,
-so export and the FAISS index need nothing new:
+``sales_bias``). The bonus depends on the row (its week) and the candidate: training adds it (over the temperature) to every candidate's logit through the loss's bonus hook
+(:meth:`RecentSales.add_bonus`). For scoring (validation, export, recommend) everything is as of the
+first week after training, which makes it an inner product, so export and the FAISS index need
+nothing new:
 
-    query' = [query, one_hot(week)]          item' = [item, bias[bucket(sales of the item, each week)]]
-    <query', item'> = <query, item> + bias[bucket(sales of the item in the week before the row's)]
+    query' = [query, 1]        item' = [item, bias[bucket(sales of the item in the last training week)]]
 
-Training adds that bonus (over the temperature) to every candidate's logit through the loss's bonus
-hook (:meth:`RecentSales.add_bonus`: a gather by week instead of a column per week in the GEMM).
-
-For scoring (validation, export, recommend) everything is as of the first week after training:
-``query' = [query, 1]`` and ``item' = [item, bias[bucket(sales in the last training week)]]``.
 The table comes from data.prepare (``item_week_sales.parquet``; weeks counted back from the end of
 training); data.stream gives each row its week (``FeatureTables.week_index``).
 """
@@ -51,24 +47,20 @@ class RecentSales:
         counts[row[keep], t["article_idx"].to_numpy()[keep]] = t["count"].to_numpy()[keep]
         self.table = torch.from_numpy(buckets_of(counts, n_buckets)).to(device)  # (weeks + 1, catalogue)
 
-    def query(self, q: torch.Tensor, week: torch.Tensor | None) -> torch.Tensor:
-        """[q, one_hot(week)]; ``week`` None: as of the first week after training (scoring)."""
-        if week is None:
-            return torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)
-        return torch.cat([q, torch.nn.functional.one_hot(week.long(), self.weeks + 1).to(q.dtype)], dim=1)
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """The scoring query: [q, 1]."""
+        return torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)
 
-    def item(self, i: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor, scoring: bool = False) -> torch.Tensor:
-        """[i, bias[bucket]] for each week (training), or for the week after training (``scoring``)."""
+    def item(self, i: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The scoring item: [i, bias[bucket of its sales in the last training week]]."""
         ids = ids.to(self.table.device).long()
-        rows = self.table[-1:, ids] if scoring else self.table[:, ids]
-        return torch.cat([i, bias[rows.long()].T.to(i.dtype)], dim=1)
+        return torch.cat([i, bias[self.table[-1, ids].long()][:, None].to(i.dtype)], dim=1)
 
 
     def add_bonus(self, logits: torch.Tensor, week: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
                   scale: float = 1.0) -> torch.Tensor:
-        """``logits`` plus ``scale * bias[bucket]`` of each candidate's sales in the week before the row's:
-        what the one-hot product above adds, without widening the logits GEMM by a column per week.
-        ``ids``: (C,) candidates shared by all rows (their bonus per week, gathered by each row's week)
+        """``logits`` plus ``scale * bias[bucket]`` of each candidate's sales in the week before the row's
+        (the bonus is a gather by week, not a one-hot column per week in the logits GEMM). ``ids``: (C,) candidates shared by all rows (their bonus per week, gathered by each row's week)
         or (B, H) per row."""
         week = week.to(self.table.device).long()
         ids = ids.to(self.table.device).long()
