@@ -71,16 +71,20 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
     there is one (it must have been built from this export), else exact search; on the GPU when present.
     With ``history`` (each customer's articles, oldest first) and a learned repeat bonus in the export,
     the customer's last articles carry it (trainer/repeats.py)."""
-    bonus = read_json(join(output_of(export_dir), "export_report.json")).get("repeat_bonus")
-    if history is None or not bonus:
-        return _model_ranking(export_dir, customers, index_dir, k, period)
-    bonus = np.asarray(bonus, np.float32)
-    ranked, how = _model_ranking(export_dir, customers, index_dir, k + len(bonus), period)
+    exported = read_json(join(output_of(export_dir), "export_report.json"))
     item_idx, items = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
+    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
+    pos = {c: i for i, c in enumerate(user_idx.tolist())}
+    missing = [c for c in customers.tolist() if c not in pos]
+    if missing:
+        raise ValueError(f"{export_dir}/users_{period}.parquet lacks {len(missing)} evaluation customers; re-run export")
+    q = users[[pos[c] for c in customers.tolist()]]
+    bonus = np.asarray(exported.get("repeat_bonus") or [], np.float32) if history is not None else np.zeros(0)
+    ranked, how = _search(exported, item_idx, items, q, index_dir, k + len(bonus))
+    if not len(bonus):
+        return ranked, how
     by_idx = np.zeros((int(item_idx.max()) + 1, items.shape[1]), np.float32)
     by_idx[item_idx] = items
-    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
-    q = users[positions_of(user_idx, customers)]
     offsets = np.r_[0, np.cumsum([len(h) for h in history])].astype(np.int64)
     values = np.concatenate(history) if len(history) else np.zeros(0, np.int64)
     out = np.empty((len(customers), k), np.int64)
@@ -91,23 +95,10 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
     return out, how + f" + repeat bonus ({len(bonus)} positions)"
 
 
-def positions_of(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Positions of ``wanted`` in ``keys`` (every one present)."""
-    order = np.argsort(keys, kind="stable")
-    return order[np.searchsorted(keys, wanted, sorter=order)]
-
-
-def _model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int,
-                   period: str = "val") -> tuple[np.ndarray, str]:
-    item_idx, items = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
-    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
-    pos = {c: i for i, c in enumerate(user_idx.tolist())}
-    missing = [c for c in customers.tolist() if c not in pos]
-    if missing:
-        raise ValueError(f"{export_dir}/users_{period}.parquet lacks {len(missing)} evaluation customers; re-run export")
-    q = users[[pos[c] for c in customers.tolist()]]
+def _search(exported: dict, item_idx: np.ndarray, items: np.ndarray, q: np.ndarray, index_dir: str | None,
+            k: int) -> tuple[np.ndarray, str]:
+    """Top-k article_idx per query by inner product: the export's IVF index when there is one, else exact."""
     if index_dir and _exists(join(output_of(index_dir), "index.faiss")):
-        exported = read_json(join(output_of(export_dir), "export_report.json"))
         ix.check_matches(index_dir, exported.get("fingerprint"), exported.get("step"))
         index, _ = ix.load(index_dir)
         searcher = ix.for_search(index, _read_nprobe(index_dir))
