@@ -52,3 +52,41 @@ def test_ceiling_beats_popularity_and_ranks_valid_articles(tiny_synth, tiny_prep
     best = metrics(ranked, offsets, items, ks=(12,))["map@12"]
     assert best > 1.5 * pop, (best, pop)
     assert np.isfinite(best)
+
+
+def test_the_style_posterior_finds_the_hidden_styles(tiny_synth, tiny_prepared):
+    """Against the generator's truth: the history moves the posterior onto each customer's true primary
+    style (beyond what age alone gives) and finds the secondary style no attribute shows."""
+    root, _ = tiny_synth
+    prepared, _ = tiny_prepared
+    cfg = SynthConfig(**json.loads(pathlib.Path(root, "manifest.json").read_text())["config"])
+    val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
+    first = int(pc.min(val["day"]).as_py())
+    week = (dt.date(1970, 1, 1) + dt.timedelta(days=first) - dt.date.fromisoformat(cfg.start_date)).days // 7
+    gen, cust, art = ceiling.generator_at(cfg, week)
+    rows = pc.index_in(val["customer_id"], cust["customer_id"]).to_numpy()
+    post = ceiling.style_posterior(root, cfg, gen, cust["customer_id"], art["article_id"], rows, first)
+    n = np.arange(len(rows))
+    assert post.shape == (len(rows), gen.styles.n, gen.styles.n)
+    assert np.allclose(post.sum(axis=(1, 2)), 1.0)
+    primary = post.sum(axis=2)[n, gen.cust["primary"][rows]]
+    secondary = post.sum(axis=1)[n, gen.cust["secondary"][rows]]
+    # the prior alone: the generator's p(primary | age, news), by its own formula
+    age = pq.read_table(f"{root}/customers.parquet")["age"].to_numpy(zero_copy_only=False).astype(float)
+    age = age[pc.index_in(cust["customer_id"], pq.read_table(f"{root}/customers.parquet")["customer_id"])
+              .to_numpy()[rows]]
+    w = np.exp(-((age[:, None] - gen.styles.age_mu[None, :]) ** 2) / (2 * synth.AGE_SPREAD ** 2))
+    w[np.isnan(age)] = 1.0
+    age_only = (w / w.sum(axis=1, keepdims=True))[n, gen.cust["primary"][rows]]
+    assert primary.mean() > 0.6 and primary.mean() > age_only.mean() + 0.1, (primary.mean(), age_only.mean())
+    assert secondary.mean() > 5.0 / gen.styles.n, secondary.mean()  # uniform a priori: 1 / styles
+
+
+def test_the_knowable_ceiling_lies_between_popularity_and_the_ceiling(tiny_synth, tiny_prepared):
+    root, _ = tiny_synth
+    prepared, _ = tiny_prepared
+    truth, offsets, items, n_idx = ceiling.ceiling_ranking(root, prepared)
+    known, _, _, _ = ceiling.ceiling_ranking(root, prepared, knowable=True)
+    m_truth = metrics(truth, offsets, items, ks=(12,))["map@12"]
+    m_known = metrics(known, offsets, items, ks=(12,))["map@12"]
+    assert 0.5 * m_truth < m_known <= 1.02 * m_truth, (m_known, m_truth)

@@ -26,6 +26,12 @@ class HardAnchor(Choice):
     query = "query"  # the query's exact top over the catalogue, every step (ANCE): costly
 
 
+class Decay(Choice):
+    none = "none"  # the base learning rates throughout
+    linear = "linear"  # down to min_lr_ratio of the base at the last step
+    cosine = "cosine"  # half a cosine down to min_lr_ratio of the base at the last step
+
+
 class FusedOptimizer(Choice):
     rowwise_adagrad = "rowwise_adagrad"
     adagrad = "adagrad"
@@ -131,6 +137,10 @@ class ShardingConfig:
 class OptimConfig:
     lr: float = 1e-3  # dense parts (MLPs): AdamW
     weight_decay: float = 0.0
+    # the schedule scales both base rates (optim.lr and sharding.fused_lr) by the step (trainer/schedule.py)
+    warmup_steps: int = 0  # linear from 1/(warmup_steps + 1) of the base to the base
+    decay: Decay = Decay.cosine
+    min_lr_ratio: float = 0.0  # the decay's floor, as a share of the base
 
 
 @dataclass

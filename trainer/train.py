@@ -43,6 +43,7 @@ from trainer.logs import Scalars, quiet_libraries
 from trainer.loss import LogQ
 from trainer.negatives import HardNegativeMiner
 from trainer.pipeline import Steps, use_pipeline
+from trainer.schedule import LRSchedule
 from trainer.state import LoaderPosition, ModelState, OptimizerState, PerRank, RngState, TrainState
 from trainer.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, write_marker
 from trainer.task import TrainTask
@@ -82,6 +83,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                              self._parts(), fingerprint(cfg, self.manifest), loop.keep_checkpoints,
                                              config=OmegaConf.to_container(cfg, resolve=True))
+        self.schedule = LRSchedule(cfg.optim, cfg.sharding.fused_lr, model.dense_optimizer, model.fused_optimizer,
+                                   self._total_steps())
         self.stop = StopSignal()
         self.guard = FiniteGuard(dev)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
@@ -197,6 +200,7 @@ class Trainer:
     def _prepare_next_step(self) -> None:
         st = self.state
         self.task.step = st.step
+        self.schedule.apply(st.step)
         self.task.with_stats = (st.step + 1) % self.cfg.trainer.log_every == 0 or st.step == 0
 
     def _refresh_miner(self) -> None:
@@ -307,8 +311,7 @@ class Trainer:
         now = time.perf_counter()
         per_rank = self._examples / max(now - self._t_log, 1e-9)
         self._examples, self._t_log = 0, now
-        dense = self.built.dense_optimizer
-        lr = dense.param_groups[0]["lr"] if dense is not None else self.cfg.sharding.fused_lr
+        lr = self.schedule.lr()
         st.history["train"].append({"step": st.step, "epoch": st.epoch, "loss": mean_loss,
                                     "in_batch_loss": in_batch_loss})
         if self.dist.rank == 0:

@@ -1,0 +1,58 @@
+"""The learning-rate schedule: one factor of the step, applied to both optimisers before each step.
+
+As in torchtitan: a linear warm-up, then a linear or cosine decay to a floor at the run's last step
+(``optim.warmup_steps``, ``optim.decay``, ``optim.min_lr_ratio``). The factor scales both base rates,
+the MLPs' (``optim.lr``, AdamW) and the tables' (``sharding.fused_lr``). It is a function of the step
+and the run's length alone, so a resumed run continues the schedule exactly and no scheduler state is
+saved. The tables' optimiser runs inside backward (FBGEMM): TorchRec hands it the rate of its param
+group when the fused optimiser's ``zero_grad`` (or ``step``) is called, which is what :meth:`apply` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def factor(step: int, total: int, warmup: int, decay: str, min_ratio: float) -> float:
+    """The multiplier of the base rates for 0-based ``step`` of a run of ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "none":
+        return 1.0
+    span = total - warmup - 1  # the decay runs from the first step after warm-up to the last step
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup) / span)
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+class LRSchedule:
+    def __init__(self, optim_cfg, fused_lr: float, dense_optimizer, fused_optimizer, total_steps: int):
+        self.warmup, self.decay = int(optim_cfg.warmup_steps), str(optim_cfg.decay)
+        self.min_ratio, self.total = float(optim_cfg.min_lr_ratio), int(total_steps)
+        if self.warmup < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup}: expected >= 0")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_ratio}: expected a share of the base rate in [0, 1]")
+        self.base = [(dense_optimizer, float(optim_cfg.lr)), (fused_optimizer, float(fused_lr))]
+        self.base = [(opt, lr) for opt, lr in self.base if opt is not None]
+        self.current = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.warmup > 0 or self.decay != "none"
+
+    def apply(self, step: int) -> None:
+        """Sets both optimisers' rates for ``step`` (0-based: the step about to run)."""
+        f = factor(step, self.total, self.warmup, self.decay, self.min_ratio)
+        if f == self.current:
+            return
+        self.current = f
+        for opt, base in self.base:
+            for group in opt.param_groups:
+                group["lr"] = base * f
+        fused = self.base[-1][0]
+        fused.zero_grad()  # TorchRec's fused optimiser: writes its group's rate into FBGEMM (grads untouched)
+
+    def lr(self, which: int = 0) -> float:
+        """The rate now of the first optimiser (the MLPs', else the tables')."""
+        return self.base[which][1] * self.current
