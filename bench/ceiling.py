@@ -15,7 +15,13 @@ frequency (the generator's prior) and the styles of the articles in each of thei
 popularity the generator's own, as above: a model with perfect weekly sales and perfect style inference
 would reach it.
 
+With ``--export`` (a run's export directory), Recall@12 is also broken down by what the generator did
+for each validation purchase: a repurchase of one of the customer's last 8 articles, an article of
+their primary or their hidden secondary style, or one from anywhere; for the ceiling, the knowable
+ranking and that run's two-tower ranking (exact search, with its repeat bonus).
+
     .venv/bin/python bench/ceiling.py --data small [--report runs/small/evaluate/evaluation.json]
+                                                   [--export runs/small/export]
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import synth  # noqa: E402
 from data.config import SynthConfig  # noqa: E402
-from trainer.evaluate import load_eval  # noqa: E402
+from trainer.evaluate import load_eval, model_ranking  # noqa: E402
 from trainer.metrics import evaluate as metrics  # noqa: E402
 
 
@@ -156,15 +162,51 @@ def ceiling_ranking(data_root: str, prepared: str | None = None, k: int = 12, ch
     return np.concatenate(out), offsets, items, n_idx
 
 
+KINDS = ("repurchase", "primary style", "secondary style", "anywhere")
+
+
+def purchase_kinds(data_root: str, prepared: str | None = None) -> np.ndarray:
+    """For each validation purchase (in the order of the evaluation targets), the index in KINDS of
+    what the generator most likely did: an article in the customer's ring of last purchases is a
+    repurchase, else the article's style says primary, secondary or neither."""
+    cfg = SynthConfig(**json.loads(pathlib.Path(data_root, "manifest.json").read_text())["config"])
+    prepared = prepared or f"{data_root}/prepared"
+    _, offsets, items, _ = load_eval(prepared, "val")
+    val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
+    first_val_day = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
+    gen, cust_ids, art_ids = generator_at(cfg, (first_val_day - dt.date.fromisoformat(cfg.start_date)).days // 7)
+    vocab = pq.read_table(f"{prepared}/vocab/article_id.parquet")
+    row_of_idx = np.full(int(pc.max(vocab["index"]).as_py()) + 1, -1)
+    row_of_idx[vocab["index"].to_numpy()] = pc.index_in(vocab["value"], art_ids["article_id"]).to_numpy()
+    customer = pc.index_in(val["customer_id"], cust_ids["customer_id"]).to_numpy()[
+        np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))]
+    article = row_of_idx[items]
+    live = np.arange(synth.RING)[None, :] < gen.ring_len[customer][:, None]
+    in_ring = ((gen.ring[customer] == article[:, None]) & live).any(axis=1)
+    style = gen.art["style"][article]
+    return np.select([in_ring, style == gen.cust["primary"][customer], style == gen.cust["secondary"][customer]],
+                     [0, 1, 2], 3)
+
+
+def recall_by_kind(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray, kinds: np.ndarray) -> list[float]:
+    """The share of each kind's purchases that the customer's top-k holds."""
+    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    hit = (ranked[owner] == items[:, None]).any(axis=1)
+    return [float(hit[kinds == k].mean()) if (kinds == k).any() else float("nan") for k in range(len(KINDS))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="small")
     ap.add_argument("--report", help="an evaluation.json to print beside the ceiling")
+    ap.add_argument("--export", help="a run's export directory: Recall@12 by kind of purchase, beside the references")
     args = ap.parse_args()
-    ranked, offsets, items, n_idx = ceiling_ranking(str(ROOT / "datasets" / args.data))
+    root = str(ROOT / "datasets" / args.data)
+    ranked, offsets, items, n_idx = ceiling_ranking(root)
     m = metrics(ranked, offsets, items, ks=(12,), catalog_size=n_idx - 1)
-    ranked, _, _, _ = ceiling_ranking(str(ROOT / "datasets" / args.data), knowable=True)
-    known = metrics(ranked, offsets, items, ks=(12,), catalog_size=n_idx - 1)
+    rankings = {"ceiling": ranked}
+    rankings["knowable"], _, _, _ = ceiling_ranking(root, knowable=True)
+    known = metrics(rankings["knowable"], offsets, items, ks=(12,), catalog_size=n_idx - 1)
     print(f"data={args.data}, validation week, {len(offsets) - 1:,} customers")
     print(f"{'method':<28} {'map@12':>8} {'recall@12':>10} {'of ceiling':>11}")
     print(f"{'ceiling (generator truth)':<28} {m['map@12']:>8.4f} {m['recall@12']:>10.4f} {1.0:>10.2f}x")
@@ -173,6 +215,14 @@ def main() -> None:
     if args.report:
         for name, r in json.loads(pathlib.Path(args.report).read_text())["full_catalogue"].items():
             print(f"{name:<28} {r['map@12']:>8.4f} {r['recall@12']:>10.4f} {r['map@12'] / m['map@12']:>10.2f}x")
+    if args.export:
+        customers, _, _, history = load_eval(f"{root}/prepared", "val")
+        rankings["two-tower"], _ = model_ranking(args.export, customers, None, 12, history=history)
+        kinds = purchase_kinds(root)
+        print(f"\nRecall@12 by kind of purchase ({', '.join(f'{KINDS[k]} {np.mean(kinds == k):.0%}' for k in range(4))})")
+        print(f"{'ranking':<12}" + "".join(f"{k:>18}" for k in KINDS))
+        for name, r in rankings.items():
+            print(f"{name:<12}" + "".join(f"{x:>18.3f}" for x in recall_by_kind(r, offsets, items, kinds)))
 
 
 if __name__ == "__main__":

@@ -90,3 +90,36 @@ def test_the_knowable_ceiling_lies_between_popularity_and_the_ceiling(tiny_synth
     m_truth = metrics(truth, offsets, items, ks=(12,))["map@12"]
     m_known = metrics(known, offsets, items, ks=(12,))["map@12"]
     assert 0.5 * m_truth < m_known <= 1.02 * m_truth, (m_known, m_truth)
+
+
+def test_purchase_kinds_against_a_loop_over_the_generator_state(tiny_synth, tiny_prepared):
+    root, _ = tiny_synth
+    prepared, _ = tiny_prepared
+    kinds = ceiling.purchase_kinds(root, prepared)
+    cfg = SynthConfig(**json.loads(pathlib.Path(root, "manifest.json").read_text())["config"])
+    _, offsets, items, _ = load_eval(prepared, "val")
+    val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
+    first = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
+    gen, cust, art = ceiling.generator_at(cfg, (first - dt.date.fromisoformat(cfg.start_date)).days // 7)
+    vocab = pq.read_table(f"{prepared}/vocab/article_id.parquet")
+    article_id_of = dict(zip(vocab["index"].to_pylist(), vocab["value"].to_pylist()))
+    art_row = {a: i for i, a in enumerate(art["article_id"].to_pylist())}
+    cust_row = {c: i for i, c in enumerate(cust["customer_id"].to_pylist())}
+    want = []
+    for i, customer_id in enumerate(val["customer_id"].to_pylist()):
+        c = cust_row[customer_id]
+        ring = set(gen.ring[c, :gen.ring_len[c]].tolist())
+        for item in items[offsets[i]:offsets[i + 1]].tolist():
+            a = art_row[article_id_of[item]]
+            s = gen.art["style"][a]
+            want.append(0 if a in ring else 1 if s == gen.cust["primary"][c] else
+                        2 if s == gen.cust["secondary"][c] else 3)
+    assert kinds.tolist() == want
+    assert set(want) == {0, 1, 2, 3}  # every kind occurs on the tiny data
+
+
+def test_recall_by_kind_by_hand():
+    # two customers: targets [5, 6] and [7]; kinds [0, 1] and [0]; top-2 lists [5, 9] and [8, 7]
+    got = ceiling.recall_by_kind(np.array([[5, 9], [8, 7]]), np.array([0, 2, 3]), np.array([5, 6, 7]),
+                                 np.array([0, 1, 0]))
+    assert got[:2] == [1.0, 0.0] and np.isnan(got[2]) and np.isnan(got[3])
