@@ -33,13 +33,10 @@ class LRSchedule:
             raise ValueError(f"optim.warmup_steps={self.warmup}: expected >= 0")
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio={self.min_ratio}: expected a share of the base rate in [0, 1]")
-        self.base = [(dense_optimizer, float(optim_cfg.lr)), (fused_optimizer, float(fused_lr))]
-        self.base = [(opt, lr) for opt, lr in self.base if opt is not None]
+        self.fused = fused_optimizer
+        both = [(dense_optimizer, float(optim_cfg.lr)), (fused_optimizer, float(fused_lr))]
+        self.base = [(opt, lr) for opt, lr in both if opt is not None]  # MF has no MLPs, no AdamW
         self.current = 1.0
-
-    @property
-    def active(self) -> bool:
-        return self.warmup > 0 or self.decay != "none"
 
     def apply(self, step: int) -> None:
         """Sets both optimisers' rates for ``step`` (0-based: the step about to run)."""
@@ -50,9 +47,8 @@ class LRSchedule:
         for opt, base in self.base:
             for group in opt.param_groups:
                 group["lr"] = base * f
-        fused = self.base[-1][0]
-        fused.zero_grad()  # TorchRec's fused optimiser: writes its group's rate into FBGEMM (grads untouched)
+        self.fused.zero_grad()  # TorchRec's fused optimiser: writes its group's rate into FBGEMM (no grads to zero)
 
-    def lr(self, which: int = 0) -> float:
-        """The rate now of the first optimiser (the MLPs', else the tables')."""
-        return self.base[which][1] * self.current
+    def lr(self) -> float:
+        """The rate now of the MLPs (of the tables for matrix factorisation, which has no MLP)."""
+        return self.base[0][1] * self.current
