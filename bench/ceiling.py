@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import pathlib
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -74,9 +75,7 @@ def style_posterior(data_root: str, cfg: SynthConfig, gen: synth.Generator, cust
     regular = pc.fill_null(pc.equal(customers["fashion_news_frequency"], "Regularly"), False)
     regular = regular.to_numpy(zero_copy_only=False).astype(bool)[at]
     styles = gen.styles
-    prior = np.exp(-((age[:, None] - styles.age_mu[None, :]) ** 2) / (2 * synth.AGE_SPREAD ** 2))
-    prior[np.isnan(age)] = 1.0  # as Styles.primary_for draws them
-    prior = prior * np.where(regular[:, None] & styles.trend[None, :], 2.0, 1.0) + 1e-9
+    prior = styles.primary_weights(age, regular)  # what the generator drew the primary style from
     log_prior = np.log(prior / prior.sum(axis=1, keepdims=True))
 
     tx = pq.read_table(f"{data_root}/transactions", columns=["t_dat", "customer_id", "article_id"])
@@ -107,20 +106,47 @@ def style_posterior(data_root: str, cfg: SynthConfig, gen: synth.Generator, cust
     return post
 
 
+@dataclass
+class ValidationWeek:
+    """The validation week of a synthetic dataset and the generator's state just before it."""
+
+    cfg: SynthConfig
+    offsets: np.ndarray  # the evaluation targets (CSR over customers, prepared article_idx)
+    items: np.ndarray
+    val: pa.Table  # customer_id, day of each evaluation customer
+    first_day: dt.date
+    week: int
+    gen: synth.Generator
+    cust_ids: dict
+    art_ids: dict
+    vocab: pa.Table  # the prepared article vocabulary (index, value)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The generator's row of each evaluation customer (every one was generated)."""
+        return pc.index_in(self.val["customer_id"], self.cust_ids["customer_id"]).to_numpy()
+
+
+def validation_week(data_root: str, prepared: str | None = None) -> ValidationWeek:
+    cfg = SynthConfig(**json.loads(pathlib.Path(data_root, "manifest.json").read_text())["config"])
+    prepared = prepared or f"{data_root}/prepared"
+    _, offsets, items, _ = load_eval(prepared, "val")
+    val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
+    first_day = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
+    week = (first_day - dt.date.fromisoformat(cfg.start_date)).days // 7
+    gen, cust_ids, art_ids = generator_at(cfg, week)
+    return ValidationWeek(cfg, offsets, items, val, first_day, week, gen, cust_ids, art_ids,
+                          pq.read_table(f"{prepared}/vocab/article_id.parquet"))
+
+
 def ceiling_ranking(data_root: str, prepared: str | None = None, k: int = 12, chunk: int = 1024,
-                    knowable: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                    knowable: bool = False, state: ValidationWeek | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Top-k article_idx per validation customer by the generator's probabilities; with ``knowable``,
     the customer's styles are their posterior (:func:`style_posterior`) instead of the truth."""
-    manifest = json.loads(pathlib.Path(data_root, "manifest.json").read_text())
-    cfg = SynthConfig(**manifest["config"])
-    prepared = prepared or f"{data_root}/prepared"
-    customers, offsets, items, _ = load_eval(prepared, "val")
-    val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
-    first_val_day = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
-    week = (first_val_day - dt.date.fromisoformat(cfg.start_date)).days // 7
-    gen, cust_ids, art_ids = generator_at(cfg, week)
-
-    vocab = pq.read_table(f"{prepared}/vocab/article_id.parquet")
+    state = state or validation_week(data_root, prepared)
+    cfg, offsets, items, gen, week = state.cfg, state.offsets, state.items, state.gen, state.week
+    first_val_day, cust_ids, art_ids, vocab = state.first_day, state.cust_ids, state.art_ids, state.vocab
     n_idx = int(pc.max(vocab["index"]).as_py()) + 1
     # generator article row -> prepared article_idx (0: not in the vocabulary)
     hit = pc.fill_null(pc.index_in(art_ids["article_id"], vocab["value"]), -1).to_numpy()
@@ -135,7 +161,7 @@ def ceiling_ranking(data_root: str, prepared: str | None = None, k: int = 12, ch
     per_style /= per_style.sum(axis=1, keepdims=True).clip(1e-300)
     anywhere = w / w.sum()
 
-    rows = pc.index_in(val["customer_id"], cust_ids["customer_id"]).to_numpy()  # every one was generated
+    rows = state.rows
     aff, share, rep = cfg.style_affinity, cfg.secondary_style_share, cfg.repurchase_rate
     if knowable:  # P(a visit is about style s)
         post = style_posterior(data_root, cfg, gen, cust_ids["customer_id"], art_ids["article_id"], rows,
@@ -165,22 +191,16 @@ def ceiling_ranking(data_root: str, prepared: str | None = None, k: int = 12, ch
 KINDS = ("repurchase", "primary style", "secondary style", "anywhere")
 
 
-def purchase_kinds(data_root: str, prepared: str | None = None) -> np.ndarray:
+def purchase_kinds(data_root: str, prepared: str | None = None, state: ValidationWeek | None = None) -> np.ndarray:
     """For each validation purchase (in the order of the evaluation targets), the index in KINDS of
     what the generator most likely did: an article in the customer's ring of last purchases is a
     repurchase, else the article's style says primary, secondary or neither."""
-    cfg = SynthConfig(**json.loads(pathlib.Path(data_root, "manifest.json").read_text())["config"])
-    prepared = prepared or f"{data_root}/prepared"
-    _, offsets, items, _ = load_eval(prepared, "val")
-    val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
-    first_val_day = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
-    gen, cust_ids, art_ids = generator_at(cfg, (first_val_day - dt.date.fromisoformat(cfg.start_date)).days // 7)
-    vocab = pq.read_table(f"{prepared}/vocab/article_id.parquet")
+    state = state or validation_week(data_root, prepared)
+    gen, offsets, vocab = state.gen, state.offsets, state.vocab
     row_of_idx = np.full(int(pc.max(vocab["index"]).as_py()) + 1, -1)
-    row_of_idx[vocab["index"].to_numpy()] = pc.index_in(vocab["value"], art_ids["article_id"]).to_numpy()
-    customer = pc.index_in(val["customer_id"], cust_ids["customer_id"]).to_numpy()[
-        np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))]
-    article = row_of_idx[items]
+    row_of_idx[vocab["index"].to_numpy()] = pc.index_in(vocab["value"], state.art_ids["article_id"]).to_numpy()
+    customer = state.rows[np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))]
+    article = row_of_idx[state.items]
     live = np.arange(synth.RING)[None, :] < gen.ring_len[customer][:, None]
     in_ring = ((gen.ring[customer] == article[:, None]) & live).any(axis=1)
     style = gen.art["style"][article]
@@ -202,10 +222,11 @@ def main() -> None:
     ap.add_argument("--export", help="a run's export directory: Recall@12 by kind of purchase, beside the references")
     args = ap.parse_args()
     root = str(ROOT / "datasets" / args.data)
-    ranked, offsets, items, n_idx = ceiling_ranking(root)
+    state = validation_week(root)  # the generator replayed once for every ranking below
+    ranked, offsets, items, n_idx = ceiling_ranking(root, state=state)
     m = metrics(ranked, offsets, items, ks=(12,), catalog_size=n_idx - 1)
     rankings = {"ceiling": ranked}
-    rankings["knowable"], _, _, _ = ceiling_ranking(root, knowable=True)
+    rankings["knowable"], _, _, _ = ceiling_ranking(root, knowable=True, state=state)
     known = metrics(rankings["knowable"], offsets, items, ks=(12,), catalog_size=n_idx - 1)
     print(f"data={args.data}, validation week, {len(offsets) - 1:,} customers")
     print(f"{'method':<28} {'map@12':>8} {'recall@12':>10} {'of ceiling':>11}")
@@ -218,7 +239,7 @@ def main() -> None:
     if args.export:
         customers, _, _, history = load_eval(f"{root}/prepared", "val")
         rankings["two-tower"], _ = model_ranking(args.export, customers, None, 12, history=history)
-        kinds = purchase_kinds(root)
+        kinds = purchase_kinds(root, state=state)
         print(f"\nRecall@12 by kind of purchase ({', '.join(f'{KINDS[k]} {np.mean(kinds == k):.0%}' for k in range(4))})")
         print(f"{'ranking':<12}" + "".join(f"{k:>18}" for k in KINDS))
         for name, r in rankings.items():

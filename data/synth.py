@@ -195,16 +195,20 @@ class Styles:
         self.words = [rng.choice(len(WORDS), size=3, replace=False) for _ in range(n)]
         self.price_level = rng.lognormal(0.0, 0.25, n)
 
+    def primary_weights(self, age: np.ndarray, news_regular: np.ndarray) -> np.ndarray:
+        """(customers, styles) unnormalised p(primary style | age, news frequency): uniform without an age."""
+        w = np.exp(-((age[:, None] - self.age_mu[None, :]) ** 2) / (2 * AGE_SPREAD ** 2))
+        w[np.isnan(age)] = 1.0
+        w = w * np.where(news_regular[:, None] & self.trend[None, :], 2.0, 1.0)
+        w += 1e-9
+        return w
+
     def primary_for(self, rng: np.random.Generator, age: np.ndarray, news_regular: np.ndarray) -> np.ndarray:
         """Draws each customer's primary style from p(style | age, news frequency); vectorised in blocks."""
         out = np.empty(len(age), dtype=np.int32)
         for lo in range(0, len(age), 200_000):
             a = age[lo:lo + 200_000]
-            w = np.exp(-((a[:, None] - self.age_mu[None, :]) ** 2) / (2 * AGE_SPREAD ** 2))
-            w[np.isnan(a)] = 1.0
-            w = w * np.where(news_regular[lo:lo + 200_000, None] & self.trend[None, :], 2.0, 1.0)
-            w += 1e-9
-            cdf = np.cumsum(w, axis=1)
+            cdf = np.cumsum(self.primary_weights(a, news_regular[lo:lo + 200_000]), axis=1)
             u = rng.random(len(a))[:, None] * cdf[:, -1:]
             out[lo:lo + len(a)] = (cdf < u).sum(axis=1).clip(0, self.n - 1)
         return out
