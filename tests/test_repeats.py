@@ -7,7 +7,8 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from trainer.repeats import _dense_bonus, add_bonus, boost_recent, logit_bonus, newest_first, recent_articles
+from trainer.repeats import (_dense_bonus, add_bonus, boost_recent, logit_bonus, mix_recent, newest_first,
+                             recent_articles)
 
 
 def naive_position(history: list[int], item: int, positions: int) -> int | None:
@@ -60,6 +61,37 @@ def test_the_sparse_join_equals_the_dense_comparison_with_gradients():
     assert torch.allclose(gs, gd, atol=1e-4)
 
 
+def test_mix_recent_matches_a_naive_loop_on_both_paths_with_gradients():
+    """Shared candidates (CPU: the sparse join) and per-row candidates (the dense comparison) against a
+    loop: a candidate that is the row's p-th newest distinct article gets logaddexp(logit, level + shift)."""
+    rng = np.random.default_rng(4)
+    b, r, c, h = 7, 4, 20, 3
+    recent = torch.from_numpy(rng.integers(0, 8, (b, r)))
+    recent[0] = torch.tensor([5, 5, 0, 6])  # a repeat (the newer position counts) and the OOV id
+    shared = torch.from_numpy(rng.integers(1, 8, c))
+    hard = torch.from_numpy(rng.integers(1, 8, (b, h)))
+    level = torch.from_numpy(rng.normal(size=(b, r))).float().requires_grad_()
+    shift = torch.from_numpy(rng.normal(size=c)).float()
+    logits_s, logits_h = torch.randn(b, c), torch.randn(b, h)
+    got_s = mix_recent(logits_s, recent, shared, level, shift)
+    got_h = mix_recent(logits_h, recent, hard, level)
+    dense_s = mix_recent(logits_s, recent, shared.expand(b, c), level, shift)  # the dense path on the same
+    for row in range(b):
+        hist = list(reversed(recent[row].tolist()))
+        for j in range(c):
+            p = naive_position(hist, int(shared[j]), r)
+            want = logits_s[row, j] if p is None else torch.logaddexp(logits_s[row, j], level[row, p] + shift[j])
+            assert got_s[row, j].item() == pytest.approx(want.item(), abs=1e-6)
+        for j in range(h):
+            p = naive_position(hist, int(hard[row, j]), r)
+            want = logits_h[row, j] if p is None else torch.logaddexp(logits_h[row, j], level[row, p])
+            assert got_h[row, j].item() == pytest.approx(want.item(), abs=1e-6)
+    g = torch.randn(b, c)
+    gs, = torch.autograd.grad((got_s * g).sum(), level)
+    gd, = torch.autograd.grad((dense_s * g).sum(), level)
+    assert gs.abs().sum() > 0 and torch.allclose(gs, gd, atol=1e-5)
+
+
 def test_recent_articles_from_the_bag_and_from_positions():
     # 2 query rows (histories [4, 5, 6] and [7]) and 1 item-only row (empty history)
     bag = KeyedJaggedTensor(keys=["history"], values=torch.tensor([4, 5, 6, 7]), lengths=torch.tensor([3, 1, 0]))
@@ -93,6 +125,69 @@ def test_boost_recent_equals_ranking_every_article_with_the_bonus():
         assert np.allclose(np.sort(full[got[row]]), np.sort(full[want])), row
 
 
+def test_boost_recent_with_a_level_equals_ranking_every_article_by_the_mixture():
+    """With a per-query level, a recent article scores T * logaddexp(s / T, (bonus[p] + level) / T)."""
+    rng = np.random.default_rng(5)
+    n, n_items, d, k, t = 30, 50, 6, 5, 0.2
+    items = rng.normal(size=(n_items, d)).astype(np.float32)
+    q = rng.normal(size=(n, d)).astype(np.float32)
+    lengths = rng.integers(0, 7, n)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    values = rng.integers(0, n_items, offsets[-1])
+    bonus = np.array([1.0, 0.5, 0.0], np.float32)
+    level = rng.normal(size=n).astype(np.float32) * 2
+    scores = q @ items.T
+    scores[:, 0] = -np.inf
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k + len(bonus)]
+    got = boost_recent(ranked, q, items, offsets, values, bonus, k, level, t)
+    changed = 0
+    for row in range(n):
+        hist = values[offsets[row]:offsets[row + 1]].tolist()
+        full = scores[row].copy()
+        for item in range(1, n_items):
+            p = naive_position(hist, item, len(bonus))
+            if p is not None:
+                full[item] = t * np.logaddexp(full[item] / t, (bonus[p] + level[row]) / t)
+        want = np.argsort(-full, kind="stable")[:k]
+        assert np.allclose(np.sort(full[got[row]]), np.sort(full[want]), atol=1e-5), row
+        changed += set(want) != set(ranked[row, :k])
+    assert changed > 0  # the mixture moved some rankings
+
+
+def test_the_loss_mixes_recent_articles_under_the_logq_correction():
+    """In-batch logits minus log(N q_j); a recent candidate's becomes logaddexp(s/T, level) - log(N q_j)."""
+    from types import SimpleNamespace
+
+    from trainer.loss import LogQ, retrieval_loss
+
+    rng = np.random.default_rng(6)
+    b, d, t, n_items = 5, 4, 0.5, 10
+    q, pos = (torch.from_numpy(rng.normal(size=(b, d)).astype(np.float32)) for _ in range(2))
+    ids = torch.tensor([3, 4, 5, 6, 7])
+    recent = torch.tensor([[4, 3, 0], [5, 0, 0], [0, 0, 0], [6, 5, 1], [7, 2, 0]])
+    level = torch.from_numpy(rng.normal(size=(b, 3)).astype(np.float32))
+    counts = torch.arange(1, n_items + 1, dtype=torch.float64)
+    logq = LogQ("static", n_items, counts)
+    cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False)
+    got, _ = retrieval_loss(q, pos, ids, cfg, None, logq, with_stats=False,
+                            bonus=lambda logits, c, shift: mix_recent(logits, recent, c, level, shift))
+    log_q = np.log((counts.numpy() + 1) / (counts.numpy() + 1).sum())
+    total = 0.0
+    for r in range(b):
+        hist = list(reversed(recent[r].tolist()))
+        logits = []
+        for j in range(b):
+            item = int(ids[j])
+            x = float(q[r] @ pos[j]) / t
+            p = naive_position(hist, item, 3)
+            if p is not None:
+                x = float(np.logaddexp(x, float(level[r, p])))
+            logits.append(x - np.log(b) - log_q[item])
+        logits = torch.tensor(logits, dtype=torch.float64)
+        total += float(torch.logsumexp(logits, 0) - logits[r])
+    assert got.item() == pytest.approx(total / b, rel=1e-5)
+
+
 def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
     from types import SimpleNamespace
 
@@ -109,7 +204,7 @@ def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
     bias = torch.tensor([1.5, 0.7, 0.2])
     cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False)
     got, _ = retrieval_loss(q, pos, ids, cfg, Negatives(hard=hard, hard_ids=hard_ids), None, with_stats=False,
-                            bonus=lambda logits, c: add_bonus(logits, recent, c, bias))
+                            bonus=lambda logits, c, shift: add_bonus(logits, recent, c, bias))
     total = 0.0
     for r in range(b):  # naive: every candidate's logit plus the bonus of its position in the row's history
         hist = [x for x in reversed(recent[r].tolist())]
@@ -121,3 +216,25 @@ def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
         logits = torch.tensor(logits)
         total += float(torch.logsumexp(logits, 0) - logits[r])
     assert got.item() == pytest.approx(total / b, rel=1e-5)
+
+
+def test_the_scoring_level_reads_the_towers_columns_and_the_catalogue_mean():
+    """Embedder.repeat_level: head(query) + <query, mean article>, over the towers' columns only (not the
+    recent-sales column scoring vectors carry) and the articles without the OOV row 0; by hand."""
+    from trainer.inference import Embedder
+
+    rng = np.random.default_rng(7)
+    d = 4
+    model = torch.nn.Module()
+    model.repeat_level = torch.nn.Linear(d, 1)
+    emb = Embedder.__new__(Embedder)
+    emb.model, emb.device, emb.sales = model, torch.device("cpu"), object()  # with recent sales: D + 1
+    q = torch.from_numpy(np.c_[rng.normal(size=(6, d)), np.ones(6)].astype(np.float32))
+    items = torch.from_numpy(rng.normal(size=(9, d + 1)).astype(np.float32))
+    items[0] = 100.0  # the OOV row must not count
+    w, b = model.repeat_level.weight.detach().numpy()[0], model.repeat_level.bias.item()
+    qn, it = q.numpy()[:, :d], items.numpy()[1:, :d]
+    want = qn @ w + b + qn @ it.mean(0)
+    assert np.allclose(emb.repeat_level(q, items), want, atol=1e-5)
+    emb.model = torch.nn.Module()  # the bonus form: no level
+    assert emb.repeat_level(q, items) is None

@@ -115,6 +115,10 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
     assert np.allclose(v1, v2, atol=1e-5)
     u1 = pq.read_table(exp1 / "output" / "users_val.parquet")
     assert u1.num_rows == pq.read_table(f"{prepared}/eval/val.parquet").num_rows
+    # the buying-again mixture's level per customer (trainer/repeats.py), the same from either world size
+    u2 = pq.read_table(exp2 / "output" / "users_val.parquet")
+    assert np.allclose(u1["repeat_level"].to_numpy(), u2["repeat_level"].to_numpy(), atol=1e-5)
+    assert np.isfinite(u1["repeat_level"].to_numpy()).all() and np.ptp(u1["repeat_level"].to_numpy()) > 0
 
     # Index and evaluate on top: every method reported, the model's numbers match the training run's.
     run([sys.executable, "-m", "trainer.index", f"export_dir={exp1}", f"hydra.run.dir={tmp_path / 'index'}"])
@@ -124,7 +128,9 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
     methods = report["full_catalogue"]
     assert {"two-tower", "popularity (last week)", "repurchase + popularity", "co-visitation", "item-kNN",
             "TF-IDF content"} <= set(methods)
-    assert methods["two-tower"]["recall@12"] == pytest.approx(recall, abs=1e-3)  # exact search both times
+    # exact search both times; evaluate scores buying again from the export (the level column), the
+    # training run's validation from the live model
+    assert methods["two-tower"]["recall@12"] == pytest.approx(recall, abs=1e-3)
     assert methods["popularity (last week)"]["recall@12"] == pytest.approx(pop, abs=1e-6)
     assert "OPTIMISTIC" in (tmp_path / "eval" / "evaluation.md").read_text()
 

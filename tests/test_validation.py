@@ -18,15 +18,23 @@ class TinyEmbedder:
 
     device = torch.device("cpu")
 
-    def __init__(self, items, queries, targets, history=None, bonus=None):
-        self.item_vectors, self.query_vectors, self.bonus = items, queries, bonus
+    def __init__(self, items, queries, targets, history=None, bonus=None, level=None):
+        self.item_vectors, self.query_vectors, self.bonus, self.level = items, queries, bonus, level
         self.n_items = len(items)
         self.table = pa.table({"customer_idx": np.arange(len(queries)),
                                "targets": pa.array(targets, pa.list_(pa.int32())),
                                "history": pa.array(history or [[] for _ in targets], pa.list_(pa.int32()))})
 
+    temperature = 0.05
+
     def repeat_bonus(self):
         return self.bonus
+
+    def repeat_level(self, q, items):  # a level per query vector (the tests give each query its own)
+        if self.level is None:
+            return None
+        rows = [int(np.flatnonzero((self.query_vectors == row).all(1))[0]) for row in q.numpy()]
+        return self.level[rows]
 
     def eval_rows(self, period):
         return self.table
@@ -40,7 +48,7 @@ class TinyEmbedder:
             yield rows, torch.from_numpy(self.query_vectors[rows])
 
 
-def naive_recall(items, queries, targets, k, seen=None, history=None, bonus=None):
+def naive_recall(items, queries, targets, k, seen=None, history=None, bonus=None, level=None, t=0.05):
     out = []
     for i, q in enumerate(queries):
         scores = items @ q
@@ -52,7 +60,9 @@ def naive_recall(items, queries, targets, k, seen=None, history=None, bonus=None
             recent = list(reversed(history[i]))[:len(bonus)]
             for item in newest:
                 if item in recent and item > 0:
-                    scores[item] += bonus[recent.index(item)]
+                    b = bonus[recent.index(item)]
+                    scores[item] = (scores[item] + b if level is None
+                                    else t * np.logaddexp(scores[item] / t, (b + level[i]) / t))
         top = set(np.argsort(-scores, kind="stable")[:k].tolist())
         out.append(len(top & set(targets[i])) / len(targets[i]))
     return float(np.mean(out))
@@ -87,6 +97,12 @@ def test_validation_gives_the_customers_own_last_articles_their_repeat_bonus():
                                                                 bonus=bonus))
     assert without["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5))
     assert with_bonus["recall@5"] > without["recall@5"]
+    # the mixture: a level per customer (trainer/repeats.py); low levels leave the towers' ranking
+    level = np.where(np.arange(12) % 2 == 0, 1.0, -3.0).astype(np.float32)
+    mixed = validate(TinyEmbedder(items, queries, targets, history, bonus - 2.0, level), [5])
+    assert mixed["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5, history=history,
+                                                           bonus=bonus - 2.0, level=level))
+    assert mixed["recall@5"] != pytest.approx(with_bonus["recall@5"])
 
 
 def test_best_checkpoint_and_early_stopping(tiny_prepared, tmp_path):

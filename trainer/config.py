@@ -15,6 +15,11 @@ class HistoryEncoder(Choice):
     transformer = "transformer"  # the ordered history, with positions, through a small transformer
 
 
+class RepeatMode(Choice):
+    mixture = "mixture"  # the towers' probability plus a buying-again mass set per query and position
+    bonus = "bonus"  # a bonus per position added to the towers' score
+
+
 class LogQMode(Choice):
     off = "off"  # no correction
     static = "static"  # training item frequencies from data.prepare
@@ -92,7 +97,8 @@ class ModelConfig:
         "garment_group", "desc_tokens"])
     time_features: bool = True  # sin/cos of the time of year into the query tower
     recent_sales_buckets: int = 32  # an article's sales in the week before, as a learned bonus (0: off)
-    repeat_positions: int = 8  # a learned bonus for buying again one of the last N articles (0: off)
+    repeat_positions: int = 8  # buying again one of the last N distinct articles, learned (0: off)
+    repeat_mode: RepeatMode = RepeatMode.mixture  # how it scores (trainer/repeats.py)
     history_encoder: HistoryEncoder = HistoryEncoder.bag
     history_positions: int = 20  # transformer: the most recent purchases it reads, newest first
     encoder_layers: int = 2

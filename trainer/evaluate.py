@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from omegaconf import DictConfig
 
-from data.io import atomic_open, fs_and_path, join, read_json, write_json
+from data.io import atomic_open, fs_and_path, join, read_json, read_table, write_json
 from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
 from trainer import plots
@@ -78,7 +78,9 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
     missing = [c for c in customers.tolist() if c not in pos]
     if missing:
         raise ValueError(f"{export_dir}/users_{period}.parquet lacks {len(missing)} evaluation customers; re-run export")
-    q = users[[pos[c] for c in customers.tolist()]]
+    at = [pos[c] for c in customers.tolist()]
+    q = users[at]
+    level = _repeat_level(join(output_of(export_dir), f"users_{period}.parquet"), at)
     bonus = np.asarray(exported.get("repeat_bonus") or [], np.float32) if history is not None else np.zeros(0)
     ranked, how = _search(exported, item_idx, items, q, index_dir, k + len(bonus))
     if not len(bonus):
@@ -91,8 +93,17 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
     for lo in range(0, len(customers), 8192):
         hi = min(lo + 8192, len(customers))
         out[lo:hi] = boost_recent(ranked[lo:hi], q[lo:hi], by_idx, offsets[lo:hi + 1] - offsets[lo],
-                                  values[offsets[lo]:offsets[hi]], bonus, k)
-    return out, how + f" + repeat bonus ({len(bonus)} positions)"
+                                  values[offsets[lo]:offsets[hi]], bonus, k,
+                                  None if level is None else level[lo:hi], exported.get("temperature"))
+    return out, how + f" + buying again ({len(bonus)} positions, {'mixture' if level is not None else 'bonus'})"
+
+
+def _repeat_level(users_url: str, rows: list) -> np.ndarray | None:
+    """The exported customers' buying-again level (trainer/repeats.py) at ``rows``, or None without."""
+    fs, path = fs_and_path(users_url)
+    if "repeat_level" not in pq.read_schema(path, filesystem=fs).names:
+        return None
+    return read_table(users_url, columns=["repeat_level"])["repeat_level"].to_numpy()[rows]
 
 
 def _search(exported: dict, item_idx: np.ndarray, items: np.ndarray, q: np.ndarray, index_dir: str | None,

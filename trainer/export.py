@@ -9,9 +9,11 @@ refuses it if the prepared data changed since training, and publishes into ``<ru
 aside and put in place whole, the report last; data/staging.py):
 
     items.parquet          article_idx, article_id, embedding (fixed-size list of float32)
-    users_<period>.parquet customer_idx, customer_id, embedding, for each eval period (val, test)
+    users_<period>.parquet customer_idx, customer_id, embedding, for each eval period (val, test), and
+                           with the buying-again mixture each customer's ``repeat_level``
     export_report.json     which run, checkpoint, step and fingerprint the embeddings come from, and the
-                           learned bonus for buying again one of the last articles (``repeat_bonus``)
+                           learned terms for buying again one of the last articles (``repeat_bonus``,
+                           per position; ``temperature``, the units of the mixture; trainer/repeats.py)
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
     bonus = embedder.repeat_bonus()
     if bonus is not None:  # scoring adds it for the customer's own last articles (trainer/repeats.py)
         written["repeat_bonus"] = [float(x) for x in bonus]
+        written["temperature"] = float(embedder.temperature)
     if rank == 0:
         art_vocab = vocab.load(embedder.prepared, "article_id")
         article_ids = np.r_[-1, art_vocab["value"].to_numpy()]  # row 0 is the OOV bucket
@@ -76,8 +79,12 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
         cust, emb = embedder.eval_queries(period)
         if rank == 0:
             ids = vocab.load(embedder.prepared, "customer_id")["value"].take(pa.array(cust - 1))
-            write_parquet(pa.table({"customer_idx": pa.array(cust, pa.int32()), "customer_id": ids,
-                                    "embedding": embedding_array(emb)}), join(out, f"users_{period}.parquet"))
+            columns = {"customer_idx": pa.array(cust, pa.int32()), "customer_id": ids,
+                       "embedding": embedding_array(emb)}
+            level = embedder.repeat_level(emb, items)
+            if level is not None:
+                columns["repeat_level"] = pa.array(level, pa.float32())
+            write_parquet(pa.table(columns), join(out, f"users_{period}.parquet"))
             written[f"users_{period}"] = int(len(cust))
     if rank == 0:
         write_json(written, join(out, "export_report.json"))

@@ -27,7 +27,7 @@ from trainer.config import TrainJob
 from trainer.fingerprint import data_digest, fingerprint
 from trainer.inputs import model_input
 from trainer.popularity import RecentSales, sales_bias
-from trainer.repeats import repeat_bias
+from trainer.repeats import repeat_bias, repeat_head
 from trainer.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ def recent_sales(cfg, manifest: dict, device: torch.device) -> RecentSales | Non
 
 class Embedder:
     def __init__(self, model, keys: list[str], prepared: str, manifest: dict, device: torch.device,
-                 tables: FeatureTables | None = None, sales: RecentSales | None = None):
+                 tables: FeatureTables | None = None, sales: RecentSales | None = None,
+                 temperature: float = 0.05):
+        self.temperature = temperature  # the loss's: the buying-again mixture scores in its units
         self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
         self.tables = tables or FeatureTables(prepared, manifest)
         self.sales = sales  # scoring vectors carry the recent-sales bonus (trainer/popularity.py)
@@ -108,12 +110,24 @@ class Embedder:
             log.info("loaded run %s: step %d from %s (fingerprint %s)", train_dir, loaded.step, loaded.path,
                      manager.fp_id)
         return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device,
-                   sales=recent_sales(cfg, manifest, dist_.device)), info
+                   sales=recent_sales(cfg, manifest, dist_.device), temperature=cfg.loss.temperature), info
 
     def repeat_bonus(self) -> np.ndarray | None:
         """The learned bonus per history position, newest first (trainer/repeats.py), or None."""
         p = repeat_bias(self.model)
         return None if p is None else p.detach().float().cpu().numpy()
+
+    @torch.no_grad()
+    def repeat_level(self, q: torch.Tensor, items: torch.Tensor) -> np.ndarray | None:
+        """(n,) each query's buying-again level (trainer/repeats.py), in score units, from its scoring
+        vector and the catalogue's (:meth:`items`); None when the model scores repeats by the bonus."""
+        head = repeat_head(self.model)
+        if head is None:
+            return None
+        d = q.shape[1] - (1 if self.sales is not None else 0)  # the towers' dimensions, not the sales column
+        q = q[:, :d].to(self.device).float()
+        mean_item = items[1:, :d].to(self.device).float().mean(0)  # row 0: the OOV bucket, never drawn
+        return (head(q)[:, 0] + q @ mean_item).cpu().numpy()
 
     # ------------------------------------------------------------ embeddings
 

@@ -128,7 +128,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     else:
         logits = (query / cfg.temperature) @ cand.T
     if bonus is not None:
-        logits = bonus(logits, cand_ids)
+        logits = bonus(logits, cand_ids, bias if correction else None)
     if cfg.mask_accidental_hits:
         hit = cand_ids[None, :] == positive_ids[:, None]
         hit[torch.arange(b, device=hit.device), target] = False
@@ -136,7 +136,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     if negatives.hard is not None:
         hard_logits = torch.einsum("bd,bhd->bh", query, negatives.hard) / cfg.temperature
         if bonus is not None:
-            hard_logits = bonus(hard_logits, negatives.hard_ids)
+            hard_logits = bonus(hard_logits, negatives.hard_ids, None)
         hard_logits = hard_logits.masked_fill(negatives.hard_ids == positive_ids[:, None], MASKED)
         logits = torch.cat([logits, hard_logits], dim=1)
     loss = F.cross_entropy(logits, target)

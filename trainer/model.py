@@ -116,8 +116,11 @@ class TwoTower(nn.Module):
         self.feature_keys = [*query_keys(cfg), *self.item_features]
         # the score bonus per bucket of recent sales (trainer/popularity.py); used by the loss and scoring
         self.sales_bias = nn.Parameter(torch.zeros(cfg.recent_sales_buckets)) if cfg.recent_sales_buckets else None
-        # the score bonus for the query's own recent articles, by position, newest first (trainer/repeats.py)
+        # buying again one of the query's own recent articles (trainer/repeats.py): a term per position,
+        # newest first, and with the mixture a level per query read off its vector
         self.repeat_bias = nn.Parameter(torch.zeros(cfg.repeat_positions)) if cfg.repeat_positions else None
+        mixture = cfg.repeat_positions and str(cfg.repeat_mode) == "mixture"
+        self.repeat_level = mlp([self.output_dim, 64], 1) if mixture else None
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,
                 n_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,7 +83,8 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     seen = seen_lists(c, a, cust_idx) if rc.exclude_seen else None
     bonus = embedder.repeat_bonus() if seen is None else None  # buying again (trainer/repeats.py)
     extra = len(bonus) if bonus is not None else 0
-    item_np = (items if items is not None else embedder.items()).float().cpu().numpy() if extra else None
+    scoring_items = (items if items is not None else embedder.items()) if extra else None
+    item_np = scoring_items.float().cpu().numpy() if extra else None
     chunk = 4096
     for lo in range(0, len(warm), chunk):
         rows = warm[lo:lo + chunk]
@@ -101,7 +102,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
             idx = top_k(q, items, rc.k + extra, exclude_items=[0], seen=own).cpu().numpy()
         if extra:
             idx = boost_recent(idx, q.float().cpu().numpy(), item_np, np.r_[0, np.cumsum(lengths)], h_val[pos],
-                               bonus, rc.k)
+                               bonus, rc.k, embedder.repeat_level(q, scoring_items), embedder.temperature)
         ranked[rows] = np.clip(idx[:, :rc.k], 0, None)
 
     counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),

@@ -15,7 +15,14 @@ from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss
 from trainer.negatives import HardNegativeMiner
 from trainer.popularity import RecentSales, sales_bias
-from trainer.repeats import add_bonus, recent_articles, repeat_bias
+from trainer.repeats import add_bonus, mix_recent, recent_articles, repeat_bias, repeat_head
+
+
+def reference(q: torch.Tensor, pos: torch.Tensor, neg: Negatives) -> torch.Tensor:
+    """(B,) each query's mean score over the catalogue, estimated from the batch's uniform negatives (the
+    batch's positives without them): the buying-again level is set against it (trainer/repeats.py)."""
+    items = neg.extra if neg.extra is not None and len(neg.extra) else pos
+    return q @ items.mean(0)
 
 
 class TrainTask:
@@ -47,30 +54,38 @@ class TrainTask:
             neg.hard, neg.hard_ids = self._hard_negatives(inp, q)
         loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
                                      group=True if self.cfg.cross_rank else None, catalog_size=self.n_items,
-                                     with_stats=self.with_stats, bonus=self._bonus(inp, b))
+                                     with_stats=self.with_stats, bonus=self._bonus(inp, b, q, pos, neg))
         return loss, stats, inp.article_idx
 
-    def _bonus(self, inp: ModelInput, b: int):
+    def _bonus(self, inp: ModelInput, b: int, q: torch.Tensor, pos: torch.Tensor, neg: Negatives):
         """The loss's per-(row, candidate) logit terms: recent sales (trainer/popularity.py) and buying
-        again (trainer/repeats.py), both learned in dot-product units like the towers' scores; or None."""
+        again (trainer/repeats.py), both learned in dot-product units like the towers' scores; or None.
+        Each term is ``term(logits, ids, shift)``, ``shift`` the candidates' logQ correction (or None)."""
         if self._bias is None:  # the model's parameters, found on first use (False: none)
             self._bias = sales_bias(self.model) if self.sales is not None else False
             self._repeat = repeat_bias(self.model)
             self._repeat = False if self._repeat is None else self._repeat
+            self._head = repeat_head(self.model)
         terms = []
         t = 1.0 / self.cfg.temperature
         if self._bias is not False:
-            terms.append(lambda logits, ids: self.sales.add_bonus(logits, inp.week, ids, self._bias, t))
+            terms.append(lambda logits, ids, shift: self.sales.add_bonus(logits, inp.week, ids, self._bias, t))
         if self._repeat is not False:
             recent = recent_articles(inp.sparse, b, self._repeat.shape[0])
-            bias = self._repeat * t
-            terms.append(lambda logits, ids: add_bonus(logits, recent, ids, bias))
+            if self._head is not None:
+                # the level reads the query vector, it does not train it; and moves with the query's
+                # scores, so raising every score alike cannot lower the buying-again mass
+                level = (self._repeat[None, :] + self._head(q.detach()) + reference(q, pos, neg)[:, None]) * t
+                terms.append(lambda logits, ids, shift: mix_recent(logits, recent, ids, level, shift))
+            else:
+                bias = self._repeat * t
+                terms.append(lambda logits, ids, shift: add_bonus(logits, recent, ids, bias))
         if not terms:
             return None
 
-        def bonus(logits, ids):
+        def bonus(logits, ids, shift=None):
             for term in terms:
-                logits = term(logits, ids)
+                logits = term(logits, ids, shift)
             return logits
         return bonus
 

@@ -68,7 +68,8 @@ class Trainer:
         self._batches_per_epoch: dict[int, int] = {}
         self.loader = make_loader(self.stream, pin_memory=dev.type == "cuda", packed=True)
         sales = recent_sales(cfg, self.manifest, dev)
-        self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables, sales)
+        self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables, sales,
+                                 cfg.loss.temperature)
         lc = cfg.loss
         counts = torch.from_numpy(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy().copy())
         self.logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)

@@ -54,7 +54,7 @@ def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[
         if bonus is not None:
             off, vals = subset((h_off - h_off[0], h_val[h_off[0]:]), rows)
             top = torch.from_numpy(boost_recent(top.cpu().numpy(), q.float().cpu().numpy(), item_np, off, vals,
-                                                bonus, k_max))
+                                                bonus, k_max, embedder.repeat_level(q, items), embedder.temperature))
         ranked.append(top)
         if check_stop:
             check_stop()
