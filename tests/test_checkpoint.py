@@ -203,3 +203,7 @@ def test_a_setting_added_later_at_its_default_is_not_a_difference():
     assert differences(old, {"model.id_dim": 64, "model.history_encoder": "bag"}) == []
     assert differences(old, {"model.id_dim": 64, "model.history_encoder": "transformer"}) == [
         "model.history_encoder: '<absent>' (checkpoint) vs 'transformer' (now)"]
+    # buying again was the bonus before model.repeat_mode existed: today's default (mixture) differs
+    assert differences(old, {"model.id_dim": 64, "model.repeat_mode": "bonus"}) == []
+    assert differences(old, {"model.id_dim": 64, "model.repeat_mode": "mixture"}) == [
+        "model.repeat_mode: '<absent>' (checkpoint) vs 'mixture' (now)"]

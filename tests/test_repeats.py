@@ -238,3 +238,17 @@ def test_the_scoring_level_reads_the_towers_columns_and_the_catalogue_mean():
     assert np.allclose(emb.repeat_level(q, items), want, atol=1e-5)
     emb.model = torch.nn.Module()  # the bonus form: no level
     assert emb.repeat_level(q, items) is None
+
+
+def test_a_run_saved_before_the_mixture_keeps_the_bonus():
+    """A checkpoint's recorded config without model.repeat_mode was trained with the bonus (no level
+    head): typing it again must not give it the new default's head, which its weights lack."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import TrainJob
+    from trainer.inference import typed
+
+    saved = OmegaConf.to_container(OmegaConf.structured(TrainJob))
+    assert typed(saved).model.repeat_mode == "mixture"
+    del saved["model"]["repeat_mode"]
+    assert typed(saved).model.repeat_mode == "bonus"

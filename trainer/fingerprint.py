@@ -53,6 +53,11 @@ def short_id(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Settings whose default is not what the code did before they existed: a checkpoint that predates one
+# ran as this value says (buying again was the bonus before the mixture, trainer/repeats.py).
+PREDATING = {"model.repeat_mode": "bonus"}
+
+
 def schema_defaults() -> dict:
     """The model part of the fingerprint at the schema's defaults: a setting added to the schema after a
     checkpoint was written is absent from that checkpoint, and at its default it means what the old code
@@ -66,10 +71,15 @@ def schema_defaults() -> dict:
     return out
 
 
+def predating_defaults() -> dict:
+    """What a checkpoint written before a setting existed ran with: the schema's default, or PREDATING."""
+    return {**schema_defaults(), **PREDATING}
+
+
 def differences(saved: dict, current: dict, keys_prefix: str = "") -> list[str]:
     """``key: saved -> current`` for every key whose value differs (or exists on one side only, unless
-    the checkpoint predates a setting that is at its default now)."""
-    defaults = schema_defaults()
+    the checkpoint predates a setting that is now at what the code did then)."""
+    defaults = predating_defaults()
     out = []
     for k in sorted(set(saved) | set(current)):
         if not k.startswith(keys_prefix):

@@ -24,7 +24,7 @@ from trainer import distributed as D
 from trainer.builder import build
 from trainer.checkpoint import CheckpointManager, best, latest
 from trainer.config import TrainJob
-from trainer.fingerprint import data_digest, fingerprint
+from trainer.fingerprint import PREDATING, data_digest, fingerprint
 from trainer.inputs import model_input
 from trainer.popularity import RecentSales, sales_bias
 from trainer.repeats import repeat_bias, repeat_head
@@ -43,8 +43,16 @@ class RunInfo:
 
 
 def typed(config) -> DictConfig:
-    """A saved train config, typed by the train schema again (choices become enums, keys are checked)."""
-    return OmegaConf.merge(OmegaConf.structured(TrainJob), OmegaConf.create(config))
+    """A saved train config, typed by the train schema again (choices become enums, keys are checked).
+    A setting the run predates takes what the code did then (trainer/fingerprint.py PREDATING), not
+    today's default: a run saved before ``model.repeat_mode`` existed keeps the bonus."""
+    saved = OmegaConf.create(config)
+    model = saved.get("model")
+    for key, value in PREDATING.items():
+        name = key.split(".", 1)[1]
+        if model is not None and name not in model:
+            model[name] = value
+    return OmegaConf.merge(OmegaConf.structured(TrainJob), saved)
 
 
 def checkpoint_folder(train_dir: str) -> str:
