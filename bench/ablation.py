@@ -1,5 +1,6 @@
 """Loss ablation on synthetic data: which combination of logQ, accidental-hit masking, mixed and hard
-negatives retrieves best. Each row is a real `torchrun --nproc_per_node=N -m trainer.train` run.
+negatives retrieves best, and how buying again is scored (trainer/repeats.py). Each row is a real
+`torchrun --nproc_per_node=N -m trainer.train` run.
 
     .venv/bin/python bench/ablation.py                       # data=small, 1 epoch, 2 CPU processes
     .venv/bin/python bench/ablation.py --data tiny --epochs 2
@@ -34,6 +35,8 @@ CONFIGS = {
     "default, 4096 mixed": ["loss=default", "loss.mixed_negatives=4096"],
     "default, static logQ": ["loss=default", "loss.logq=static"],
     "default + 4 hard negatives": ["loss=hard_negatives"],
+    "buying again: bonus": ["model.repeat_mode=bonus"],
+    "no buying again": ["model.repeat_positions=0"],
 }
 
 
@@ -59,7 +62,7 @@ def main() -> None:
         val = json.loads((run_dir / "metrics.json").read_text())["val"][-1]
         rows.append((name, val["recall@12"], val["recall@100"], time.perf_counter() - t0))
         print(f"{name:<42} recall@12 {val['recall@12']:.4f}  recall@100 {val['recall@100']:.4f}  "
-              f"({rows[-1][3]:.0f}s)", flush=True)
+              f"map@12 {val['map@12']:.4f}  ({rows[-1][3]:.0f}s)", flush=True)
     best = max(rows, key=lambda r: r[1])
     print(f"best by recall@12: {best[0]}")
 

@@ -81,10 +81,11 @@ def mix_recent(logits: torch.Tensor, recent: torch.Tensor, ids: torch.Tensor, le
         return logits.index_put((rows, cols), torch.logaddexp(logits[rows, cols], lv.to(logits.dtype)))
     # elsewhere (no host sync on a GPU): the position of each candidate, then one mixed B x C pass
     ids2 = ids[None, :] if ids.dim() == 1 else ids
-    pos = torch.full(logits.shape, -1, dtype=torch.long, device=logits.device)
+    small = torch.int8 if recent.shape[1] < 128 else torch.int16  # narrow: the passes move few bytes
+    pos = torch.full(logits.shape, -1, dtype=small, device=logits.device)
     for p in reversed(range(recent.shape[1])):  # oldest first: a newer copy overwrites
         pos = torch.where((recent[:, p:p + 1] == ids2) & (recent[:, p:p + 1] > 0), p, pos)
-    lv = torch.gather(level, 1, pos.clamp(min=0)) + (shift[None, :] if shift is not None else 0)
+    lv = torch.gather(level, 1, pos.clamp(min=0).long()) + (shift[None, :] if shift is not None else 0)
     return torch.where(pos >= 0, torch.logaddexp(logits, lv.to(logits.dtype)), logits)
 
 
