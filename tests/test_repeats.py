@@ -19,6 +19,18 @@ def naive_position(history: list[int], item: int, positions: int) -> int | None:
     return None
 
 
+def naive_scores(scores: np.ndarray, history: list[int], bonus, level=None, t=None) -> np.ndarray:
+    """One row's scores with its recent articles rescored: plus bonus[p], or with a level the mixture
+    T * logaddexp(s / T, (bonus[p] + level) / T)."""
+    full = scores.copy()
+    for item in range(1, len(full)):
+        p = naive_position(history, item, len(bonus))
+        if p is not None:
+            full[item] = (full[item] + bonus[p] if level is None
+                          else t * np.logaddexp(full[item] / t, (bonus[p] + level) / t))
+    return full
+
+
 def test_newest_first_by_hand():
     offsets = np.array([0, 3, 3, 8])
     values = np.array([5, 6, 7, 1, 2, 1, 0, 3])
@@ -115,12 +127,7 @@ def test_boost_recent_equals_ranking_every_article_with_the_bonus():
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k + len(bonus)]
     got = boost_recent(ranked, q, items, offsets, values, bonus, k)
     for row in range(n):
-        hist = values[offsets[row]:offsets[row + 1]].tolist()
-        full = scores[row].copy()
-        for item in range(1, n_items):
-            p = naive_position(hist, item, len(bonus))
-            if p is not None:
-                full[item] += bonus[p]
+        full = naive_scores(scores[row], values[offsets[row]:offsets[row + 1]].tolist(), bonus)
         want = np.argsort(-full, kind="stable")[:k]
         assert np.allclose(np.sort(full[got[row]]), np.sort(full[want])), row
 
@@ -142,12 +149,7 @@ def test_boost_recent_with_a_level_equals_ranking_every_article_by_the_mixture()
     got = boost_recent(ranked, q, items, offsets, values, bonus, k, level, t)
     changed = 0
     for row in range(n):
-        hist = values[offsets[row]:offsets[row + 1]].tolist()
-        full = scores[row].copy()
-        for item in range(1, n_items):
-            p = naive_position(hist, item, len(bonus))
-            if p is not None:
-                full[item] = t * np.logaddexp(full[item] / t, (bonus[p] + level[row]) / t)
+        full = naive_scores(scores[row], values[offsets[row]:offsets[row + 1]].tolist(), bonus, level[row], t)
         want = np.argsort(-full, kind="stable")[:k]
         assert np.allclose(np.sort(full[got[row]]), np.sort(full[want]), atol=1e-5), row
         changed += set(want) != set(ranked[row, :k])
