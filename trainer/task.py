@@ -19,8 +19,9 @@ from trainer.repeats import add_bonus, mix_recent, recent_articles, repeat_bias,
 
 
 def reference(q: torch.Tensor, pos: torch.Tensor, neg: Negatives) -> torch.Tensor:
-    """(B,) each query's mean score over the catalogue, estimated from the batch's uniform negatives (the
-    batch's positives without them): the buying-again level is set against it (trainer/repeats.py)."""
+    """(B,) each query's mean score over the catalogue, estimated from the batch's uniform negatives: the
+    buying-again level is set against it (trainer/repeats.py). Without them (``loss.mixed_negatives=0``)
+    the batch's positives stand in: popularity-weighted, so scoring's catalogue mean is then only near it."""
     items = neg.extra if neg.extra is not None and len(neg.extra) else pos
     return q @ items.mean(0)
 
