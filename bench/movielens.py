@@ -11,15 +11,18 @@ and checks that the project's prepared evaluation sets hold the same targets.
 
 Rows of the table:
   * the project's two-tower as ``experiment=movielens`` sets it (the history as a sequence through the
-    transformer encoder), the same with the history as a mean-pooled bag, and MF, trained by
-    ``trainer.train``, the checkpoint chosen on the validation item only (``export checkpoint=best``);
+    transformer encoder), the same with the history as a mean-pooled bag, MF, and the project's defaults
+    (``data=movielens`` alone, no preset), trained by ``trainer.train`` under torchrun on each world size of
+    ``--nproc`` (the same global batch on every one), the checkpoint chosen on the validation item only
+    (``export checkpoint=best``);
   * popularity (train + validation counts), item-kNN (cosine, neighbours tuned on validation), EASE
     (λ tuned on validation; Steck 2019), fitted here with numpy.
 Every row is scored here (Recall@10/20, NDCG@10/20 with one test item per user), independently of
 ``trainer/metrics.py``. The test item is looked at once, for this table.
 
     .venv/bin/python bench/movielens.py                    # fetch, prepare, train, score: a few minutes
-    .venv/bin/python bench/movielens.py --models two_tower --override trainer.epochs=5
+    .venv/bin/python bench/movielens.py --nproc 1 2 4      # a table per world size, and their spread
+    .venv/bin/python bench/movielens.py --models two_tower --override trainer.epochs=5 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ PY = sys.executable
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 PREPARE = ["split=leave_last_n", "split.n=1", "split.test_n=1", "prepare.history_len=50"]
-MODELS = {"two_tower": [], "two_tower_bag": ["model.history_encoder=bag"], "mf": ["model=mf"]}
+MODELS = {"two_tower": ["experiment=movielens"], "two_tower_bag": ["experiment=movielens", "model.history_encoder=bag"],
+          "mf": ["experiment=movielens", "model=mf"], "defaults": ["data=movielens"]}
 
 
 # ---------------------------------------------------------------- data
@@ -174,11 +178,13 @@ def run(args: list[str]) -> None:
 
 
 def project_model(name: str, overrides: list[str], paths: list[str], out: pathlib.Path, val: dict, test: dict,
-                  seen_test: dict) -> tuple[dict, dict]:
-    """Train, export the best-on-validation checkpoint, rank the test users' unseen items exactly."""
+                  seen_test: dict, nproc: int = 1) -> tuple[dict, dict]:
+    """Train on ``nproc`` processes, export the best-on-validation checkpoint, rank the test users' unseen
+    items exactly."""
     train_dir, export_dir = out / f"train-{name}", out / f"export-{name}"
-    run(["-m", "trainer.train", "experiment=movielens", *paths, f"hydra.run.dir={train_dir}", "trainer.resume=false",
-         "trainer.progress=false", *MODELS[name], *overrides])
+    run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train",
+         *MODELS[name], *paths, f"hydra.run.dir={train_dir}", "trainer.resume=false", "trainer.progress=false",
+         *overrides])
     run(["-m", "trainer.export", "data=movielens", *paths, f"train_dir={train_dir}", "checkpoint=best",
          f"hydra.run.dir={export_dir}"])
     metrics = json.loads((train_dir / "metrics.json").read_text())
@@ -202,6 +208,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-movielens"))
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the project's training")
+    ap.add_argument("--nproc", type=int, nargs="*", default=[1], help="world sizes to train each row on")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0], help="trainer.seed of each run (rows: the mean)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     raw = ROOT / "datasets" / "raw" / "ml-100k"
@@ -219,17 +227,37 @@ def main() -> None:
                                                               t["target_article_ids"].to_pylist())}
         assert mine == {u: [i] for u, i in truth.items()}, f"prepare's {period} set differs from the bench's split"
     seen_test = {u: set(train[train[:, 0] == u, 1]) | {val[u]} for u in test}
-    rows = {}
-    for name in args.models:
-        rows[f"project {name}"], best = project_model(name, args.override, paths, out, val, test, seen_test)
-        print(f"project {name}: best validation {best}", flush=True)
-    rows.update(baselines(train, val, test, n_users, n_items))
-    print(f"\nMovieLens-100K, leave-last-one-out, {len(test)} users, full-catalogue ranking of unseen items "
-          f"(test item; hyper-parameters and checkpoints chosen on the validation item)")
-    print("| model | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 |\n|---|---:|---:|---:|---:|")
-    for name, m in rows.items():
-        print(f"| {name} | {m['recall@10']:.4f} | {m['recall@20']:.4f} | {m['ndcg@10']:.4f} | {m['ndcg@20']:.4f} |")
-    (out / "movielens.json").write_text(json.dumps(rows, indent=1))
+    fitted = baselines(train, val, test, n_users, n_items)
+    tables = {}
+    for nproc in args.nproc:
+        rows = {}
+        for name in args.models:
+            runs = []
+            for seed in args.seeds:
+                where = out / f"nproc{nproc}" / f"seed{seed}"
+                got, best = project_model(name, [*args.override, f"trainer.seed={seed}"], paths, where, val, test,
+                                          seen_test, nproc)
+                runs.append(got)
+                print(f"{nproc} process(es), project {name}, seed {seed}: test {got}; best validation {best}",
+                      flush=True)
+            rows[f"project {name}"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        rows.update(fitted)
+        tables[nproc] = rows
+        seeds = f", mean of seeds {args.seeds}" if len(args.seeds) > 1 else ""
+        print(f"\nMovieLens-100K, leave-last-one-out, {len(test)} users, full-catalogue ranking of unseen items "
+              f"(test item; hyper-parameters and checkpoints chosen on the validation item); the project's rows "
+              f"trained on {nproc} process(es){seeds}")
+        print("| model | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 |\n|---|---:|---:|---:|---:|")
+        for name, m in rows.items():
+            print(f"| {name} | {m['recall@10']:.4f} | {m['recall@20']:.4f} | {m['ndcg@10']:.4f} | {m['ndcg@20']:.4f} |")
+    if len(tables) > 1:
+        print("\nTest Recall@20 by world size (the same global batch on each):")
+        print("| model | " + " | ".join(f"{n} proc" for n in tables) + " | spread |\n|---|"
+              + "---:|" * (len(tables) + 1))
+        for name in [f"project {m}" for m in args.models]:
+            values = [tables[n][name]["recall@20"] for n in tables]
+            print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {max(values) - min(values):.4f} |")
+    (out / "movielens.json").write_text(json.dumps({str(n): rows for n, rows in tables.items()}, indent=1))
 
 
 if __name__ == "__main__":

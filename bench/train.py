@@ -66,7 +66,7 @@ def make_trainer(data: str, batch: int, extra: list[str], device: str) -> Traine
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             f"data={data}", *extra, "model.id_dim=32", "model.feature_dim=16", "model.output_dim=32",
-            f"trainer.batch_size={batch}", "trainer.progress=false", "sharding.print_plan=false",
+            f"trainer.global_batch_size={batch}", "trainer.progress=false", "sharding.print_plan=false",
             "trainer.validate=false", "trainer.resume=false", f"paths.datasets={ROOT}/datasets",
             f"trainer.device={device}", f"trainer.num_workers={os.environ.get('BENCH_WORKERS', 1)}",
             "trainer.log_every=1000000", f"run_dir={run_dir}"])

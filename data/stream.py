@@ -1,24 +1,22 @@
-"""Streaming the example shards: an IterableDataset of columnar TorchRec batches with exact resume.
+"""Streaming the example shards: an IterableDataset of columnar TorchRec batches.
 
-Units of work are (file, row group). Each epoch, the units are permuted with (seed, epoch) and dealt to
-ranks, then to dataloader workers; coverage is complete and disjoint. A worker reads its units in
-windows of ``shuffle_rows`` rows, permutes each window (the shards are already globally shuffled by
-data.prepare, so a bounded window suffices), and cuts the concatenated stream into batches. Every rank
-yields the same number of batches per epoch (computed from the Parquet footers alone), so collectives
-never wait on a rank that ran dry; the few rows past the common count are left out and reported by
-:meth:`ExampleStream.plan`.
+The order of rows is the epoch's global order (data/shards.py): global batches of ``batch_size`` rows
+that depend on the data, the seed and the batch alone. This rank yields its ``batch_size / world_size``
+rows of each, in global order, so N ranks train exactly the batches one rank would. A worker reads the
+windows that hold its rows on read-ahead threads, keeps its rows and resolves every feature for them
+at once, then cuts them into batches.
 
-Because the order is a pure function of (seed, epoch, rank, worker) and the footers, the state is just
-(epoch, batches done) per worker, and a restore jumps straight to the right window: the batches after
-``load_state_dict`` equal the uninterrupted ones. Use :func:`make_loader` (torchdata's
-StatefulDataLoader) to get that with ``num_workers > 0``.
+The position is the number of global batches done in the epoch: ``set_epoch(epoch, start)`` resumes
+there exactly, on any number of ranks or loader workers, and the trainer keeps it in its train state
+(no per-rank or per-worker loader state to save).
 
 A batch holds two KeyedJaggedTensors built straight from numpy columns: the query side (customer id,
 customer features, and the purchase history as a jagged bag of article ids) and the item side (article
 id and article features, description tokens as a bag), plus dense time-of-year features. With
-``extra_items=M`` each batch also carries M uniformly drawn catalogue articles (the loss's mixed
-negatives), drawn from (seed, epoch, rank, worker, batch) so resume stays exact. How these become the
-model's input is the trainer's business (trainer/inputs.py); the stream knows features, not models.
+``extra_items=M`` each global batch also carries M uniformly drawn catalogue articles (the loss's mixed
+negatives), drawn from (seed, epoch, global batch); each rank resolves its share of them and the loss
+gathers them back. How these become the model's input is the trainer's business (trainer/inputs.py);
+the stream knows features, not models.
 """
 
 from __future__ import annotations
@@ -39,20 +37,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data import features
-from data.io import fs_and_path, join, read_json, read_table
+from data.io import fs_and_path, join, read_table
+from data.shards import EXAMPLE_SCHEMA, EpochPlan, StreamError, Unit, Window, discover_units, shares  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-EXAMPLE_SCHEMA = pa.schema([
-    ("customer_idx", pa.int32()), ("article_idx", pa.int32()), ("day", pa.int32()),
-    ("history", pa.list_(pa.int32())),
-])
 QUERY_KEYS = ["customer_id", *features.CUSTOMER_FEATURES, "history"]
 EXTRA_ITEMS_SALT = 0x6E6567  # keeps the extra-item draws apart from the window permutations
-
-
-class StreamError(ValueError):
-    pass
 
 
 @dataclass
@@ -83,50 +74,6 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
-
-
-@dataclass
-class Unit:
-    file: str
-    row_group: int
-    rows: int
-
-
-def discover_units(prepared: str) -> tuple[list[Unit], dict]:
-    """All (file, row group) units of the example shards, with checks: a shard that is not Parquet or
-    has another schema is an error naming it; an empty shard is skipped and counted."""
-    manifest = read_json(join(prepared, "manifest.json"))
-    fs, _ = fs_and_path(prepared)
-    units, skipped = [], []
-    for shard in manifest["examples"]["shards"]:
-        url = join(prepared, shard["file"])
-        path = fs_and_path(url)[1]
-        if not fs.exists(path):
-            raise StreamError(f"{url}: example shard listed in manifest.json is missing")
-        try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-                schema = meta.schema.to_arrow_schema()
-        except (pa.ArrowInvalid, OSError) as e:
-            raise StreamError(f"{url}: not a readable Parquet file ({e})") from e
-        if not schema.remove_metadata().equals(EXAMPLE_SCHEMA):
-            raise StreamError(f"{url}: schema ({_fmt(schema)}) differs from the example schema "
-                              f"({_fmt(EXAMPLE_SCHEMA)})")
-        if meta.num_rows == 0:
-            skipped.append(url)
-            continue
-        units += [Unit(url, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
-                  if meta.row_group(i).num_rows > 0]
-    if skipped:
-        log.warning("skipping %d empty example shard(s): %s", len(skipped), skipped)
-    if not units:
-        raise StreamError(f"{prepared}: no example rows")
-    manifest["skipped_empty_shards"] = skipped
-    return units, manifest
-
-
-def _fmt(schema: pa.Schema) -> str:
-    return ", ".join(f"{f.name}: {f.type}" for f in schema)
 
 
 class FeatureTables:
@@ -318,79 +265,61 @@ class PackedBatch:
         )
 
 
-@dataclass
-class WorkerPlan:
-    units: list[Unit]
-    quota: int  # batches this worker yields this epoch
-    rows: int
-
-
 class ExampleStream(IterableDataset):
-    """See the module docstring. ``state_dict``/``load_state_dict`` resume mid-epoch exactly."""
+    """See the module docstring. ``batch_size`` is the global batch; this rank yields its
+    ``batch_size // world_size`` rows of each. ``set_epoch(epoch, start)`` resumes at global batch ``start``."""
 
     def __init__(self, prepared: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_rows: int = 65_536, num_workers: int = 1, prefetch: int = 2, extra_items: int = 0):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.prepared, self.batch_size = prepared, batch_size
+        if batch_size <= 0 or batch_size % world_size:
+            raise StreamError(f"the global batch of {batch_size} rows does not divide over {world_size} rank(s); "
+                              f"choose a multiple of {world_size}")
+        self.prepared, self.batch_size, self.local_batch = prepared, batch_size, batch_size // world_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_rows = shuffle_rows
         self.prefetch = max(1, prefetch)  # windows read ahead, each on its own thread
         self.num_workers = max(1, num_workers)
-        self.extra_items = extra_items
+        self.extra_items = extra_items  # per global batch; this rank resolves its share
         self.units, self.manifest = discover_units(prepared)
         self.tables = FeatureTables(prepared, self.manifest)
         self.history_len = self.manifest["history_len"]
-        self.epoch, self.batches_done = 0, 0
+        self.epoch, self.start = 0, 0
         self.oov = {"customer_idx": 0, "article_idx": 0, "history": 0}
         self._files: dict[tuple[int, str], pq.ParquetFile] = {}  # per (thread, file): readers aren't thread-safe
+        self._plans: dict[int, EpochPlan] = {}
         self.packed = False  # make_loader sets it: workers send PackedBatch, the loader unpacks
 
-    # ------------------------------------------------------------ plan (pure function of metadata)
+    # ------------------------------------------------------------ the epoch's global order
 
-    def plan(self, epoch: int) -> dict[tuple[int, int], WorkerPlan]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        plans = {}
-        for r in range(self.world_size):
-            rank_units = [self.units[i] for i in order[r::self.world_size]]
-            for w in range(self.num_workers):
-                us = rank_units[w::self.num_workers]
-                rows = sum(u.rows for u in us)
-                plans[(r, w)] = WorkerPlan(us, rows // self.batch_size, rows)
-        per_rank = [sum(plans[(r, w)].quota for w in range(self.num_workers)) for r in range(self.world_size)]
-        common = min(per_rank)
-        if common == 0:
-            raise StreamError(f"{self.prepared}: too few examples for {self.world_size} rank(s) x "
-                              f"{self.num_workers} worker(s) x batch {self.batch_size}")
-        for r in range(self.world_size):  # trim the largest quotas until every rank has `common`
-            extra = per_rank[r] - common
-            while extra > 0:
-                w = max(range(self.num_workers), key=lambda w: (plans[(r, w)].quota, -w))
-                plans[(r, w)].quota -= 1
-                extra -= 1
-        return plans
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            plan = EpochPlan(self.units, self.seed, epoch, self.shuffle_rows, self.batch_size)
+            if plan.batches == 0:
+                raise StreamError(f"{self.prepared}: {plan.rows} example rows, fewer than one global batch of "
+                                  f"{self.batch_size}")
+            self._plans = {epoch: plan}  # one epoch at a time
+        return self._plans[epoch]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        """This rank's batches in ``epoch`` (the same on every rank; it varies a little between epochs,
-        since units are dealt to ranks anew each epoch)."""
-        return sum(p.quota for (r, _), p in self.plan(epoch).items() if r == self.rank)
+        """Global batches (steps) in ``epoch``: the same on every rank and at every world size."""
+        return self.plan(epoch).batches
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches_done = epoch, 0
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields ``epoch`` from its global batch ``start`` on (a resumed run)."""
+        if not 0 <= start <= self.batches_per_epoch(epoch):
+            raise StreamError(f"epoch {epoch} has {self.batches_per_epoch(epoch)} batches; cannot start at {start}")
+        self.epoch, self.start = epoch, start
 
-    # ------------------------------------------------------------ state
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "world_size", "batch_size"):
-            if state[k] != getattr(self, k):
-                raise StreamError(f"stream state was saved with {k}={state[k]}, this stream has "
-                                  f"{getattr(self, k)}; exact resume needs the same value")
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+    def extra_ids(self, epoch: int, batch: int) -> np.ndarray:
+        """This rank's share of the global batch's uniform catalogue articles (1..N-1; 0 is the OOV row):
+        drawn for the global batch, so the ranks' shares, gathered in rank order, are the one-rank draw."""
+        rng = np.random.default_rng([self.seed, EXTRA_ITEMS_SALT, epoch, batch])
+        ids = rng.integers(1, self.tables.cards["article_id"], self.extra_items).astype(np.int32)
+        lo = sum(shares(self.extra_items, self.world_size)[:self.rank])
+        return ids[lo:lo + shares(self.extra_items, self.world_size)[self.rank]]
 
     # ------------------------------------------------------------ iteration
 
@@ -400,72 +329,50 @@ class ExampleStream(IterableDataset):
         if n_workers != self.num_workers:
             raise StreamError(f"stream built for num_workers={self.num_workers} but the loader runs "
                               f"{n_workers}; pass the same number to make_loader")
-        plan = self.plan(self.epoch)[(self.rank, worker)]
-        windows = self._windows(plan.units)
-        start_row = self.batches_done * self.batch_size
-        # Jump to the window holding start_row: no replay of earlier data.
-        w0 = int(np.searchsorted(np.cumsum([sum(u.rows for u in w) for w in windows]), start_row, side="right"))
-        skip = start_row - sum(sum(u.rows for u in w) for w in windows[:w0])
+        epoch, start = self.epoch, self.start
+        plan = self.plan(epoch)
+        ids = plan.batch_ids(start, worker, n_workers)
+        where = (self.rank, self.world_size, worker, n_workers, start)
+        windows = [w for w in plan.windows if plan.touches(w, *where)]
         # Read, permute and resolve the next windows on threads while this one is cut into batches:
         # Arrow and numpy gathers release the GIL, so they overlap. Results are consumed in order.
         pool = ThreadPoolExecutor(max_workers=self.prefetch)
         try:
-            ahead = deque(pool.submit(self._window, windows[w], w, skip if w == w0 else 0)
-                          for w in range(w0, min(w0 + self.prefetch, len(windows))))
+            ahead = deque(pool.submit(self._window, plan, w, where) for w in windows[:self.prefetch])
             carry: Columns | None = None
-            keys = self.tables.item_keys()
-            for wi in range(w0, len(windows)):
-                if self.batches_done >= plan.quota:
-                    break
+            keys, b, done = self.tables.item_keys(), self.local_batch, 0
+            for wi in range(len(windows)):
                 cols, oov = ahead.popleft().result()
                 for k, v in oov.items():
                     self.oov[k] += v
-                nxt = wi + self.prefetch
-                if nxt < len(windows):
-                    ahead.append(pool.submit(self._window, windows[nxt], nxt, 0))
+                if wi + self.prefetch < len(windows):
+                    ahead.append(pool.submit(self._window, plan, windows[wi + self.prefetch], where))
                 cols = carry.concat(cols) if carry is not None and len(carry) else cols
                 pos = 0
-                while len(cols) - pos >= self.batch_size and self.batches_done < plan.quota:
-                    packed = cols.slice(pos, pos + self.batch_size).pack(keys)
+                while len(cols) - pos >= b:
+                    packed = cols.slice(pos, pos + b).pack(keys)
                     if self.extra_items > 0:
-                        packed.extra = self._extra_items(worker).pack(keys)
-                    pos += self.batch_size
-                    self.batches_done += 1  # before yield: a state taken after this batch resumes after it
+                        extra = self.extra_ids(epoch, int(ids[done]))
+                        packed.extra = columns_for(self.tables, np.zeros(len(extra), np.int32), extra,
+                                                   np.zeros(len(extra), np.int64)).pack(keys)
+                    pos += b
+                    done += 1
                     yield packed if self.packed else packed.unpack()
                 carry = cols.slice(pos)
+            if done != len(ids):
+                raise StreamError(f"{self.prepared}: epoch {epoch} gave worker {worker} of rank {self.rank} "
+                                  f"{done} batches, expected {len(ids)} (did the shards change under the run?)")
         finally:  # also when the consumer stops early: no reader thread outlives the epoch
             pool.shutdown(wait=True, cancel_futures=True)
-        self.epoch, self.batches_done = self.epoch + 1, 0
 
-    def _extra_items(self, worker: int) -> Columns:
-        """Uniform catalogue articles (1..N-1; 0 is the OOV row) with their features, for this batch."""
-        rng = np.random.default_rng([self.seed, EXTRA_ITEMS_SALT, self.epoch, self.rank, worker, self.batches_done])
-        ids = rng.integers(1, self.tables.cards["article_id"], self.extra_items).astype(np.int32)
-        return columns_for(self.tables, np.zeros(len(ids), np.int32), ids, np.zeros(len(ids), np.int64))
-
-    def _windows(self, units: list[Unit]) -> list[list[Unit]]:
-        windows, cur, rows = [], [], 0
-        for u in units:
-            cur.append(u)
-            rows += u.rows
-            if rows >= self.shuffle_rows:
-                windows.append(cur)
-                cur, rows = [], 0
-        if cur:
-            windows.append(cur)
-        return windows
-
-    def _window(self, units: list[Unit], wi: int, skip: int) -> tuple[Columns, dict]:
-        """Reads a window's row groups, permutes its rows, drops the first ``skip`` (on resume) and
-        resolves every feature for the rest."""
-        info = get_worker_info()
-        worker = info.id if info else 0
+    def _window(self, plan: EpochPlan, window: Window, where: tuple) -> tuple[Columns, dict]:
+        """Reads a window's row groups, keeps this (rank, worker)'s rows in the epoch's order and
+        resolves every feature for them."""
         by_file: dict[str, list[int]] = {}
-        for u in units:  # one multi-threaded read per file
+        for u in window.units:  # one multi-threaded read per file
             by_file.setdefault(u.file, []).append(u.row_group)
         t = pa.concat_tables([self._file(f).read_row_groups(rgs) for f, rgs in by_file.items()]).combine_chunks()
-        perm = np.random.default_rng([self.seed, self.epoch, self.rank, worker, wi]).permutation(t.num_rows)
-        t = t.take(pa.array(perm[skip:]))  # one C++ gather over contiguous columns, list column included
+        t = t.take(pa.array(plan.rows_for(window, *where)))  # one C++ gather, list column included
         c = t["customer_idx"].to_numpy()
         a = t["article_idx"].to_numpy()
         day = t["day"].to_numpy()
@@ -525,22 +432,19 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class BatchLoader:
-    """torchdata's StatefulDataLoader over the stream, unpacking batches in the main process.
-
-    ``state_dict()`` covers every worker's position; ``len()`` is the batches per epoch of this rank.
-    Call ``stream.set_epoch(e)`` before each epoch (as with DistributedSampler).
-    """
+    """A torch DataLoader over the stream, unpacking batches in the main process. With several workers
+    the loader takes their batches round-robin, which is the global order the stream deals them in.
+    ``len()`` is the batches of the current epoch. Call ``stream.set_epoch(e[, start])`` before each
+    epoch (as with DistributedSampler)."""
 
     def __init__(self, stream: ExampleStream, pin_memory: bool = False, packed: bool = False):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         self.stream, self.packed = stream, packed
         stream.packed = True
         n = stream.num_workers if stream.num_workers > 1 else 0
-        self.loader = StatefulDataLoader(stream, batch_size=None, num_workers=n, collate_fn=_identity,
-                                         pin_memory=pin_memory, persistent_workers=False,
-                                         prefetch_factor=4 if n else None,
-                                         worker_init_fn=_ignore_stop_signals if n else None)
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=n, collate_fn=_identity,
+                                                  pin_memory=pin_memory, persistent_workers=False,
+                                                  prefetch_factor=4 if n else None,
+                                                  worker_init_fn=_ignore_stop_signals if n else None)
 
     def __iter__(self):
         """Batches, or with ``packed`` the PackedBatch buffers (to move to a device in one copy each).
@@ -557,13 +461,7 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Batches of the current epoch."""
-        return self.stream.batches_per_epoch(self.stream.epoch)
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        return self.stream.batches_per_epoch(self.stream.epoch) - self.stream.start
 
 
 def make_loader(stream: ExampleStream, pin_memory: bool = False, packed: bool = False) -> BatchLoader:

@@ -156,7 +156,7 @@ def test_a_stop_at_an_epochs_last_step_resumes_at_the_next_epoch(tiny_prepared, 
     prepared, _ = tiny_prepared
     cfg = compose_train(prepared, tmp_path)
     from data.stream import ExampleStream
-    stream = ExampleStream(prepared, cfg.trainer.batch_size)
+    stream = ExampleStream(prepared, cfg.trainer.global_batch_size)
     first, second = stream.batches_per_epoch(0), stream.batches_per_epoch(1)
     common = ["trainer.epochs=2", "trainer.validate=false"]
     out = train_in_process(prepared, tmp_path, *common, before_fit=stop_when(lambda t: t.state.step == first))
@@ -174,7 +174,7 @@ def test_a_stop_during_validation_is_honoured_and_validation_runs_on_resume(tiny
         return any(f.function == "validate" and f.filename.endswith("validation.py") for f in inspect.stack())
 
     from data.stream import ExampleStream
-    stream = ExampleStream(prepared, 256)
+    stream = ExampleStream(prepared, 512)
     out = train_in_process(prepared, tmp_path, "trainer.epochs=2", before_fit=stop_when(in_validation))
     assert out["val"] == [] and out["preempted_at"] == stream.batches_per_epoch(0)  # inside the first validation
     done = train_in_process(prepared, tmp_path, "trainer.epochs=2")

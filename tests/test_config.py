@@ -82,7 +82,7 @@ GROUPS = {g: sorted(p.stem for p in (pathlib.Path(CONF) / g).glob("*.yaml"))
 def test_every_option_of_every_group_composes(group, option):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"{group}={option}"])
-    assert cfg.trainer.batch_size > 0 and cfg.model.output_dim > 0
+    assert cfg.trainer.global_batch_size > 0 and cfg.model.output_dim > 0
 
 
 @pytest.mark.parametrize("bad", ["loss.logq=sometimes", "sharding.fused_optimizer=adamw", "trainer.pipeline=maybe",
@@ -120,3 +120,18 @@ def test_group_files_do_not_restate_schema_defaults():
             for key, value in dict(text).items():
                 identity = key in ("name", "protocol")  # the field the option is named after
                 assert getattr(default, key) != value or identity, f"{group}/{option}.yaml restates {key}"
+
+
+def test_the_batch_is_global_and_an_old_per_rank_batch_types_as_global():
+    """trainer.batch_size (per rank) is gone: an override of it fails at composition, and a checkpoint's
+    recorded config that has it types as trainer.global_batch_size = per-rank batch x its world size."""
+    from trainer.config import TrainJob
+    from trainer.inference import typed
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="train", overrides=["trainer.batch_size=256"])
+    saved = OmegaConf.to_container(OmegaConf.structured(TrainJob))
+    del saved["trainer"]["global_batch_size"]
+    saved["trainer"]["batch_size"] = 1024
+    assert typed(saved, world_size=2).trainer.global_batch_size == 2048

@@ -52,7 +52,7 @@ def test_torchrun_wrapper_derives_run_dir_and_resumes(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     env = {**os.environ, "NPROC": "2"}
     args = ["bash", str(ROOT / "launch" / "torchrun.sh"), f"prepare.out={prepared}", f"paths.runs={tmp_path}",
-            "trainer.max_steps=10", "trainer.validate=false", "trainer.progress=false", "trainer.batch_size=256"]
+            "trainer.max_steps=10", "trainer.validate=false", "trainer.progress=false", "trainer.global_batch_size=512"]
     first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dirs = list((tmp_path / "small").iterdir())

@@ -135,41 +135,53 @@ def test_streaming_logq_estimates_the_per_draw_probability():
     assert q[10:] == pytest.approx(p[10:], rel=0.35)  # rarer: noisier, still the same scale
 
 
-def _cross_rank_worker(rank, world, init_file, q_all, p_all, ids_all, out):
+def _cross_rank_worker(rank, world, init_file, q_all, p_all, ids_all, e_all, e_ids, sizes, out):
+    from trainer import distributed as D
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     b = q_all.shape[0] // world
     q = q_all[rank * b:(rank + 1) * b].clone().requires_grad_()
     p = p_all[rank * b:(rank + 1) * b].clone().requires_grad_()
-    loss, _ = retrieval_loss(q, p, ids_all[rank * b:(rank + 1) * b], cfg(), group=dist.group.WORLD)
+    lo = sum(sizes[:rank])
+    e = e_all[lo:lo + sizes[rank]].clone().requires_grad_()  # this rank's share of the uniform negatives
+    extra, _ = D.all_gather_with_grad(e, sizes)
+    neg = Negatives(extra=extra, extra_ids=D.all_gather_rows(e_ids[lo:lo + sizes[rank]], sizes))
+    loss, _ = retrieval_loss(q, p, ids_all[rank * b:(rank + 1) * b], cfg(), neg, group=dist.group.WORLD)
     loss.backward()
-    out[rank] = (loss.item(), q.grad.clone(), p.grad.clone())
+    out[rank] = (loss.item(), q.grad.clone(), p.grad.clone(), e.grad.clone())
     dist.destroy_process_group()
 
 
-def test_cross_rank_negatives_two_gloo_processes():
-    world, b = 2, 4
-    q_all, p_all = rand(world * b, 3, seed=7), rand(world * b, 3, seed=8)
+def test_cross_rank_loss_and_gradients_are_the_global_batch_s():
+    """2 ranks with half a batch each, their uniform negatives split unevenly (2 + 3): the mean of the
+    ranks' losses is the loss of one process over the whole batch, and every gradient is that process's
+    gradient times the world size (DDP and TorchRec then average over the ranks): each rank's positives and
+    negatives get the gradient of every rank's rows, not only their own."""
+    world, b, sizes = 2, 4, [2, 3]
+    q_all, p_all, e_all = rand(world * b, 3, seed=7), rand(world * b, 3, seed=8), rand(sum(sizes), 3, seed=9)
     ids_all = torch.tensor([1, 2, 3, 4, 2, 6, 7, 1])  # accidental hits across ranks
+    e_ids = torch.tensor([9, 2, 10, 11, 6])  # and among the uniform negatives
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_cross_rank_worker, args=(world, os.path.join(tmp, "init"), q_all, p_all, ids_all, out),
-                 nprocs=world, join=True)
+        mp.spawn(_cross_rank_worker, args=(world, os.path.join(tmp, "init"), q_all, p_all, ids_all, e_all, e_ids,
+                                           sizes, out), nprocs=world, join=True)
         results = dict(out)
+    # The reference: one process, the whole batch, written out row by row and by autograd.
+    q, p, e = (t.clone().requires_grad_() for t in (q_all, p_all, e_all))
+    ref = naive_loss(q.tolist(), p.tolist(), ids_all.tolist(), 0.1, True, extra=e.tolist(), extra_ids=e_ids.tolist())
+    logits = torch.cat([q @ p.T, q @ e.T], dim=1) / 0.1
+    hit = torch.cat([ids_all[None, :], e_ids[None, :]], dim=1) == ids_all[:, None]
+    hit[torch.arange(world * b), torch.arange(world * b)] = False
+    whole = torch.nn.functional.cross_entropy(logits.masked_fill(hit, -1e9), torch.arange(world * b))
+    assert whole.item() == pytest.approx(ref, rel=1e-9)
+    whole.backward()
+    assert np.mean([results[r][0] for r in range(world)]) == pytest.approx(ref, rel=1e-9)
     for r in range(world):
-        # Reference: rank r's rows against every rank's positives, gradient into rank r's slice only.
-        q = q_all[r * b:(r + 1) * b].clone().requires_grad_()
-        p_local = p_all[r * b:(r + 1) * b].clone().requires_grad_()
-        p_full = torch.cat([p_all[:r * b], p_local, p_all[(r + 1) * b:]])
-        ref = naive_loss(q.tolist(), p_local.tolist(), ids_all[r * b:(r + 1) * b].tolist(), 0.1, True,
-                         owner_offset=r * b, all_pos=p_full.tolist(), all_ids=ids_all.tolist())
-        loss, q_grad, p_grad = results[r]
-        assert loss == pytest.approx(ref, rel=1e-9)
-        # Autograd of a single-process implementation of the same rows gives the same local gradients.
-        logits = q @ p_full.T / 0.1
-        hit = ids_all[None, :] == ids_all[r * b:(r + 1) * b, None]
-        hit[torch.arange(b), torch.arange(b) + r * b] = False
-        torch.nn.functional.cross_entropy(logits.masked_fill(hit, -1e9), torch.arange(b) + r * b).backward()
-        assert torch.allclose(q_grad, q.grad) and torch.allclose(p_grad, p_local.grad)
+        _, q_grad, p_grad, e_grad = results[r]
+        lo = sum(sizes[:r])
+        assert torch.allclose(q_grad, world * q.grad[r * b:(r + 1) * b])
+        assert torch.allclose(p_grad, world * p.grad[r * b:(r + 1) * b])
+        assert torch.allclose(e_grad, world * e.grad[lo:lo + sizes[r]])
 
 
 def test_in_batch_accuracy_ranks_by_raw_similarity():

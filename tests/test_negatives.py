@@ -38,13 +38,28 @@ def test_mined_negatives_come_from_the_window_and_skip_known_positives(anchor):
     m = HardNegativeMiner(4, 5, 40, len(items), items.shape[1], anchor=anchor)
     m.refresh(torch.from_numpy(items))
     args = (torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values))
-    got = m.mine(*args, seed=1, step=3, rank=0)
+    got = m.mine(*args, seed=1, step=3)
     allowed = naive_candidates(items, q if anchor == "query" else items[pos], pos, history, 5, 40)
     assert got.shape == (len(q), 4)
     for row, ok in zip(got.tolist(), allowed):
         assert set(row) <= ok and len(set(row)) == 4
-    assert torch.equal(got, m.mine(*args, seed=1, step=3, rank=0))  # a function of (seed, step, rank) and the
-    assert not torch.equal(got, m.mine(*args, seed=1, step=4, rank=0))  # snapshot: resume draws the same
+    assert torch.equal(got, m.mine(*args, seed=1, step=3))  # a function of (seed, step, row) and the
+    assert not torch.equal(got, m.mine(*args, seed=1, step=4))  # snapshot: resume draws the same
+
+
+@pytest.mark.parametrize("anchor", ["query", "positive"])
+def test_a_rank_mines_its_rows_of_the_global_batch(anchor):
+    """Rows [8, 24) of a global batch of 32 mined on their own, as a rank holding them does, get the same
+    negatives as in the whole batch mined at once: N ranks draw what one rank draws."""
+    items, q, pos, lengths, values, history = batch(seed=5)
+    m = HardNegativeMiner(4, 5, 40, len(items), items.shape[1], anchor=anchor)
+    m.refresh(torch.from_numpy(items))
+    whole = m.mine(torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values),
+                   seed=2, step=7)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    part = m.mine(torch.from_numpy(q[8:24]), torch.from_numpy(pos[8:24]), torch.from_numpy(lengths[8:24]),
+                  torch.from_numpy(values[offsets[8]:offsets[24]]), seed=2, step=7, first_row=8, global_rows=32)
+    assert torch.equal(part, whole[8:24])
 
 
 def test_draws_cover_the_window_evenly():
@@ -53,7 +68,7 @@ def test_draws_cover_the_window_evenly():
     m = HardNegativeMiner(4, 5, 40, len(items), items.shape[1], anchor="query")
     m.refresh(torch.from_numpy(items))
     args = (torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values))
-    drawn = torch.cat([m.mine(*args, seed=0, step=s, rank=0)[0] for s in range(2000)]).numpy()
+    drawn = torch.cat([m.mine(*args, seed=0, step=s)[0] for s in range(2000)]).numpy()
     allowed = naive_candidates(items, q, pos, history, 5, 40)[0]
     counts = np.array([(drawn == a).sum() for a in sorted(allowed)])
     assert set(drawn.tolist()) == allowed
@@ -68,7 +83,7 @@ def test_a_window_with_too_few_usable_articles_falls_back_to_the_catalogue():
     history = np.split(values, np.cumsum(lengths)[:-1])
     window = m.neighbours.numpy()[pos]
     got = m.mine(torch.from_numpy(q), torch.from_numpy(pos), torch.from_numpy(lengths), torch.from_numpy(values),
-                 seed=0, step=0, rank=0).numpy()
+                 seed=0, step=0).numpy()
     for row, w, p, h in zip(got, window, pos, history):
         usable = [a for a in w if a != p and a not in h]
         assert set(usable) <= set(row) or len(usable) > 3  # every usable one is taken when there are few

@@ -145,12 +145,12 @@ def test_multirun_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "trainer.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
            f"prepare.out={prepared}", "trainer.epochs=1", "trainer.max_steps=15", "trainer.validate=false",
-           "trainer.batch_size=256", "trainer.progress=false", "sharding.print_plan=false",
+           "trainer.global_batch_size=512", "trainer.progress=false", "sharding.print_plan=false",
            "hydra.launcher.cpus_per_task=1", "loss.temperature=0.05,0.1"]
     proc = subprocess.run(cmd, env=slurm.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     points = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").exists())
-    assert points == ["loss.temperature=0.05,trainer.batch_size=256", "loss.temperature=0.1,trainer.batch_size=256"]
+    assert points == ["loss.temperature=0.05,trainer.global_batch_size=512", "loss.temperature=0.1,trainer.global_batch_size=512"]
     for p in points:
         assert json.loads((sweep / p / "metrics.json").read_text())["step"] == 15
     # Re-submitting the same sweep resumes each point from its checkpoint instead of starting over.

@@ -32,40 +32,6 @@ def all_example_rows(prepared: str) -> Counter:
                        map(tuple, t["history"].to_pylist())))
 
 
-@pytest.mark.parametrize("world_size,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_plan_covers_units_disjointly_with_equal_batches(tiny_prepared, world_size, workers):
-    prepared, _ = tiny_prepared
-    streams = [ExampleStream(prepared, 256, rank=r, world_size=world_size, num_workers=workers)
-               for r in range(world_size)]
-    for epoch in (0, 1):
-        plan = streams[0].plan(epoch)
-        seen = [(u.file, u.row_group) for p in plan.values() for u in p.units]
-        assert len(seen) == len(set(seen)) == len(streams[0].units)  # complete and disjoint
-        quotas = [sum(plan[(r, w)].quota for w in range(workers)) for r in range(world_size)]
-        assert len(set(quotas)) == 1
-        assert all(plan[k].quota * 256 <= plan[k].rows for k in plan)
-    assert streams[0].plan(0) != streams[0].plan(1)  # reshuffled per epoch
-
-
-@pytest.mark.parametrize("world_size,workers", [(2, 1), (2, 2)])
-def test_yielded_rows_are_disjoint_real_examples(tiny_prepared, world_size, workers):
-    prepared, _ = tiny_prepared
-    truth = all_example_rows(prepared)
-    got, counts = Counter(), []
-    for r in range(world_size):
-        s = ExampleStream(prepared, 256, rank=r, world_size=world_size, num_workers=workers, shuffle_rows=3000)
-        n = 0
-        for b in make_loader(s):
-            got.update(rows_of(b))
-            n += 1
-        counts.append(n)
-        assert n == s.batches_per_epoch()
-    assert len(set(counts)) == 1
-    assert not got - truth  # every yielded row is a real example, never yielded more often than it exists
-    assert sum(got.values()) == counts[0] * world_size * 256
-    assert sum(got.values()) > 0.9 * sum(truth.values())  # only the remainder past equal counts is left out
-
-
 def collect(loader, n=None) -> list[Batch]:
     out = []
     for b in loader:
@@ -84,39 +50,72 @@ def same(a: Batch, b: Batch) -> bool:
             and extras_same)
 
 
-@pytest.mark.parametrize("workers,stop_at", [(1, 7), (2, 7), (2, 1), (2, 30)])
-def test_resume_mid_epoch_is_exact(tiny_prepared, workers, stop_at):
-    prepared, _ = tiny_prepared
-    kw = dict(batch_size=200, rank=1, world_size=2, num_workers=workers, shuffle_rows=2500, seed=5, extra_items=16)
-    s = ExampleStream(prepared, **kw)
-    s.set_epoch(3)
-    full = collect(make_loader(s))
-    s2 = ExampleStream(prepared, **kw)
-    s2.set_epoch(3)
-    loader = make_loader(s2)
-    head = collect(loader, stop_at)
-    state = loader.state_dict()
-    s3 = ExampleStream(prepared, **kw)
-    loader3 = make_loader(s3)
-    loader3.load_state_dict(state)
-    tail = collect(loader3)
-    assert len(head) + len(tail) == len(full)
-    assert all(same(x, y) for x, y in zip(head + tail, full))
+def epoch_batches(prepared, world_size: int, workers: int, epoch: int = 0, start: int = 0, **kw) -> list[list[Batch]]:
+    """Every rank's batches of an epoch, through the loader (with its worker processes)."""
+    out = []
+    for r in range(world_size):
+        s = ExampleStream(prepared, rank=r, world_size=world_size, num_workers=workers, **kw)
+        s.set_epoch(epoch, start)
+        out.append(collect(make_loader(s)))
+    return out
 
 
-def test_stream_state_alone_resumes_exactly(tiny_prepared):
+KW = dict(batch_size=240, shuffle_rows=2500, seed=5, extra_items=16)
+
+
+@pytest.mark.parametrize("world_size,workers", [(2, 1), (2, 2), (3, 2), (4, 3)])
+def test_ranks_share_the_one_rank_batches(tiny_prepared, world_size, workers):
+    """Rank r's k-th batch is slice r of the one-rank k-th batch (rows, features, and its share of the
+    uniform negatives), whatever the ranks and loader workers: N ranks train what one rank trains."""
     prepared, _ = tiny_prepared
-    s = ExampleStream(prepared, 300, shuffle_rows=2000)
-    full = list(iter(s))
-    s = ExampleStream(prepared, 300, shuffle_rows=2000)
-    it = iter(s)
-    head = [next(it) for _ in range(11)]
-    state = s.state_dict()
-    s2 = ExampleStream(prepared, 300, shuffle_rows=2000)
-    s2.load_state_dict(state)
-    assert all(same(x, y) for x, y in zip(head + list(iter(s2)), full))
-    with pytest.raises(StreamError, match="batch_size=300"):
-        ExampleStream(prepared, 301).load_state_dict(state)
+    one = epoch_batches(prepared, 1, 1, epoch=2, **KW)[0]
+    many = epoch_batches(prepared, world_size, workers, epoch=2, **KW)
+    assert all(len(b) == len(one) == ExampleStream(prepared, **KW).batches_per_epoch(2) for b in many)
+    n = KW["batch_size"] // world_size
+    for k, whole in enumerate(one):
+        rows = rows_of(whole)
+        for r in range(world_size):
+            part = many[r][k]
+            assert rows_of(part) == rows[r * n:(r + 1) * n]
+            assert torch.equal(part.query_dense, whole.query_dense[r * n:(r + 1) * n])
+            for key in ("section", "colour_group"):
+                assert torch.equal(part.item[key].values(), whole.item[key].values()[r * n:(r + 1) * n])
+        extras = torch.cat([many[r][k].extra_ids for r in range(world_size)])
+        assert torch.equal(extras, whole.extra_ids)  # each rank holds its share of the global draw
+
+
+def test_an_epoch_is_its_rows_once_in_whole_batches(tiny_prepared):
+    """The one-rank epoch: real example rows, none more often than it exists, all but fewer than a batch of
+    them, reshuffled per epoch."""
+    prepared, _ = tiny_prepared
+    truth = all_example_rows(prepared)
+    epochs = []
+    for epoch in (0, 1):
+        got = Counter()
+        batches = epoch_batches(prepared, 1, 2, epoch=epoch, **KW)[0]
+        for b in batches:
+            got.update(rows_of(b))
+        assert not got - truth
+        assert sum(truth.values()) - KW["batch_size"] < sum(got.values()) == len(batches) * KW["batch_size"]
+        epochs.append([rows_of(b) for b in batches[:3]])
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("world_size,workers,start", [(1, 1, 7), (2, 2, 7), (2, 3, 1), (3, 2, 30)])
+def test_a_resumed_epoch_continues_exactly(tiny_prepared, world_size, workers, start):
+    """set_epoch(epoch, start) yields the epoch's batches from global batch ``start`` on, on any world size
+    and any number of loader workers: the position is global."""
+    prepared, _ = tiny_prepared
+    full = epoch_batches(prepared, world_size, 1, epoch=3, **KW)
+    tail = epoch_batches(prepared, world_size, workers, epoch=3, start=start, **KW)
+    for r in range(world_size):
+        assert len(tail[r]) == len(full[r]) - start
+        assert all(same(x, y) for x, y in zip(tail[r], full[r][start:]))
+
+
+def test_a_batch_that_does_not_divide_over_the_ranks_is_an_error(tiny_prepared):
+    with pytest.raises(StreamError, match="global batch of 250 rows does not divide over 3 rank"):
+        ExampleStream(tiny_prepared[0], 250, world_size=3)
 
 
 def test_batch_contents_match_feature_tables(tiny_prepared):
@@ -213,6 +212,6 @@ def test_ids_outside_vocabulary_become_oov_and_are_counted(tiny_prepared, tmp_pa
     assert int(sum((b.article_idx == 0).sum() for b in batches)) == s.oov["article_idx"]
 
 
-def test_too_little_data_for_the_world(tiny_prepared):
-    with pytest.raises(StreamError, match="too few examples"):
-        ExampleStream(tiny_prepared[0], 40_000, world_size=2).plan(0)
+def test_too_little_data_for_one_global_batch(tiny_prepared):
+    with pytest.raises(StreamError, match="fewer than one global batch of 60000"):
+        ExampleStream(tiny_prepared[0], 60_000, world_size=2).plan(0)

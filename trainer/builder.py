@@ -9,7 +9,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trainer.model import TwoTower
-from trainer.sharding import shard
+from trainer.sharding import init_tables, shard
 
 
 @dataclass
@@ -26,11 +26,13 @@ class Built:
 
 
 def build(cfg, cards: dict, device: torch.device, print_plan: bool | None = None) -> Built:
-    """Plans and shards the model over the process group; the dense init is the same on every rank."""
+    """Plans and shards the model over the process group. The dense init is drawn before sharding and
+    the tables' after it from the seed alone: the same model at any world size."""
     torch.manual_seed(cfg.trainer.seed)
     model = TwoTower(cfg.model, cards, device="meta")
     sharding = cfg.sharding
     dmp = shard(model, sharding, device, print_plan=sharding.print_plan if print_plan is None else print_plan)
+    init_tables(dmp, model.tables, cfg.trainer.seed)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     opt = None
     if dense:

@@ -2,8 +2,8 @@
 
 Layout of ``<folder>/step-<N>/``:
 
-    (DCP files)   every part's tensors: the sharded model, the optimisers' state, the loader position
-                  and RNG per rank, the train state, logQ and miner state
+    (DCP files)   every part's tensors: the sharded model, the optimisers' state, RNG per rank, the
+                  train state (with the data position), logQ and miner state
     run.json      written by rank 0 after every rank finished: the run fingerprint, the resolved config
                   of the run that wrote it, step, world size and a completion sequence number; its
                   presence marks the checkpoint complete
@@ -44,7 +44,7 @@ from trainer.state import BLOB
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 RUN_FILE = "run.json"
-PER_RANK = {"rng", "loader"}  # parts keyed by rank: meaningless on another world size
+PER_RANK = {"rng"}  # parts keyed by rank: meaningless on another world size
 
 
 class CheckpointError(RuntimeError):

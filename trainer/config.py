@@ -69,6 +69,7 @@ class Backend(Choice):
 
 
 class Which(Choice):
+    selected = "selected"  # the one the run chose: best when it validated, else latest
     latest = "latest"  # the newest complete checkpoint
     best = "best"  # the one with the best validation metric (trainer.select_metric)
 
@@ -151,7 +152,9 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    batch_size: int = 1024  # per rank
+    # The training's batch: rows per step over all ranks (each rank trains global_batch_size / world
+    # rows of it). The same value on 1 or N ranks is the same training (README, "Scaling out").
+    global_batch_size: int = 2048
     epochs: int = 2
     max_steps: int = -1  # stop early (for tests and benchmarks)
     log_every: int = 50  # steps between logged losses (log file, TensorBoard, metrics.json)
@@ -195,7 +198,7 @@ class TrainJob(StageConfig):
 @dataclass
 class ExportJob(StageConfig):
     train_dir: str = "${paths.runs}/${data.name}/train"  # the train run whose checkpoint is exported
-    checkpoint: Which = Which.latest
+    checkpoint: Which = Which.selected
 
 
 @dataclass
@@ -250,7 +253,7 @@ class RecommendOptions:
 @dataclass
 class RecommendJob(StageConfig):
     train_dir: str = "${paths.runs}/${data.name}/train"
-    checkpoint: Which = Which.latest
+    checkpoint: Which = Which.selected
     index_dir: Optional[str] = "${paths.runs}/${data.name}/index"
     recommend: RecommendOptions = field(default_factory=RecommendOptions)
 

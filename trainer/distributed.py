@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -125,24 +126,72 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [p.to(t.device) for p in parts]
 
 
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Rows of every rank's ``t`` concatenated in rank order; row counts may differ between ranks."""
+def all_gather_rows(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Rows of every rank's ``t`` concatenated in rank order; row counts may differ between ranks
+    (``sizes``: the counts when the caller knows them, which saves an exchange)."""
     if world_size() == 1:
         return t
-    sizes = [int(s) for s in all_gather(torch.tensor([t.shape[0]], dtype=torch.int64))]
+    if sizes is None:
+        sizes = [int(s) for s in all_gather(torch.tensor([t.shape[0]], dtype=torch.int64))]
     pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
     parts = all_gather(torch.cat([t, pad]))
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gathers ``x`` (same shape on every rank); the result's own slice is ``x`` itself, so gradient
-    flows into this rank's tensor only. Returns the tensor and this rank's slice index."""
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """Rows of every rank's ``x`` concatenated in rank order, differentiable: the gradient of the result
+    reaches every rank's ``x`` summed over all ranks, as it would if one process held the whole batch
+    (each rank's loss touches the other ranks' rows too). ``sizes``: every rank's row count, when they
+    differ (known to the caller: no exchange, no host sync). Returns the tensor and the index of this
+    rank's first row in it."""
     if world_size() == 1:
         return x, 0
-    parts = all_gather(x)
-    parts[rank()] = x
-    return torch.cat(parts), rank()
+    sizes = list(sizes) if sizes is not None else [x.shape[0]] * world_size()
+    if sizes[rank()] != x.shape[0]:
+        raise ValueError(f"rank {rank()} gathers {x.shape[0]} rows but sizes say {sizes[rank()]}")
+    return _GatherRows.apply(x, sizes), sum(sizes[:rank()])
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather_rows forward; backward sums the result's gradient over the ranks (all_reduce) and
+    keeps this rank's rows. The gloo backend has no reduce_scatter, hence the all_reduce."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes = sizes
+        pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+        parts = all_gather(torch.cat([x.detach(), pad]))
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = all_reduce(grad.contiguous())
+        lo = sum(ctx.sizes[:rank()])
+        return total[lo:lo + ctx.sizes[rank()]], None
+
+
+def dealt_chunks(n: int, chunk: int) -> list[np.ndarray]:
+    """Rows ``[c * chunk, (c + 1) * chunk)`` of the chunks ``c`` this rank computes, dealt round-robin.
+    The chunks are the same at every world size, so each row is computed in the same company and its
+    vector does not depend on the number of ranks (a batched matmul's bits can depend on the batch).
+    Every rank gets the same number of entries (empty ones past its last chunk)."""
+    world, me = world_size(), rank()
+    n_chunks = max(1, -(-n // chunk))
+    out = []
+    for i in range(-(-n_chunks // world)):
+        c = i * world + me
+        out.append(np.arange(c * chunk, min((c + 1) * chunk, n), dtype=np.int64) if c < n_chunks
+                   else np.zeros(0, np.int64))
+    return out
+
+
+def gather_in_order(local: torch.Tensor, rows: np.ndarray, n: int) -> torch.Tensor:
+    """Every rank's ``local`` (its ``rows`` of an n-row result), put in row order, on every rank."""
+    everyone = all_gather_rows(local)
+    where = all_gather_rows(torch.from_numpy(rows).to(local.device)).long()
+    out = everyone.new_empty((n, *everyone.shape[1:]))
+    out[where] = everyone
+    return out
 
 
 # ---------------------------------------------------------------- the check used by the tests

@@ -42,17 +42,31 @@ class RunInfo:
     data_digest: str
 
 
-def typed(config) -> DictConfig:
+def typed(config, world_size: int = 1) -> DictConfig:
     """A saved train config, typed by the train schema again (choices become enums, keys are checked).
     A setting the run predates takes what the code did then (trainer/fingerprint.py PREDATING), not
-    today's default: a run saved before ``model.repeat_mode`` existed keeps the bonus."""
+    today's default: a run saved before ``model.repeat_mode`` existed keeps the bonus. A run from before
+    the batch was global (``trainer.batch_size`` per rank) gets ``global_batch_size`` = that times the
+    ``world_size`` it ran on."""
     saved = OmegaConf.create(config)
+    loop = saved.get("trainer")
+    if loop is not None and "batch_size" in loop:
+        loop["global_batch_size"] = int(loop.pop("batch_size")) * world_size
     model = saved.get("model")
     for key, value in PREDATING.items():
         name = key.split(".", 1)[1]
         if model is not None and name not in model:
             model[name] = value
     return OmegaConf.merge(OmegaConf.structured(TrainJob), saved)
+
+
+def choose_checkpoint(folder: str, which: str):
+    """(the checkpoint, what it is): ``selected`` is ``best`` when the run chose one by validation
+    (trainer.select_metric), else ``latest``."""
+    if which == "selected":
+        newest = latest(folder)
+        which = "best" if newest is not None and newest.info.get("best") else "latest"
+    return (latest(folder) if which == "latest" else best(folder)), which
 
 
 def checkpoint_folder(train_dir: str) -> str:
@@ -90,16 +104,17 @@ class Embedder:
     # ------------------------------------------------------------ loading a trained run
 
     @classmethod
-    def from_run(cls, train_dir: str, which: str = "latest", device: str = "auto") -> tuple["Embedder", RunInfo]:
-        """The newest complete checkpoint of ``train_dir`` (``which="best"``: the one of the best
-        validation), weights only, under the config of the run that wrote it (recorded in the
-        checkpoint). Refuses it if the prepared data changed since."""
+    def from_run(cls, train_dir: str, which: str = "selected", device: str = "auto") -> tuple["Embedder", RunInfo]:
+        """A checkpoint of ``train_dir``, weights only, under the config of the run that wrote it
+        (recorded in the checkpoint): ``which="selected"``, the one the run chose (its best validation,
+        or the newest when it did not validate); ``"best"``; ``"latest"``. Refuses it if the prepared data
+        changed since."""
         folder = checkpoint_folder(train_dir)
-        found = latest(folder) if which == "latest" else best(folder)
+        found, which = choose_checkpoint(folder, which)
         if found is None:
             raise FileNotFoundError(f"{folder}: no complete checkpoint to load" + (
                 "" if which == "latest" else " as best (did the run validate?); use checkpoint=latest"))
-        cfg = typed(found.info["config"])
+        cfg = typed(found.info["config"], int(found.info.get("world_size", 1)))
         dist_ = D.init(device)
         manifest = prepared_manifest(cfg.prepare.out)
         built = build(cfg, manifest["cardinalities"], dist_.device, print_plan=False)
@@ -115,8 +130,8 @@ class Embedder:
             raise FileNotFoundError(f"{folder}: no readable checkpoint")
         info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id, data_digest(manifest))
         if dist_.rank == 0:
-            log.info("loaded run %s: step %d from %s (fingerprint %s)", train_dir, loaded.step, loaded.path,
-                     manager.fp_id)
+            log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
+                     loaded.step, loaded.path, manager.fp_id)
         return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device,
                    sales=recent_sales(cfg, manifest, dist_.device), temperature=cfg.loss.temperature), info
 
@@ -155,18 +170,16 @@ class Embedder:
         ``check_stop`` is called between chunks (the same number on every rank). ``scoring``: with the
         recent-sales bonus as of the week after training (D + 1 columns, to score against
         :meth:`queries`); else the item tower's vectors alone."""
-        n, world, rank = self.n_items, D.world_size(), D.rank()
-        per_rank = -(-n // world)
-        ids = np.arange(rank * per_rank, (rank + 1) * per_rank) % n
-        out = []
-        for lo in range(0, per_rank, chunk):
-            part = ids[lo:lo + chunk]
-            batch = packed_from_arrays(self.tables, np.zeros(len(part)), part, np.full(len(part), self.last_day))
-            out.append(self._forward(batch)[1])
+        n = self.n_items
+        rows, out = [], []
+        for part in D.dealt_chunks(n, chunk):
+            batch = packed_from_arrays(self.tables, np.zeros(max(len(part), 1)), part if len(part) else np.zeros(1),
+                                       np.full(max(len(part), 1), self.last_day))
+            out.append(self._forward(batch)[1][:len(part)])
+            rows.append(part)
             if check_stop:
                 check_stop()
-        local = torch.cat(out)
-        everyone = torch.cat(D.all_gather(local))[:n]
+        everyone = D.gather_in_order(torch.cat(out), np.concatenate(rows), n)
         if scoring and self.sales is not None:
             everyone = self.sales.item(everyone, torch.arange(n, device=everyone.device), sales_bias(self.model))
         return everyone
@@ -184,13 +197,10 @@ class Embedder:
         return pq.read_table(join(self.prepared, "eval", f"{period}.parquet"))
 
     def query_chunks(self, table, chunk: int = 4096):
-        """Yields (row indices, query vectors) for this rank's slice of ``table``, in chunks; every rank
-        yields the same number of chunks (a rank past its rows computes one dummy row and yields none)."""
-        n, world, rank = table.num_rows, D.world_size(), D.rank()
-        per_rank = -(-n // world)
-        for c in range(max(1, -(-per_rank // chunk))):
-            lo = rank * per_rank + c * chunk
-            rows = np.arange(lo, min(lo + chunk, (rank + 1) * per_rank, n))
+        """Yields (row indices, query vectors) for this rank's chunks of ``table`` (:func:`dealt_chunks`);
+        every rank yields the same number of chunks (a rank past its rows computes one dummy row and
+        yields an empty chunk)."""
+        for rows in D.dealt_chunks(table.num_rows, chunk):
             sub = table.take(rows if len(rows) else np.zeros(1, np.int64))
             hist = sub["history"].combine_chunks()
             off = hist.offsets.to_numpy()
@@ -202,5 +212,6 @@ class Embedder:
     def eval_queries(self, period: str) -> tuple[np.ndarray, torch.Tensor]:
         """(customer_idx, query vectors) of every customer of an evaluation period, on every rank."""
         table = self.eval_rows(period)
-        mine = torch.cat([q for _, q in self.query_chunks(table)])  # at least one (maybe empty) chunk
-        return table["customer_idx"].to_numpy(), D.all_gather_rows(mine)
+        rows, qs = zip(*self.query_chunks(table))
+        return table["customer_idx"].to_numpy(), D.gather_in_order(torch.cat(qs), np.concatenate(rows), table.num_rows)
+

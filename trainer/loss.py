@@ -1,9 +1,11 @@
 """Sampled softmax over in-batch, cross-rank, uniform and mined hard negatives.
 
 For query row b with positive article p_b, the candidates are
-  * the positives of every row on every rank (in-batch, cross-rank when a process group is given;
-    gathered embeddings carry gradient only into this rank's slice),
-  * ``M`` uniform catalogue articles shared by all rows (mixed negatives),
+  * the positives of every row on every rank (in-batch, cross-rank when a process group is given:
+    the global batch, in rank order; every rank's loss sends gradient to every gathered row, summed
+    over the ranks, so N ranks compute the gradient one process would over the global batch),
+  * ``M`` uniform catalogue articles shared by all rows (mixed negatives; the caller gathers each
+    rank's share of the global batch's draws),
   * ``H`` hard negatives of its own (mined, see trainer.negatives).
 Logits are dot products over ``temperature``. With logQ correction each shared candidate's logit is
 reduced by the log of its expected count in the candidate set: ``log(N_batch * q_j)`` for in-batch
@@ -104,12 +106,12 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     candidates' ids (C,) and the hard negatives' (B, H) (trainer/repeats.py)."""
     negatives = negatives or Negatives()
     b = query.shape[0]
-    if cfg.cross_rank and group is not None:
-        cand, rank = D.all_gather_with_grad(positive)
+    if cfg.cross_rank and group is not None:  # the global batch's positives, in rank order
+        cand, first = D.all_gather_with_grad(positive)
         cand_ids = torch.cat(D.all_gather(positive_ids))
     else:
-        cand, rank, cand_ids = positive, 0, positive_ids
-    target = torch.arange(b, device=query.device) + rank * b
+        cand, first, cand_ids = positive, 0, positive_ids
+    target = torch.arange(b, device=query.device) + first
     n_batch = cand.shape[0]
     batch_cand = cand
     correction = []

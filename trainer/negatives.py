@@ -14,10 +14,11 @@ Two anchors for the search (``loss.hard_anchor``):
     whole catalogue for every row of every step, the closer to the model's own mistakes and the
     costlier (on an H100 it took the H&M step from 1.0M to 0.2M examples/s).
 
-Mining is a deterministic function of (seed, step, rank) and the snapshot, which is checkpointed (the
-neighbour lists are recomputed from it), so a resumed run draws the same negatives, on any device: the
-random window positions are drawn on the CPU (a few per row, not one per window entry). Everything
-else is batched tensor work on the training device; no per-row Python.
+Mining is a deterministic function of (seed, step, the row's place in the global batch) and the
+snapshot, which is checkpointed (the neighbour lists are recomputed from it), so a resumed run draws
+the same negatives, on any device and any number of ranks: the random window positions are drawn on the
+CPU for the whole global batch (a few per row, not one per window entry) and each rank keeps its rows.
+Everything else is batched tensor work on the training device; no per-row Python.
 """
 
 from __future__ import annotations
@@ -61,14 +62,17 @@ class HardNegativeMiner:
             self._index()
 
     def _index(self) -> None:
-        """The positive anchor's neighbour lists: each rank searches a slice of the catalogue, all gather
-        (a collective: refresh and load run on every rank at once)."""
+        """The positive anchor's neighbour lists: each rank searches its chunks of the catalogue, all gather
+        (a collective: refresh and load run on every rank at once). The chunks are the same at every world
+        size, so the lists are too."""
         if self.anchor == "positive":
             hi = min(self.hi, self.n_items - 1)
-            part = torch.tensor_split(torch.arange(self.n_items), D.world_size())[D.rank()]
-            mine = self.embeddings[part.to(self.embeddings.device)]
-            ranked = top_k(mine, self.embeddings, hi, exclude_items=[0], device=self.embeddings.device)
-            self.neighbours = D.all_gather_rows(ranked[:, self.lo:hi].to(torch.int32).contiguous())
+            dev = self.embeddings.device
+            parts = [torch.from_numpy(p) for p in D.dealt_chunks(self.n_items, 4096)]
+            lists = [top_k(self.embeddings[p.to(dev)], self.embeddings, hi, exclude_items=[0], device=dev)
+                     for p in parts]
+            mine = torch.cat(lists)[:, self.lo:hi].to(torch.int32).contiguous()
+            self.neighbours = D.gather_in_order(mine, torch.cat(parts).numpy(), self.n_items)
 
     def _window(self, queries: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """(B, W) candidate article indices per row, -1 where the catalogue is too small."""
@@ -80,17 +84,21 @@ class HardNegativeMiner:
 
     @torch.no_grad()
     def mine(self, queries: torch.Tensor, positives: torch.Tensor, hist_lengths: torch.Tensor,
-             hist_values: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
+             hist_values: torch.Tensor, seed: int, step: int, first_row: int = 0,
+             global_rows: int | None = None) -> torch.Tensor:
         """(B, k) article indices per query row, on the queries' device. ``hist_*``: the rows' purchase
-        histories as lengths (B,) and concatenated values."""
+        histories as lengths (B,) and concatenated values. The rows are rows ``[first_row, first_row + B)``
+        of a global batch of ``global_rows`` (default: B, one rank)."""
         dev = queries.device
         b = queries.shape[0]
         positives = positives.to(dev).long()
         window = self._window(queries, positives)
-        # Random window positions on the CPU: the same negatives whatever the device.
-        g = torch.Generator().manual_seed(hash((seed, step, rank, 29)) & 0x7FFFFFFF)
-        at = torch.randint(0, max(window.shape[1], 1), (b, self.draws), generator=g).to(dev)
-        fallback = torch.randint(1, self.n_items, (b, self.k), generator=g).to(dev)
+        # Random window positions on the CPU, for the global batch: the same negatives whatever the device
+        # and however many ranks share the batch.
+        n = global_rows or b
+        g = torch.Generator().manual_seed(hash((seed, step, 29)) & 0x7FFFFFFF)
+        at = torch.randint(0, max(window.shape[1], 1), (n, self.draws), generator=g)[first_row:first_row + b].to(dev)
+        fallback = torch.randint(1, self.n_items, (n, self.k), generator=g)[first_row:first_row + b].to(dev)
         cand = window.gather(1, at) if window.shape[1] else torch.full_like(at, -1)
         known = (cand == positives[:, None]) | (cand <= 0)  # the target; OOV and padding
         earlier = torch.ones(self.draws, self.draws, dtype=torch.bool, device=dev).tril(-1)

@@ -1,19 +1,18 @@
 """Running train steps over a loader: plainly, or through TorchRec's TrainPipelineSparseDist, which
 moves the next batch to the device and starts its embedding input-dist while this step computes.
 
-Either way each step yields (examples, loss tensor, stats) and records the loader position after the
-batch it trained (the pipeline pulls batches ahead; a checkpoint must not skip them).
+Either way each step yields (examples, loss tensor, stats, positive ids). The pipeline pulls batches
+ahead; the loop counts the batches *trained* (TrainState.batch_in_epoch), which is the data position a
+checkpoint records, so no pulled-ahead batch is skipped on resume.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 
 import torch
 
 from trainer.inputs import HostInput, ModelInput
-from trainer.state import LoaderPosition
 from trainer.task import TrainTask
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,10 @@ class _NoDenseOptimizer:
 
 
 class Steps:
-    def __init__(self, model, dense_optimizer, task: TrainTask, position: LoaderPosition, keys: list[str],
-                 device: torch.device, pipelined: bool):
+    def __init__(self, model, dense_optimizer, task: TrainTask, keys: list[str], device: torch.device,
+                 pipelined: bool):
         self.model, self.dense_optimizer, self.task = model, dense_optimizer, task
-        self.position, self.keys, self.device = position, keys, device
+        self.keys, self.device = keys, device
         self.pipeline = None
         if pipelined:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -57,12 +56,11 @@ class Steps:
         loss, stats, pos_ids = self.task(inp)
         return loss, (loss.detach(), stats, pos_ids)
 
-    def _inputs(self, loader, pulled: deque):
+    def _inputs(self, loader):
         """The loader's packed host batches (moved to the device, and joined there, by ``.to``)."""
         batches = iter(loader)
         try:
             for packed in batches:
-                pulled.append(loader.state_dict())
                 yield HostInput(packed, self.keys)
         finally:
             if hasattr(batches, "close"):
@@ -70,8 +68,7 @@ class Steps:
 
     def run(self, loader):
         """Trains on the loader's batches; yields (examples, loss, stats) after each step."""
-        pulled: deque = deque()
-        inputs = self._inputs(loader, pulled)
+        inputs = self._inputs(loader)
         try:
             while True:
                 if self.pipeline is not None:
@@ -84,7 +81,6 @@ class Steps:
                     if inp is None:
                         return
                     loss, stats, pos_ids = self._plain_step(inp.to(self.device, non_blocking=True))
-                self.position.trained = pulled.popleft()
                 yield len(pos_ids), loss, stats, pos_ids
         finally:  # also when the loop stops mid-epoch: the loader's workers shut down now
             inputs.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import zlib
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -62,6 +64,45 @@ def shard(model: nn.Module, cfg, device: torch.device, pg=None, print_plan: bool
     if print_plan and (not dist.is_initialized() or dist.get_rank() == 0):
         log.info("%s", plan_table(plan, model.tables, world))
     return dmp
+
+
+INIT_ROWS = 1 << 16  # table rows drawn from one generator
+
+
+@torch.no_grad()
+def init_tables(dmp: nn.Module, tables, seed: int) -> None:
+    """Every table's initial weights, uniform in TorchRec's default range, drawn from (seed, table, block
+    of rows) and written into this rank's shards of it: the same tables at any world size and any
+    sharding (TorchRec draws each shard from the owning rank's generator, so the start would depend on
+    the plan)."""
+    by_name = {t.name: t for t in tables}
+    for key, value in dmp.state_dict().items():
+        parts = key.split(".")
+        if parts[-1] != "weight" or len(parts) < 2 or parts[-2] not in by_name:
+            continue
+        config = by_name[parts[-2]]
+        if isinstance(value, ShardedTensor):
+            shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()]
+        else:  # replicated (data parallel)
+            shards = [(value, [0, 0], list(value.shape))]
+        for tensor, (r0, c0), (nr, nc) in shards:
+            if nr and nc:
+                rows = table_rows(config, seed, r0, r0 + nr)[:, c0:c0 + nc]
+                tensor.copy_(rows.to(device=tensor.device, dtype=tensor.dtype))
+
+
+def table_rows(config, seed: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of a table's initial weights (see :func:`init_tables`)."""
+    bound, dim, n = config.get_weight_init_max(), config.embedding_dim, config.num_embeddings
+    name = zlib.crc32(config.name.encode())
+    blocks = []
+    for b in range(lo // INIT_ROWS, (hi - 1) // INIT_ROWS + 1):
+        g = torch.Generator().manual_seed(hash((seed, name, b)) & 0x7FFFFFFFFFFF)
+        rows = min(INIT_ROWS, n - b * INIT_ROWS)
+        blocks.append(torch.rand(rows, dim, generator=g) * (2 * bound) - bound)
+    block = torch.cat(blocks)
+    start = (lo // INIT_ROWS) * INIT_ROWS
+    return block[lo - start:hi - start]
 
 
 def plan_table(plan, tables, world: int) -> str:

@@ -3,7 +3,8 @@
 A checkpoint is ``{name: part}`` saved and loaded whole by trainer.checkpoint with
 torch.distributed.checkpoint. Everything here is a tensor, so no part of a checkpoint is unpickled
 (small structured values travel as UTF-8 JSON in a uint8 tensor, a "blob"). Parts that differ between
-ranks (RNG, data position) are keyed by rank, since DCP keeps one copy of a key written by every rank.
+ranks (RNG) are keyed by rank, since DCP keeps one copy of a key written by every rank. The data position
+is not per rank: it is the number of global batches done in the epoch (data/shards.py), in TrainState.
 """
 
 from __future__ import annotations
@@ -28,21 +29,31 @@ def unblob(t: torch.Tensor):
 
 @dataclass
 class TrainState:
-    """Where the run is: step, epoch, position in the epoch, and what it has measured so far."""
+    """Where the run is: step, epoch, position in the epoch, and what it has measured so far.
+    ``batch_in_epoch`` counts global batches of ``global_batch_size`` rows: the position means the same
+    on any number of ranks, so a run resumes exactly on another world size."""
 
     step: int = 0
     epoch: int = 0  # epochs completed
-    batch_in_epoch: int = 0  # batches of epoch ``epoch`` trained so far
+    batch_in_epoch: int = 0  # global batches of epoch ``epoch`` trained so far
     validated: int = 0  # epochs whose validation has run (a stop during validation leaves it behind)
     history: dict = field(default_factory=lambda: {"val": [], "train": []})
+    global_batch_size: int = 0  # the batch the position counts in (0: a checkpoint from before it was global)
+    world_size: int = 1  # the ranks of the run that saved it (a record; the position does not depend on it)
 
     def state_dict(self) -> dict:
         ints = torch.tensor([self.step, self.epoch, self.batch_in_epoch, self.validated], dtype=torch.int64)
-        return {"counters": ints, BLOB: blob(self.history)}
+        layout = {"global_batch_size": self.global_batch_size, "world_size": self.world_size}
+        return {"counters": ints, BLOB: blob({"history": self.history, "layout": layout})}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch, self.validated = (int(x) for x in state["counters"])
-        self.history = unblob(state[BLOB])
+        saved = unblob(state[BLOB])
+        if "layout" not in saved:  # the blob was the history alone, and the position was per rank
+            saved = {"history": saved, "layout": {"global_batch_size": 0, "world_size": 0}}
+        self.history = saved["history"]
+        self.global_batch_size = int(saved["layout"]["global_batch_size"])
+        self.world_size = int(saved["layout"]["world_size"])
 
 
 class RngState:
@@ -70,21 +81,6 @@ class RngState:
         random.setstate((py[0], tuple(py[1]), py[2]))
         n = other["numpy"]
         np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-
-
-class LoaderPosition:
-    """The data loader's position after the last *trained* batch (a pipeline pulls batches ahead)."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.trained: dict | None = None  # None: the loader's own position is the trained one
-        self.restored: dict | None = None  # loaded from a checkpoint, applied when the epoch starts
-
-    def state_dict(self) -> dict:
-        return {BLOB: blob(self.trained if self.trained is not None else self.loader.state_dict())}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.restored = unblob(state[BLOB])
 
 
 class OptimizerState:

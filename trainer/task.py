@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import torch
 
+from data.shards import shares
 from data.stream import FeatureTables
 from trainer import distributed as D
 from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss
+from trainer.model import POSITION_PREFIX
 from trainer.negatives import HardNegativeMiner
 from trainer.popularity import RecentSales, sales_bias
 from trainer.repeats import add_bonus, mix_recent, recent_articles, repeat_bias, repeat_head
 
 
 def reference(q: torch.Tensor, pos: torch.Tensor, neg: Negatives) -> torch.Tensor:
-    """(B,) each query's mean score over the catalogue, estimated from the batch's uniform negatives: the
-    buying-again level is set against it (trainer/repeats.py). Without them (``loss.mixed_negatives=0``)
-    the batch's positives stand in: popularity-weighted, so scoring's catalogue mean is then only near it."""
-    items = neg.extra if neg.extra is not None and len(neg.extra) else pos
+    """(B,) each query's mean score over the catalogue, estimated from the global batch's uniform
+    negatives: the buying-again level is set against it (trainer/repeats.py). Without them
+    (``loss.mixed_negatives=0``) the global batch's positives stand in: popularity-weighted, so scoring's
+    catalogue mean is then only near it."""
+    items = neg.extra if neg.extra is not None and len(neg.extra) else D.all_gather_with_grad(pos)[0]
     return q @ items.mean(0)
 
 
@@ -49,8 +52,10 @@ class TrainTask:
         q_all, i_all = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
         q, pos = q_all[:b], i_all[:b]
         neg = Negatives()
-        if self.cfg.mixed_negatives > 0:
-            neg.extra, neg.extra_ids = i_all[b:], inp.extra_ids
+        if self.cfg.mixed_negatives > 0:  # this rank's share of the global batch's draws: gather them all
+            sizes = shares(self.cfg.mixed_negatives, D.world_size())
+            neg.extra, _ = D.all_gather_with_grad(i_all[b:], sizes)
+            neg.extra_ids = D.all_gather_rows(inp.extra_ids, sizes)
         if self.miner is not None and self.miner.ready:
             neg.hard, neg.hard_ids = self._hard_negatives(inp, q)
         loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
@@ -92,13 +97,20 @@ class TrainTask:
 
     def _hard_negatives(self, inp: ModelInput, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(inp)
-        hist = inp.sparse["history"]
-        lengths = hist.lengths()[:b]
-        hard_ids = self.miner.mine(q, inp.article_idx, lengths, hist.values(), self.seed, self.step, D.rank())
+        if "history" in inp.sparse.keys():  # the bag: the whole history (the extra rows' bags are empty)
+            hist = inp.sparse["history"]
+            lengths, values = hist.lengths()[:b], hist.values()
+        else:  # the transformer reads the last positions only: those are the history it knows of
+            positions = sum(1 for k in self.keys if k.startswith(POSITION_PREFIX))
+            recent = recent_articles(inp.sparse, b, positions)
+            lengths, values = torch.full((b,), positions, device=recent.device), recent.reshape(-1)
+        hard_ids = self.miner.mine(q, inp.article_idx, lengths, values, self.seed, self.step,
+                                   first_row=D.rank() * b, global_rows=b * D.world_size())
         if self.item_features is None:
             self.item_features = ItemFeatures(self.tables, self.keys, self.device)
         h_inp = self.item_features.model_input(hard_ids)
-        _, h = self.model(h_inp.sparse, h_inp.query_dense, 0)
+        # one (ignored) query row: the sequence encoder's attention cannot run on an empty batch
+        _, h = self.model(h_inp.sparse, h_inp.query_dense, 1)
         return h.view(b, -1, h.shape[-1]), hard_ids
 
     def after_step(self, positive_ids: torch.Tensor, step: int) -> None:

@@ -1,7 +1,7 @@
 """Train the two-tower model with TorchRec under torchrun.
 
     torchrun --nproc_per_node=2 -m trainer.train data=tiny                 # 2 CPU processes (gloo)
-    torchrun --nproc_per_node=8 -m trainer.train data=hm_scale trainer.batch_size=8192
+    torchrun --nproc_per_node=8 -m trainer.train data=hm_scale trainer.global_batch_size=65536
     python -m trainer.train experiment=debug                                # one process, seconds
 
 Reads ``prepare.out`` (run data.prepare first). Writes into the run directory: the resolved config,
@@ -44,7 +44,7 @@ from trainer.loss import LogQ
 from trainer.negatives import HardNegativeMiner
 from trainer.pipeline import Steps, use_pipeline
 from trainer.schedule import LRSchedule
-from trainer.state import LoaderPosition, ModelState, OptimizerState, PerRank, RngState, TrainState
+from trainer.state import ModelState, OptimizerState, PerRank, RngState, TrainState
 from trainer.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, write_marker
 from trainer.task import TrainTask
 from trainer.validation import training_purchases, validate
@@ -61,11 +61,18 @@ class Trainer:
         prepared = cfg.prepare.out
         self.manifest = prepared_manifest(prepared)
         n_items = int(self.manifest["cardinalities"]["article_id"])
+        if loop.global_batch_size <= 0 or loop.global_batch_size % world:
+            raise ValueError(f"trainer.global_batch_size={loop.global_batch_size} does not divide over {world} "
+                             f"rank(s): choose a multiple of {world}")
         self.built = model = build(cfg, self.manifest["cardinalities"], dev)
-        self.stream = ExampleStream(prepared, loop.batch_size, rank=rank, world_size=world, seed=loop.seed,
+        self.stream = ExampleStream(prepared, loop.global_batch_size, rank=rank, world_size=world, seed=loop.seed,
                                     shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
                                     extra_items=cfg.loss.mixed_negatives)
         self._batches_per_epoch: dict[int, int] = {}
+        if rank == 0:
+            log.info("training on %d rank(s): global batch %d rows (%d per rank), %d steps an epoch; the same "
+                     "training on any number of ranks", world, loop.global_batch_size, loop.global_batch_size // world,
+                     self.batches_in(0))
         self.loader = make_loader(self.stream, pin_memory=dev.type == "cuda", packed=True)
         sales = recent_sales(cfg, self.manifest, dev)
         self.embedder = Embedder(model.model, model.keys, prepared, self.manifest, dev, self.stream.tables, sales,
@@ -77,9 +84,8 @@ class Trainer:
                                        dev, str(lc.hard_anchor)) if lc.hard_negatives > 0 else None
         self.task = TrainTask(model.model, model.keys, lc, self.logq, self.miner, self.stream.tables, n_items,
                               loop.seed, dev, set_precision(loop.precision, dev), sales)
-        self.state = TrainState()
-        self.position = LoaderPosition(self.loader)
-        self.steps = Steps(model.model, model.dense_optimizer, self.task, self.position, model.keys, dev,
+        self.state = TrainState(global_batch_size=loop.global_batch_size, world_size=world)
+        self.steps = Steps(model.model, model.dense_optimizer, self.task, model.keys, dev,
                            use_pipeline(loop.pipeline, self.miner is not None, dev, world))
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                              self._parts(), fingerprint(cfg, self.manifest), loop.keep_checkpoints,
@@ -98,8 +104,7 @@ class Trainer:
         """Everything a checkpoint holds, each part Stateful."""
         model, rank = self.built, self.dist.rank
         parts = {"model": ModelState(model.model), "fused_optimizer": OptimizerState(model.fused_optimizer),
-                 "train": self.state, "loader": PerRank(self.position, rank),
-                 "rng": PerRank(RngState(self.dist.device), rank)}
+                 "train": self.state, "rng": PerRank(RngState(self.dist.device), rank)}
         if model.dense_optimizer is not None:
             parts["dense_optimizer"] = OptimizerState(model.dense_optimizer)
         if self.logq.mode == "streaming":
@@ -167,13 +172,8 @@ class Trainer:
         return 0 < self.cfg.trainer.max_steps <= self.state.step or self._patience_spent()
 
     def _start_epoch(self) -> None:
-        st, restored = self.state, self.position.restored
-        self.position.restored = self.position.trained = None
-        if st.batch_in_epoch > 0 and restored is not None:
-            self.loader.load_state_dict(restored)  # resume mid-epoch, exactly
-        else:
-            st.batch_in_epoch = 0
-            self.stream.set_epoch(st.epoch)
+        st = self.state
+        self.stream.set_epoch(st.epoch, start=st.batch_in_epoch)  # mid-epoch after a resume, exactly
         every = self.cfg.loss.hard_every
         if self.miner is not None and ((every == 0 and st.batch_in_epoch == 0) or (every > 0 and st.step % every == 0)):
             self._refresh_miner()
@@ -247,12 +247,18 @@ class Trainer:
         loaded = self.checkpoints.load() if loop.resume else None
         if loaded is None:
             return
-        if loaded.saved_world != self.dist.world:
-            st.batch_in_epoch = 0  # the data position depends on the ranks: the epoch starts over
+        batch, world = loop.global_batch_size, self.dist.world
+        if st.global_batch_size != batch and st.batch_in_epoch > 0:
+            # the position counts batches of another size: the epoch starts over
             if self.dist.rank == 0:
-                log.warning("world size changed from %d to %d: resuming weights, dense optimiser and step from "
-                            "%s; the table optimiser state restarts only if its sharding changed, and epoch %d "
-                            "starts over", loaded.saved_world, self.dist.world, loaded.path, st.epoch)
+                log.warning("%s was saved with a global batch of %s rows, this run has %d: epoch %d starts over",
+                            loaded.path, st.global_batch_size or "per-rank", batch, st.epoch)
+            st.batch_in_epoch = 0
+        elif loaded.saved_world != world and self.dist.rank == 0:
+            log.info("world size changed from %d to %d: the global batch (%d rows) and the position in epoch %d "
+                     "are the same, so the training continues as it would have", loaded.saved_world, world, batch,
+                     st.epoch)
+        st.global_batch_size, st.world_size = batch, world
         if self.dist.rank == 0:
             log.info("resumed from %s (step %d, epoch %d)", loaded.path, st.step, st.epoch)
 
@@ -293,7 +299,8 @@ class Trainer:
         self._stop_running()
         self._save()
         st = self.state
-        out = {"step": st.step, "epoch": st.epoch, **st.history}
+        out = {"step": st.step, "epoch": st.epoch, "world_size": self.dist.world,
+               "global_batch_size": self.cfg.trainer.global_batch_size, **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))
             plots.training_curves(st.history, join(self.run_dir, "training.png"), self.cfg.trainer.select_metric)

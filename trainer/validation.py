@@ -46,7 +46,7 @@ def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[
         hist = table["history"].combine_chunks()
         h_off, h_val = hist.offsets.to_numpy().astype(np.int64), hist.values.to_numpy()
         item_np = items.float().cpu().numpy()
-    ranked = []
+    ranked, done = [], []
     for rows, q in embedder.query_chunks(table):
         own = subset(seen, rows) if seen is not None else None
         width = k_max + (len(bonus) if bonus is not None else 0)
@@ -55,10 +55,11 @@ def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[
             off, vals = subset((h_off - h_off[0], h_val[h_off[0]:]), rows)
             top = torch.from_numpy(boost_recent(top.cpu().numpy(), q.float().cpu().numpy(), item_np, off, vals,
                                                 bonus, k_max, embedder.repeat_level(q, items), embedder.temperature))
-        ranked.append(top)
+        ranked.append(top.reshape(len(rows), k_max))
+        done.append(rows)
         if check_stop:
             check_stop()
-    mine = torch.cat(ranked)
-    everyone = D.all_gather_rows(mine.to(embedder.device)).cpu().numpy()
+    everyone = D.gather_in_order(torch.cat(ranked).to(embedder.device), np.concatenate(done), table.num_rows)
+    everyone = everyone.cpu().numpy()
     off, vals = targets_csr(table)
     return evaluate(everyone, off, vals, ks=tuple(int(k) for k in ks), catalog_size=embedder.n_items - 1)
