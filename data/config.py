@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+import hashlib
+
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Choice(str, Enum):
@@ -152,7 +154,18 @@ STAGES = {
 }
 
 
+def run_dirname(overrides: str, limit: int = 120) -> str:
+    """A sweep point's directory name: its overrides (``hydra.job.override_dirname``), shortened past
+    ``limit`` characters to their start and a digest of them (a tuning sweep's floats in full precision
+    pass a file system's 255), so the same point still lands in the same directory."""
+    if len(overrides) <= limit:
+        return overrides
+    return f"{overrides[:limit - 14]}..{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
+
+
 def register() -> None:
+    if not OmegaConf.has_resolver("run_dirname"):
+        OmegaConf.register_new_resolver("run_dirname", run_dirname)
     cs = ConfigStore.instance()
     for stage, node in STAGES.items():  # train's schema is registered by trainer.config
         cs.store(name=f"{stage}_schema", node=node)

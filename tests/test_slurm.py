@@ -160,3 +160,21 @@ def test_multirun_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
     for p in points:
         assert "resumed from" in (sweep / p / "train.log").read_text()
         assert json.loads((sweep / p / "metrics.json").read_text())["step"] == 20
+
+
+def test_tuning_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
+    """hydra/sweeper=tune on the Slurm launcher: two trials as two Slurm jobs at once, each returning its
+    best validation metric to the study; the trials table and the best preset are written."""
+    prepared, _ = tiny_prepared
+    sweep = tmp_path / "tune"
+    cmd = [sys.executable, "-m", "trainer.train", "-m", "hydra/launcher=slurm", "hydra/sweeper=tune",
+           f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+           "hydra.launcher.cpus_per_task=1", f"prepare.out={prepared}", "experiment=debug", "trainer.epochs=1",
+           "trainer.max_steps=15", "trainer.global_batch_size=512", "model.history_encoder=bag",
+           "loss.hard_negatives=0", "model.id_dim=64", "model.output_dim=64"]
+    proc = subprocess.run(cmd, env=slurm.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = (sweep / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",COMPLETE," in r for r in rows[1:]), rows
+    assert (sweep / "presets" / "experiment" / "tuned.yaml").exists()
+    assert len(list(sweep.glob(".submitit/*"))) == 2  # two Slurm jobs

@@ -152,6 +152,9 @@ class Trainer:
                         raise StopRequested()
                     if st.epoch < loop.epochs and not self._done():
                         self._save()
+            last = st.history["val"][-1]["step"] if st.history["val"] else None
+            if loop.validate and 0 < st.step != last:  # max_steps ended the run mid-epoch: measure where it is
+                self._validate()
         except StopRequested:
             bar.close()
             return self._preempted()
@@ -335,12 +338,17 @@ class Trainer:
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> float:
+    """Trains; returns the best validation ``trainer.select_metric``: the objective of a tuning sweep
+    (trainer/sweep.py). NaN without validation, or when a stop signal ended the run early (its best so far
+    is not the trial's result)."""
     rank = int(os.environ.get("RANK", 0))
     run_dir = start_run(cfg) if rank == 0 else str(cfg.run_dir)
     trainer = Trainer(cfg, run_dir)
     try:
-        return trainer.fit()
+        out = trainer.fit()
+        best = out.get("best")
+        return float(best["value"]) if best and "preempted_at" not in out else float("nan")
     finally:
         D.shutdown()
 
