@@ -19,8 +19,6 @@ import torch
 
 from test_train import final_weights, run, train_cmd
 
-pytestmark = pytest.mark.slow
-
 EVERYTHING = [  # the default loss (cross-rank, 1024 uniform negatives, streaming logQ, masking), sales and
     # buying-again terms (model defaults), the transformer history encoder, mined negatives re-mined every 8
     # steps, across an epoch's end (validation, a new epoch's order)
@@ -52,6 +50,7 @@ def assert_same_weights(a: dict, b: dict, rel: float, per_tensor: bool) -> None:
         assert total <= rel, (total, sorted(diff.items(), key=lambda kv: -kv[1])[:5])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,overrides,steps,loss_tol,weight_tol,per_tensor", [
     # One epoch of tiny is 93 global batches of 512: the run crosses into the second epoch. Measured: 1 vs
     # 2 ranks differ by at most 3.3e-3 in a step's loss and 0.016 in the weights' norm; one rank with 1 vs
@@ -82,6 +81,7 @@ def test_two_ranks_train_what_one_rank_trains(tiny_prepared, tmp_path, name, ove
     assert record["world_size"] == 2 and record["config"]["trainer"]["global_batch_size"] == 512
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size_continues_the_same_training(tiny_prepared, tmp_path):
     """2 ranks train 30 steps and checkpoint; 1 rank resumes mid-epoch and trains to 50: the same losses and
     weights as 1 rank training 50 steps straight (the data position is global, so nothing restarts)."""
@@ -98,3 +98,20 @@ def test_resume_on_another_world_size_continues_the_same_training(tiny_prepared,
     assert len(after) == 20
     assert np.abs(losses(straight)[30:] - np.array(after)).max() < 1e-3
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "moved"), 1e-2, False)
+
+
+def test_the_settings_that_are_not_invariant_are_named():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from trainer.train import not_invariant
+
+    cfg = OmegaConf.create({"model": {"dropout": 0.1, "history_encoder": "transformer"},
+                            "loss": {"cross_rank": False}, "sharding": {"fused_optimizer": "rowwise_adagrad"}})
+    plan = SimpleNamespace(plan={"ebc": {"t_article": SimpleNamespace(sharding_type="column_wise"),
+                                         "t_age": SimpleNamespace(sharding_type="data_parallel")}})
+    got = not_invariant(cfg, plan)
+    assert len(got) == 3 and "dropout" in got[0] and "cross_rank" in got[1] and "['t_article']" in got[2]
+    cfg.model.dropout, cfg.loss.cross_rank, cfg.sharding.fused_optimizer = 0.0, True, "adam"
+    assert not_invariant(cfg, plan) == []

@@ -10,7 +10,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from tests.conftest import train_in_process
-from trainer.schedule import LRSchedule, factor
+from trainer.schedule import LRSchedule, factor, stalls
 
 
 def test_warmup_then_linear_decay_by_hand():
@@ -31,14 +31,28 @@ def test_cosine_decay_by_hand():
     assert factor(5, 1, 0, "cosine", 0.3) == pytest.approx(0.3)  # a one-step run: the floor, no division by 0
 
 
+def test_plateau_halves_per_validation_without_a_new_best():
+    """By hand: recall 0.2, 0.3 (new best), 0.25 (stall), 0.3 (ties the best: a stall), 0.35 (best),
+    0.1 (stall) -> 3 stalls; the factor is 0.5 per stall, floored at min_lr_ratio, after the warm-up."""
+    history = [{"recall@12": v} for v in (0.2, 0.3, 0.25, 0.3, 0.35, 0.1)]
+    assert [stalls(history[:n], "recall@12") for n in range(1, 7)] == [0, 0, 1, 2, 2, 3]
+    assert stalls(history, "map@12") == 0  # another metric: none recorded
+    assert factor(50, 100, 0, "plateau", 0.0, stalls=3) == pytest.approx(0.125)
+    assert factor(50, 100, 0, "plateau", 0.2, stalls=3) == pytest.approx(0.2)
+    assert factor(50, 100, 0, "plateau", 0.0, stalls=2, plateau_factor=0.3) == pytest.approx(0.09)
+    assert factor(1, 100, 4, "plateau", 0.0, stalls=3) == pytest.approx(0.4)  # warm-up first
+
+
 def test_constant_without_warmup_or_decay():
     assert all(factor(s, 10, 0, "none", 0.0) == 1.0 for s in range(10))
 
 
 @pytest.mark.parametrize("bad, match", [(dict(warmup_steps=-1), "warmup_steps"),
-                                        (dict(min_lr_ratio=1.5), "min_lr_ratio")])
+                                        (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+                                        (dict(plateau_factor=0.0), "plateau_factor")])
 def test_bad_settings_are_named(bad, match):
-    cfg = SimpleNamespace(**{**dict(lr=1e-3, warmup_steps=0, decay="none", min_lr_ratio=0.0), **bad})
+    cfg = SimpleNamespace(**{**dict(lr=1e-3, warmup_steps=0, decay="none", min_lr_ratio=0.0, plateau_factor=0.5),
+                             **bad})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     with pytest.raises(ValueError, match=match):
         LRSchedule(cfg, 0.05, opt, opt, 10)

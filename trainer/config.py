@@ -35,6 +35,7 @@ class Decay(Choice):
     none = "none"  # the base learning rates throughout
     linear = "linear"  # down to min_lr_ratio of the base at the last step
     cosine = "cosine"  # half a cosine down to min_lr_ratio of the base at the last step
+    plateau = "plateau"  # x plateau_factor after every validation without a new best (not below min_lr_ratio)
 
 
 class FusedOptimizer(Choice):
@@ -148,6 +149,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear from 1/(warmup_steps + 1) of the base to the base
     decay: Decay = Decay.cosine
     min_lr_ratio: float = 0.0  # the decay's floor, as a share of the base
+    plateau_factor: float = 0.5  # decay=plateau: the rates' multiplier per validation without a new best
 
 
 @dataclass

@@ -43,7 +43,7 @@ from trainer.logs import Scalars, quiet_libraries
 from trainer.loss import LogQ
 from trainer.negatives import HardNegativeMiner
 from trainer.pipeline import Steps, use_pipeline
-from trainer.schedule import LRSchedule
+from trainer.schedule import LRSchedule, stalls
 from trainer.state import ModelState, OptimizerState, PerRank, RngState, TrainState
 from trainer.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, write_marker
 from trainer.task import TrainTask
@@ -65,6 +65,9 @@ class Trainer:
             raise ValueError(f"trainer.global_batch_size={loop.global_batch_size} does not divide over {world} "
                              f"rank(s): choose a multiple of {world}")
         self.built = model = build(cfg, self.manifest["cardinalities"], dev)
+        if world > 1 and rank == 0:
+            for why in not_invariant(cfg, model.model.plan):
+                log.warning("%s: this run is not the same training on another number of ranks", why)
         self.stream = ExampleStream(prepared, loop.global_batch_size, rank=rank, world_size=world, seed=loop.seed,
                                     shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
                                     extra_items=cfg.loss.mixed_negatives)
@@ -204,7 +207,7 @@ class Trainer:
     def _prepare_next_step(self) -> None:
         st = self.state
         self.task.step = st.step
-        self.schedule.apply(st.step)
+        self.schedule.apply(st.step, self._stalls())
         self.task.with_stats = (st.step + 1) % self.cfg.trainer.log_every == 0 or st.step == 0
 
     def _refresh_miner(self) -> None:
@@ -233,6 +236,9 @@ class Trainer:
                          f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "ndcg", "map"))),
                      loop.select_metric, st.history["best"]["value"], st.history["best"]["step"])
         self.scalars.add(metrics, st.step, "val")
+
+    def _stalls(self) -> int:
+        return stalls(self.state.history["val"], self.cfg.trainer.select_metric)
 
     def _patience_spent(self) -> bool:
         """Early stopping: ``trainer.patience`` validations in a row without a better select_metric."""
@@ -335,6 +341,21 @@ class Trainer:
                      extra=None if to_console else FILE_ONLY)
         self.scalars.add({"loss": mean_loss, "in_batch_loss": in_batch_loss, "examples_per_s": per_rank * world,
                           "lr": lr, "in_batch_acc": stats.get("in_batch_acc", float("nan"))}, st.step, "train")
+
+
+def not_invariant(cfg, plan) -> list[str]:
+    """The settings under which N ranks do not train what one rank trains (README, "Scaling out")."""
+    out = []
+    if cfg.model.dropout > 0 and str(cfg.model.history_encoder) == "transformer":
+        out.append(f"model.dropout={cfg.model.dropout} draws its masks on each rank")
+    if not cfg.loss.cross_rank:
+        out.append("loss.cross_rank=false gives each rank's rows only its own rows' positives as candidates")
+    column = sorted(name for module in plan.plan.values() for name, p in module.items()
+                    if p.sharding_type in ("column_wise", "table_column_wise"))
+    if column and str(cfg.sharding.fused_optimizer) == "rowwise_adagrad":
+        out.append(f"column-wise sharding of {column} under row-wise Adagrad keeps one accumulator per row of "
+                   "each column shard")
+    return out
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
