@@ -28,9 +28,10 @@ from data.io import read_customers, read_articles, iter_transactions  # noqa: E4
 from data.stream import ExampleStream, make_loader  # noqa: E402
 
 
-def stream_rate(prepared: str, batch: int, workers: int, limit: int) -> float:
-    """Steady state: the clock starts once the first batch is out (read-ahead threads warmed up)."""
-    s = ExampleStream(prepared, batch, num_workers=workers)
+def stream_rate(prepared: str, batch: int, workers: int, limit: int, world: int = 1) -> float:
+    """Steady state: the clock starts once the first batch is out (read-ahead threads warmed up). With
+    ``world`` > 1: rank 0's stream of a global batch ``batch`` (its rows: batch / world a step)."""
+    s = ExampleStream(prepared, batch, num_workers=workers, world_size=world)
     it = iter(make_loader(s))
     next(it)
     n, t0 = 0, time.perf_counter()
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=600_000)
     ap.add_argument("--notebook-rows", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--world", type=int, nargs="*", default=[2, 4],
+                    help="also time rank 0 of these world sizes (each rank decodes every window, keeps its rows)")
     args = ap.parse_args()
     root = args.root or str(pathlib.Path(args.prepared).parent)
     torch.set_num_threads(1)
@@ -137,6 +140,17 @@ def main() -> None:
     print(f"{'raw scan, 1 row group/read':<28} {raw1:>12,.0f} {stream / raw1:>11.2f}x")
     print(f"{'data.stream (KJT batches)':<28} {stream:>12,.0f} {1.0:>11.2f}x")
     print(f"{'per-row Dataset, dicts':<28} {notebook:>12,.0f} {stream / notebook:>11.1f}x")
+    if args.world:
+        # The global order (data/shards.py) costs each rank a decode of nearly every window: how much of a
+        # rank's rate is left at N ranks, against the 1/N of the work it has to do.
+        print(f"\nrank 0 of N ranks, global batch {args.batch}: its examples/s, and N x that over one rank's")
+        print(f"{'ranks':<8} {'examples/s':>12} {'N x rate / 1 rank':>18}")
+        print(f"{1:<8} {stream:>12,.0f} {1.0:>17.2f}x")
+        for world in args.world:
+            rates = [stream_rate(args.prepared, args.batch, args.workers, args.rows // world, world)
+                     for _ in range(args.rounds)]
+            rate = float(np.median(rates))
+            print(f"{world:<8} {rate:>12,.0f} {world * rate / stream:>17.2f}x")
 
 
 if __name__ == "__main__":

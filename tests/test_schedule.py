@@ -95,3 +95,18 @@ def test_the_rate_reaches_the_tables_and_the_mlps(tiny_prepared, tmp_path):
         assert torch.allclose(warm[k], 0.25 * plain[k], rtol=0, atol=1e-6), k
         assert (plain[k].abs() > 1e-4).any(), k  # every weight moved, visibly
         assert not torch.allclose(warm[k], plain[k], rtol=0, atol=1e-6), k
+
+
+def test_the_loop_applies_the_plateau_factor_of_its_validation_history(tiny_prepared, tmp_path):
+    """A run whose history holds three validations, two without a new best (0.3, then 0.2 and 0.1), trains
+    its next step at a quarter of the base rates."""
+    prepared, _ = tiny_prepared
+    seen = {}
+
+    def before(trainer):
+        trainer.state.history["val"] = [{"step": 0, "epoch": 0, "map@12": v} for v in (0.3, 0.2, 0.1)]
+        seen["t"] = trainer
+
+    train_in_process(prepared, tmp_path, "trainer.max_steps=1", "trainer.validate=false", "optim.decay=plateau",
+                     "trainer.select_metric=map@12", before_fit=before)
+    assert seen["t"].schedule.lr() == pytest.approx(1e-3 * 0.25)

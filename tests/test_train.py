@@ -235,19 +235,6 @@ def test_partial_and_corrupt_checkpoints(tiny_prepared, tmp_path):
     assert metrics["step"] == 12
 
 
-def test_resume_on_another_world_size(tiny_prepared, tmp_path):
-    """2 ranks checkpoint, 1 rank resumes: weights and step carry over, the plan's table optimiser
-    state and the epoch's data position start again (with a warning), and training finishes."""
-    prepared, _ = tiny_prepared
-    common = ["trainer.epochs=1", "trainer.validate=false"]
-    run_dir = tmp_path / "run"
-    run(train_cmd(prepared, run_dir, *common, "trainer.max_steps=10", nproc=2, port=29651))
-    proc = run(train_cmd(prepared, run_dir, *common, "trainer.max_steps=14", nproc=1, port=29652))
-    out = proc.stdout + proc.stderr
-    assert "world size changed from 2 to 1" in out
-    assert json.loads((run_dir / "metrics.json").read_text())["step"] == 14
-
-
 def test_mined_hard_negatives_train_unpipelined(tiny_prepared, tmp_path):
     """loss=hard_negatives on 2 ranks: the miner's second table lookup runs unpipelined (auto), the
     model learns, and pipeline=on is refused with a reason."""
