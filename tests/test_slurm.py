@@ -163,8 +163,9 @@ def test_multirun_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
 
 
 def test_tuning_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
-    """hydra/sweeper=tune on the Slurm launcher: two trials as two Slurm jobs at once, each returning its
-    best validation metric to the study; the trials table and the best preset are written."""
+    """hydra/sweeper=tune on the Slurm launcher: two trials as the two tasks of a Slurm array job, at once,
+    each returning its best validation metric to the study; the trials table and the best preset are
+    written."""
     prepared, _ = tiny_prepared
     sweep = tmp_path / "tune"
     cmd = [sys.executable, "-m", "trainer.train", "-m", "hydra/launcher=slurm", "hydra/sweeper=tune",
@@ -177,4 +178,4 @@ def test_tuning_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
     rows = (sweep / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and all(",COMPLETE," in r for r in rows[1:]), rows
     assert (sweep / "presets" / "experiment" / "tuned.yaml").exists()
-    assert len(list(sweep.glob(".submitit/*"))) == 2  # two Slurm jobs
+    assert len([p for p in sweep.glob(".submitit/*_*") if p.is_dir()]) == 2  # one array job, two tasks
