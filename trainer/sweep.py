@@ -97,6 +97,8 @@ def resume(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.RUNNING:
             log.warning("trial %d was running when the sweep stopped: running it again (%s)", t.number, t.params)
+            # a finished trial takes no attribute: mark it while it is still running (optuna 2 names a trial's
+            # storage id only on the frozen trial)
             optuna.trial.Trial(study, t._trial_id).set_user_attr("requeued", True)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params)
