@@ -318,8 +318,9 @@ class ExampleStream(IterableDataset):
         drawn for the global batch, so the ranks' shares, gathered in rank order, are the one-rank draw."""
         rng = np.random.default_rng([self.seed, EXTRA_ITEMS_SALT, epoch, batch])
         ids = rng.integers(1, self.tables.cards["article_id"], self.extra_items).astype(np.int32)
-        lo = sum(shares(self.extra_items, self.world_size)[:self.rank])
-        return ids[lo:lo + shares(self.extra_items, self.world_size)[self.rank]]
+        split = shares(self.extra_items, self.world_size)
+        lo = sum(split[:self.rank])
+        return ids[lo:lo + split[self.rank]]
 
     # ------------------------------------------------------------ iteration
 

@@ -159,9 +159,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         ctx.sizes = sizes
-        pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
-        parts = all_gather(torch.cat([x.detach(), pad]))
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+        return all_gather_rows(x.detach(), sizes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
