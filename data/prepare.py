@@ -31,12 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data import features, split, vocab
 from data.io import iter_transactions, join, read_articles, read_customers, write_json, write_parquet
-from data.runinfo import peak_rss_mb, start_run
+from data.runinfo import peak_rss_mb, progress_bar, start_run
 from data.staging import staged
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,8 @@ def read_interactions(root: str, vocabs: dict, progress: bool) -> tuple[np.ndarr
     cs, as_, ds = [], [], []
     counts = {"rows_read": 0, "missing_t_dat": 0, "missing_customer_id": 0, "missing_article_id": 0,
               "unknown_customer": 0, "unknown_article": 0}
-    for batch in tqdm(iter_transactions(root, columns=["t_dat", "customer_id", "article_id"]),
-                      desc="read transactions", disable=not progress, unit="batch"):
+    for batch in progress_bar(iter_transactions(root, columns=["t_dat", "customer_id", "article_id"]), progress,
+                              desc="read transactions", unit="batch"):
         dropped = np.zeros(batch.num_rows, dtype=bool)
         for name in ("t_dat", "customer_id", "article_id"):
             null = pc.is_null(batch.column(name)).to_numpy(zero_copy_only=False)
@@ -87,7 +86,7 @@ def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_
     perm = train_rows[rng.permutation(len(train_rows))]
     shards = []
     n_shards = max(1, -(-len(perm) // cfg.shard_rows))
-    for k in tqdm(range(n_shards), desc="write examples", disable=not progress, unit="shard"):
+    for k in progress_bar(range(n_shards), progress, desc="write examples", unit="shard"):
         rows = perm[k * cfg.shard_rows:(k + 1) * cfg.shard_rows]
         offsets, hist = log_.history_before_rows(rows, cfg.history_len) if same_day else \
             log_.history(c[rows], d[rows], cfg.history_len)

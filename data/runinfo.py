@@ -7,8 +7,15 @@ import resource
 import sys
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from data.io import fs_and_path, join
+
+
+def progress_bar(iterable=None, enabled: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar shown only on a terminal: in a log file or a Slurm output each refresh would be a line of
+    its own (``disable=None`` is tqdm's "off when not a TTY")."""
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)
 
 
 def start_run(cfg: DictConfig) -> str:

@@ -49,12 +49,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data.config import SynthConfig
 from data.io import ShardWriter, join, table_url, write_json, write_parquet
-from data.runinfo import peak_rss_mb, start_run
+from data.runinfo import peak_rss_mb, progress_bar, start_run
 from data.schema import ARTICLES, CUSTOMERS, TRANSACTIONS
 from data.staging import staged
 
@@ -476,7 +475,7 @@ def _generate(cfg: SynthConfig, out: str, progress: bool) -> dict:
     article_ids = articles["article_id"].combine_chunks()
     writer = ShardWriter(table_url(out, "transactions"), TRANSACTIONS.schema, cfg.shard_rows)
     volume = weekly_volume(cfg, gen.start)
-    for w in tqdm(range(cfg.n_weeks), desc="synth weeks", disable=not progress, mininterval=2.0):
+    for w in progress_bar(range(cfg.n_weeks), progress, desc="synth weeks", mininterval=2.0):
         week = gen.week(w, int(volume[w]))
         week = week.set_column(2, "article_id", article_ids.take(week["article_idx"]))
         writer.write(week.select(TRANSACTIONS.names))

@@ -48,3 +48,19 @@ def test_shards_cover_every_row_once():
                              if s.shard_offsets[1] == 0)
             assert covered[0][0] == 0 and covered[-1][1] == rows[name]
             assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), name
+
+
+def test_topology_built_through_the_factory_without_its_warning(caplog):
+    """TorchRec 1.9 logs 'the job will fail' for a Topology made directly; ours goes through the factory
+    and keeps what the planner needs: world, node size, device and HBM cap."""
+    import logging
+
+    from trainer.sharding import topology
+
+    with caplog.at_level(logging.WARNING):
+        topo = topology(16, "cuda", 8, 80 * 2**30)
+        cpu = topology(2, "cpu")
+    assert not [r for r in caplog.records if "TopologyFactory" in r.getMessage()]
+    assert (topo.world_size, topo.local_world_size, topo.compute_device) == (16, 8, "cuda")
+    assert {d.storage.hbm for d in topo.devices} == {80 * 2**30}
+    assert (cpu.world_size, cpu.compute_device, len(cpu.devices)) == (2, "cpu", 2)

@@ -12,6 +12,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -49,14 +50,22 @@ def check_constraints(cfg, device: torch.device, table_names: list[str]) -> dict
     return out
 
 
+def topology(world_size: int, device_type: str, local_world_size: int | None = None,
+             hbm_bytes: int | None = None) -> Topology:
+    """The planner's view of the machines, built through TopologyFactory as TorchRec 1.9 asks (a Topology
+    made directly logs, on every rank, that the job will fail)."""
+    return TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=local_world_size, hbm_cap_bytes=hbm_bytes),
+        kernel_config=KernelConfig(compute_device=device_type))
+
+
 def shard(model: nn.Module, cfg, device: torch.device, pg=None, print_plan: bool = True) -> DistributedModelParallel:
     """Plans and shards ``model`` (built on the meta device) over the process group."""
     table_names = [t.name for t in model.tables]
     constraints = check_constraints(cfg, device, table_names)
     apply_optimizer_in_backward(FUSED[str(cfg.fused_optimizer)], model.ebc.parameters(), {"lr": cfg.fused_lr})
     world = dist.get_world_size() if dist.is_initialized() else 1
-    topology = Topology(world_size=world, compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=topology(world, device.type), constraints=constraints)
     sharders = [EmbeddingBagCollectionSharder()]
     pg = pg or (dist.group.WORLD if dist.is_initialized() else None)
     plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
@@ -139,9 +148,8 @@ def plan_on_paper(model: nn.Module, sharding_cfg, world_size: int, local_world_s
     without them (the model on the meta device). Returns the plan and each rank's bytes of table weights
     plus table optimiser state."""
     constraints = check_constraints(sharding_cfg, torch.device("cuda"), [t.name for t in model.tables])
-    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cuda",
-                        hbm_cap=int(hbm_gb * 2**30))
-    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(
+    hardware = topology(world_size, "cuda", local_world_size, int(hbm_gb * 2**30))
+    plan = EmbeddingShardingPlanner(topology=hardware, constraints=constraints).plan(
         model, [EmbeddingBagCollectionSharder()])
     per_row, per_elem = _OPTIMIZER_STATE[str(sharding_cfg.fused_optimizer)]
     tables = {t.name: t for t in model.tables}

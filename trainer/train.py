@@ -25,11 +25,10 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from tqdm import tqdm
 
 from data import config as _data_config  # noqa: F401  (registers the data configs)
 from data.io import join, write_json
-from data.runinfo import FILE_ONLY, start_run
+from data.runinfo import FILE_ONLY, progress_bar, start_run
 from data.stream import ExampleStream, make_loader
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer import distributed as D
@@ -128,8 +127,8 @@ class Trainer:
         loop, st = self.cfg.trainer, self.state
         clear_marker(self.run_dir)
         self._resume()
-        bar = tqdm(total=self._total_steps(), initial=st.step, desc="train", mininterval=1.0,
-                   disable=not (loop.progress and self.dist.rank == 0))
+        bar = progress_bar(None, loop.progress and self.dist.rank == 0, total=self._total_steps(), initial=st.step,
+                           desc="train", mininterval=1.0)
         try:
             if loop.validate and st.validated < st.epoch:  # the last run stopped before validating
                 self._validate()
