@@ -207,3 +207,57 @@ def test_a_setting_added_later_at_its_default_is_not_a_difference():
     assert differences(old, {"model.id_dim": 64, "model.repeat_mode": "bonus"}) == []
     assert differences(old, {"model.id_dim": 64, "model.repeat_mode": "mixture"}) == [
         "model.repeat_mode: '<absent>' (checkpoint) vs 'mixture' (now)"]
+
+
+def distcp_file(path) -> str:
+    return next(os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".distcp"))
+
+
+@pytest.mark.parametrize("how", ["truncated", "same size, other bytes"])
+def test_an_unreadable_checkpoint_is_moved_aside_and_saved_again(tmp_path, how):
+    m, state, model = manager(tmp_path)
+    m.prepare(resume=True)
+    for step in (10, 20):
+        state.step = step
+        m.save(step)
+    damaged = distcp_file(os.path.join(tmp_path, "step-00000020"))
+    data = open(damaged, "rb").read()
+    with open(damaged, "wb") as f:  # a same-size change passes the size check and fails the checksum
+        f.write(data[: len(data) // 2] if how == "truncated" else bytes(b ^ 0xFF for b in data))
+    m2, state2, _ = manager(tmp_path)
+    m2.prepare(resume=True)
+    assert m2.load().step == 10  # the older one
+    names = os.listdir(tmp_path)
+    assert "step-00000020" not in names and any(n.startswith("step-00000020.unreadable-") for n in names)
+    assert [f.step for f in complete_checkpoints(str(tmp_path))] == [10]  # no longer counted
+    state2.step = 20
+    assert m2.save(20) is not None  # training passes step 20 again: saved anew, readable
+    m3, state3, _ = manager(tmp_path)
+    assert m3.load().step == 20 and state3.step == 20
+
+
+def test_a_damaged_checkpoint_does_not_count_for_keep_last(tmp_path):
+    m, state, _ = manager(tmp_path, keep=2)
+    m.prepare(resume=True)
+    for step in (10, 20):
+        m.save(step)
+    os.remove(distcp_file(os.path.join(tmp_path, "step-00000020")))
+    m2, _, _ = manager(tmp_path, keep=2)
+    m2.prepare(resume=True)  # found at the start: set aside
+    assert [f.step for f in complete_checkpoints(str(tmp_path))] == [10]
+    m2.save(30)
+    assert [f.step for f in complete_checkpoints(str(tmp_path))] == [10, 30]  # 10 not rotated out by it
+
+
+def test_run_json_records_every_files_size_and_checksum(tmp_path):
+    import hashlib
+
+    m, _, _ = manager(tmp_path)
+    m.prepare(resume=True)
+    path = m.save(4)
+    recorded = latest(str(tmp_path)).info["files"]
+    on_disk = sorted(n for n in os.listdir(path) if n != ckpt.RUN_FILE)
+    assert sorted(recorded) == on_disk and ".metadata" in on_disk
+    for name in on_disk:
+        data = open(os.path.join(path, name), "rb").read()
+        assert recorded[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -5,8 +5,8 @@ Layout of ``<folder>/step-<N>/``:
     (DCP files)   every part's tensors: the sharded model, the optimisers' state, RNG per rank, the
                   train state (with the data position), logQ and miner state
     run.json      written by rank 0 after every rank finished: the run fingerprint, the resolved config
-                  of the run that wrote it, step, world size and a completion sequence number; its
-                  presence marks the checkpoint complete
+                  of the run that wrote it, step, world size, a completion sequence number and each
+                  file's size and SHA-256; its presence marks the checkpoint complete
 
 A save goes to ``.step-<N>.partial`` and is renamed into place once complete, so a checkpoint that
 exists is whole, and the newest complete checkpoint is never touched before a newer one is in place.
@@ -15,7 +15,10 @@ order they completed; leftover partial directories are removed when the manager 
 
 Loading takes the newest complete checkpoint. A different fingerprint is an error naming the keys; a
 tensor whose saved shape differs from the model's is an error naming the tensor; a checkpoint that
-cannot be read (corrupt files) is skipped with a warning for the next older one. Written by another
+cannot be read (a file missing, truncated or not matching its checksum, or DCP failing on it) is moved
+aside (renamed ``step-<N>.unreadable-<time>``, kept for inspection, no longer counted by keep-last-K)
+with a warning, and the next older one is loaded; training that passes step N again saves it anew. A
+checkpoint with a damaged file found at the start of a run is moved aside the same way. Written by another
 number of ranks, only the parts that do not depend on the ranks are loaded (the caller is told).
 
 Everything saved is a tensor (trainer/state.py): loading unpickles nothing but DCP's own metadata, so
@@ -24,6 +27,7 @@ load only checkpoints written by this project (the run's own directory).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +77,51 @@ def _read_run(path: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def file_records(path: str) -> dict:
+    """``{file: {"bytes", "sha256"}}`` of a checkpoint directory's files (run.json aside)."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith(RUN_FILE) or not os.path.isfile(full):
+            continue
+        with open(full, "rb") as f:
+            out[name] = {"bytes": os.path.getsize(full), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return out
+
+
+def damage(found: Found, checksums: bool = True) -> str | None:
+    """Why a complete checkpoint cannot be what its run.json says (a file missing, of another size, or,
+    with ``checksums``, of other contents), or None. Checkpoints written before files were recorded pass."""
+    recorded = found.info.get("files")
+    if recorded is None:
+        return None
+    for name, rec in sorted(recorded.items()):
+        full = os.path.join(found.path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        size = os.path.getsize(full)
+        if size != rec["bytes"]:
+            return f"{name} has {size} bytes, {rec['bytes']} recorded"
+        if checksums:
+            with open(full, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != rec["sha256"]:
+                    return f"{name} does not match its recorded SHA-256"
+    return None
+
+
+def set_aside(found: Found, why) -> str:
+    """Renames an unreadable checkpoint out of the step-<N> namespace (kept for inspection): it no
+    longer counts as complete, and the step is saved again when training passes it."""
+    aside = f"{found.path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        os.rename(found.path, aside)
+    except OSError as e:  # a read-only run directory (an export from someone else's run): skipped only
+        log.warning("skipping unreadable checkpoint %s (%s); could not move it aside: %s", found.path, why, e)
+        return found.path
+    log.warning("skipping unreadable checkpoint %s (%s): moved aside to %s", found.path, why, aside)
+    return aside
 
 
 def complete_checkpoints(folder: str) -> list[Found]:
@@ -144,6 +193,10 @@ class CheckpointManager:
                 if partial:
                     log.warning("removing incomplete checkpoint %s (an interrupted save)", path)
                     shutil.rmtree(path, ignore_errors=True)
+            for found in complete_checkpoints(self.folder):
+                why = damage(found, checksums=False)  # sizes only: the checksums are read when loading
+                if why:
+                    set_aside(found, why)
             old = complete_checkpoints(self.folder)
             if old and not resume:
                 log.warning("trainer.resume=false: removing %d checkpoint(s) of an earlier run in %s (steps %s)",
@@ -172,7 +225,8 @@ class CheckpointManager:
             done = complete_checkpoints(self.folder)
             info = {"step": step, "seq": (done[-1].seq + 1) if done else 1, "world_size": D.world_size(),
                     "fingerprint": self.fingerprint, "fingerprint_id": self.fp_id, "time": time.time(),
-                    "parts": sorted(self.parts), "config": self.config, "best": best}
+                    "parts": sorted(self.parts), "config": self.config, "best": best,
+                    "files": file_records(partial)}
             tmp = os.path.join(partial, RUN_FILE + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(info, f, indent=1, default=str)
@@ -219,11 +273,13 @@ class CheckpointManager:
             saved_world = int(found.info.get("world_size", D.world_size()))
             names = [n for n in self.parts if (only is None or n in only)
                      and not (n in PER_RANK and saved_world != D.world_size())]
-            try:
-                meta = dcp.FileSystemReader(found.path).read_metadata().state_dict_metadata
-                ok, err = True, None
-            except Exception as e:  # noqa: BLE001 - an unreadable metadata file: try the next one
-                meta, ok, err = {}, False, e
+            err = damage(found) if D.rank() == 0 else None  # "complete" must mean "readable"
+            meta, ok = {}, err is None
+            if D.every_rank(ok):
+                try:
+                    meta = dcp.FileSystemReader(found.path).read_metadata().state_dict_metadata
+                except Exception as e:  # noqa: BLE001 - an unreadable metadata file: try the next one
+                    ok, err = False, e
             if D.every_rank(ok):
                 state = {n: self.parts[n].state_dict() for n in names}
                 _fit_blobs(state, meta)
@@ -233,8 +289,11 @@ class CheckpointManager:
                 except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
                     ok, err = False, e
             if not D.every_rank(ok):
-                if D.rank() == 0 or err is not None:
-                    log.warning("skipping unreadable checkpoint %s: %s", found.path, err or "failed on another rank")
+                if D.rank() == 0:
+                    set_aside(found, err or "failed on another rank")
+                elif err is not None:
+                    log.warning("checkpoint %s unreadable on rank %d: %s", found.path, D.rank(), err)
+                D.barrier()
                 continue
             for n in names:
                 self.parts[n].load_state_dict(state[n])
