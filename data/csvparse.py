@@ -7,6 +7,7 @@ counted by reason and the first few are quoted with their file, line and column.
 
 from __future__ import annotations
 
+import csv
 import io
 from collections import Counter
 from dataclasses import dataclass, field
@@ -223,9 +224,16 @@ def parse_columns(batch: pa.RecordBatch, parsers: dict[str, Parser], required: s
 # The file is cut into blocks at record boundaries here, not by pyarrow's streaming reader, so that:
 # a quoted newline straddling a block is never split; every record's file line is known (blank lines
 # and quoted newlines counted); a row with the wrong number of fields is rejected with its own line; an
-# unterminated quote is an error naming its line instead of a swallowed rest of the file; and a
 # multi-character separator is translated on whole records. All of it is vectorised over the block's
 # bytes with NumPy: newline, quote and delimiter positions, and quote parity before each of them.
+#
+# Broken quoting never merges records. A quoted field must close with a quote followed by the separator,
+# the end of the record or the quote that escapes it; a field that opens a quote on one line and would
+# swallow later lines that are complete records on their own (the right number of fields, quoted well),
+# or that stays open to the end of the file, is a stray quote. Either way the line of the quote that
+# opened the field is set apart as one ``malformed_quoting`` record, and the quoting starts afresh on the
+# next line, so each later line is the record it is on its own. (A genuine multi-line field one of whose
+# inner lines looks like a whole record is read as such lines; the rejection names them.)
 
 NL, CR, QUOTE = 10, 13, 34
 
@@ -259,8 +267,13 @@ class _Records:
     """Complete records of one block: byte spans, first line of each, fields counted outside quotes."""
 
     def __init__(self, data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray,
-                 fields: np.ndarray):
+                 fields: np.ndarray, bad_quoting: np.ndarray | None = None):
         self.data, self.starts, self.ends, self.lines, self.fields = data, starts, ends, lines, fields
+        self.bad_quoting = np.zeros(len(starts), bool) if bad_quoting is None else bad_quoting
+
+    def drop_first(self) -> "_Records":
+        return _Records(self.data, self.starts[1:], self.ends[1:], self.lines[1:], self.fields[1:],
+                        self.bad_quoting[1:])
 
     def text(self, i: int) -> str:
         return self.data[self.starts[i]:self.ends[i]].decode("utf-8", errors="backslashreplace").rstrip("\r\n")
@@ -284,8 +297,70 @@ class _BlockSplitter:
                  max_record: int):
         self.url, self.delim, self.quoting, self.translate = url, delimiter[0], quoting, translate
         self.max_record = max_record
+        self.n_fields: int | None = None  # the header's, once known: what "a complete record" means
         self.carry = b""
         self.line = 1  # file line of the first byte of ``carry``
+
+    def _whole_record(self, line: bytes) -> bool:
+        """A line that is a well-quoted record with the header's number of fields by itself (Python's csv
+        in strict mode, and quotes in pairs)."""
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        if self.n_fields is None or not text.strip() or text.count('"') % 2:  # an odd quote: part of a field
+            return False
+        try:
+            rows = list(csv.reader([text], delimiter=chr(self.delim), strict=True))
+        except csv.Error:
+            return False
+        return len(rows) == 1 and len(rows[0]) == self.n_fields
+
+    def _swallows_records(self, a: np.ndarray, nl: np.ndarray, opener: int, until: int) -> bool:
+        """Whether the lines after the opener's, up to the one holding byte ``until``, include a whole record."""
+        i, j = np.searchsorted(nl, opener), np.searchsorted(nl, until)
+        bounds = nl[i:j + 1]
+        return any(self._whole_record(a[b + 1:e + 1].tobytes()) for b, e in zip(bounds[:-1], bounds[1:]))
+
+    def _stray_opener(self, a: np.ndarray, nl: np.ndarray, q: np.ndarray, eof: bool) -> int | None:
+        """Byte position of the first quote that opened a badly quoted field (see above), or None."""
+        n, openers, closers = len(a), q[0::2], q[1::2]
+        after = closers + 1
+        follow = np.where(after < n, a[np.minimum(after, n - 1)], NL)
+        escaped = np.zeros(len(closers), bool)  # "" inside a quoted field: a close and a reopen
+        m = min(len(closers), len(openers) - 1)
+        escaped[:m] = openers[1:m + 1] == after[:m]
+        # the quote that opened each pair's field (a reopen after "" belongs to the field opened before)
+        reopen = np.r_[False, escaped[:len(openers) - 1]]
+        root = openers[np.maximum.accumulate(np.where(reopen, 0, np.arange(len(openers))))]
+        ok = (after >= n) | (follow == self.delim) | (follow == NL) | (follow == CR) | escaped
+        bad = np.flatnonzero(~ok)
+        first = int(root[bad[0]]) if len(bad) else None
+        spans = np.flatnonzero(np.searchsorted(nl, root[:len(closers)]) != np.searchsorted(nl, closers))
+        for k in spans:  # fields spanning lines (few): before the first bad close only
+            if first is not None and root[k] >= first:
+                break
+            if self._swallows_records(a, nl, int(root[k]), int(closers[k])):
+                return int(root[k])
+        if first is None and len(openers) > len(closers):  # a field still open at the end of the data
+            last = int(root[-1])
+            if eof or self._swallows_records(a, nl, last, int(nl[-1]) if len(nl) else last):
+                return last
+        return first
+
+    def _quoting(self, a: np.ndarray, nl: np.ndarray, eof: bool) -> tuple[np.ndarray, list[int]]:
+        """The quotes that count, and the starts of the lines set apart for a stray quote."""
+        q, kept, apart = _quotes(a, self.delim), [], []
+        while len(q):
+            opener = self._stray_opener(a, nl, q, eof)
+            if opener is None:
+                break
+            i = int(np.searchsorted(nl, opener))
+            start = int(nl[i - 1]) + 1 if i else 0
+            if i == len(nl) and not eof:
+                break  # its line is not complete yet: decided on the next read
+            end = int(nl[i]) + 1 if i < len(nl) else len(a)
+            kept.append(q[q < start])
+            apart.append(start)
+            q = _quotes(a[end:], self.delim) + end  # the quoting starts afresh on the next line
+        return np.concatenate([*kept, q]).astype(np.int64), apart
 
     def feed(self, chunk: bytes) -> _Records | None:
         eof = not chunk
@@ -294,21 +369,16 @@ class _BlockSplitter:
             return None
         a = np.frombuffer(data, np.uint8)
         nl = np.flatnonzero(a == NL)
-        q = _quotes(a, self.delim) if self.quoting else np.zeros(0, np.int64)
+        q, apart = self._quoting(a, nl, eof) if self.quoting else (np.zeros(0, np.int64), [])
         ends = nl[_outside(nl, q)] + 1 if len(q) else nl + 1
         if eof:
-            if len(q) % 2:
-                start = int(ends[-1]) if len(ends) else 0
-                line = self.line + int(np.searchsorted(nl, start))
-                raise IngestError(f"{self.url}: line {line}: a quoted field opened on this record is never closed "
-                                  f"(the rest of the file, to line {self.line + len(nl)}, would be one value)")
             if not len(ends) or ends[-1] != len(data):
                 ends = np.r_[ends, len(data)]  # last record without a final newline
         complete = int(ends[-1]) if len(ends) else 0
         self.carry = data[complete:]
         if len(self.carry) > self.max_record:
             raise IngestError(f"{self.url}: line {self.line + len(nl[nl < complete])}: one record longer than "
-                              f"{self.max_record} bytes (an unterminated quote?)")
+                              f"{self.max_record} bytes (a quote that never closes?)")
         if not complete:
             return None
         starts = np.r_[0, ends[:-1]]
@@ -328,13 +398,13 @@ class _BlockSplitter:
         if len(q):
             d = d[_outside(d, q)]
         fields = np.diff(np.searchsorted(d, np.r_[starts, ends[-1]])) + 1
-        keep = ~blank
-        return _Records(data, starts[keep], ends[keep], lines[keep], fields[keep])
+        bad_quoting = np.isin(starts, np.array(apart, np.int64))
+        keep = ~blank | bad_quoting
+        return _Records(data, starts[keep], ends[keep], lines[keep], fields[keep], bad_quoting[keep])
 
 
-def _parse_header(rec: _Records, delimiter: str, encoding: str) -> list[str]:
-    head = rec.data[rec.starts[0]:rec.ends[0]]
-    return pcsv.read_csv(io.BytesIO(head), read_options=pcsv.ReadOptions(encoding=encoding),
+def _parse_header(head: bytes, delimiter: str, encoding: str) -> list[str]:
+    return pcsv.read_csv(io.BytesIO(head + b"\n"), read_options=pcsv.ReadOptions(encoding=encoding),
                          parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
                                                          quote_char='"' if delimiter == "," else False)).column_names
 
@@ -346,9 +416,9 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
     """Yields (batch of binary columns, file line number of each row), in bounded memory.
 
     ``column_names`` is for headerless files. Rows with the wrong number of fields are rejected as
-    ``malformed_row`` and quoted with their line; blank lines are not rows. Raises IngestError for a
-    missing or empty file, missing columns or an unterminated quote. Columns beyond ``expected`` are
-    listed in the report as ignored.
+    ``malformed_row``, lines with broken quoting as ``malformed_quoting``, each quoted with its line;
+    blank lines are not rows. Raises IngestError for a missing or empty file or missing columns. Columns
+    beyond ``expected`` are listed in the report as ignored.
     """
     fs, path = fs_and_path(url)
     if not fs.exists(path):
@@ -359,23 +429,30 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
     translate = (multi_char_delimiter.encode(), delimiter.encode()) if multi_char_delimiter else None
     splitter = _BlockSplitter(url, delimiter.encode(), quoting, translate, max_record=16 * block_size + (1 << 20))
     names = list(column_names) if column_names else None
+    header = names is None
     with fs.open(path, "rb") as f:
+        chunk = f.read(block_size)
+        if header:  # read first, so that the field count is known to the whole file's quoting checks
+            while b"\n" not in chunk.lstrip(b"\r\n") and (more := f.read(block_size)):
+                chunk += more
+            head = chunk.lstrip(b"\r\n").split(b"\n", 1)[0]
+            if not head.strip(b"\r"):
+                raise IngestError(f"{url}: file is empty (no header)")
+            names = _parse_header(head.replace(*translate) if translate else head, delimiter, encoding)
+            missing = [c for c in expected if c not in names]
+            if missing:
+                raise SchemaError(f"{url}: missing column(s) {missing}; found {names}")
+            report.extra_columns = [c for c in names if c not in expected]
+        splitter.n_fields = len(names)
         while True:
-            chunk = f.read(block_size)
             rec = splitter.feed(chunk)
-            if rec is not None and len(rec.starts) and names is None:
-                names = _parse_header(rec, delimiter, encoding)
-                missing = [c for c in expected if c not in names]
-                if missing:
-                    raise SchemaError(f"{url}: missing column(s) {missing}; found {names}")
-                report.extra_columns = [c for c in names if c not in expected]
-                rec = _Records(rec.data, rec.starts[1:], rec.ends[1:], rec.lines[1:], rec.fields[1:])
+            if rec is not None and len(rec.starts) and header:
+                rec, header = rec.drop_first(), False
             if rec is not None and len(rec.starts):
                 yield from _parse_block(url, rec, names, expected, report, delimiter, encoding)
             if not chunk:
                 break
-    if names is None:
-        raise IngestError(f"{url}: file is empty (no header)")
+            chunk = f.read(block_size)
     if report.rows_read == 0:
         raise IngestError(f"{url}: no data rows")
 
@@ -383,8 +460,11 @@ def stream_csv(url: str, expected: list[str], report: Report, *, delimiter: str 
 def _parse_block(url, rec: _Records, names, expected, report: Report, delimiter, encoding):
     n = len(rec.starts)
     report.rows_read += n
-    ok = rec.fields == len(names)
-    bad = np.flatnonzero(~ok)
+    quoting = np.flatnonzero(rec.bad_quoting)
+    report.reject("malformed_quoting", rec.lines[quoting], None,
+                  [f"a quoted field that does not close well: {rec.text(i)}" for i in quoting[:report.max_examples]])
+    ok = (rec.fields == len(names)) & ~rec.bad_quoting
+    bad = np.flatnonzero((rec.fields != len(names)) & ~rec.bad_quoting)
     report.reject("malformed_row", rec.lines[bad], None,
                   [f"{rec.fields[i]} fields, expected {len(names)}: {rec.text(i)}" for i in bad[:report.max_examples]])
     if not ok.any():
