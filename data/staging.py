@@ -5,7 +5,8 @@ A stage writes everything into a fresh sibling directory (``<out>.staging-<token
 puts the old output aside (``<out>.old-<token>``) and a second puts the new one in place, so a reader sees
 the previous complete output, the new complete output, or (for the instant between the two renames,
 and only if the process dies there) no output with a clear "not found", never a mixture. A stage killed
-part-way leaves only its staging directory, which the next run of the stage removes.
+part-way leaves only its staging directory, which the next run of the stage removes. One run writes an
+output at a time: the stage holds ``<out>.lock`` throughout (data/lock.py), and a second fails at once.
 
 On object stores (s3://, gs://) a directory move is a copy: there the commit mark written last is what
 makes the output complete, and readers check for it.
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from data.io import fs_and_path
+from data.lock import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +61,20 @@ def staged(url: str, mark: str | None = None) -> Iterator[str]:
     """Yields a fresh directory URL to write the output into; publishes it as ``url`` when the block
     ends without an exception. ``mark`` (a file name) must exist in it by then: the commit mark."""
     fs, path = fs_and_path(url)
-    recover(url)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = path.rstrip("/") + STAGING + token
-    fs.makedirs(tmp, exist_ok=False)
-    try:
-        yield fs.unstrip_protocol(tmp) if "://" in url else tmp
-    except BaseException:
-        fs.rm(tmp, recursive=True)
-        raise
-    if mark is not None and not fs.exists(posixpath.join(tmp, mark)):
-        fs.rm(tmp, recursive=True)
-        raise RuntimeError(f"{url}: the stage wrote no {mark}; its output is not published")
-    publish(fs, tmp, path, token)
+    with output_lock(url):  # one writer: the tidy-up below removes any other run's staging directory
+        recover(url)
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = path.rstrip("/") + STAGING + token
+        fs.makedirs(tmp, exist_ok=False)
+        try:
+            yield fs.unstrip_protocol(tmp) if "://" in url else tmp
+        except BaseException:
+            fs.rm(tmp, recursive=True)
+            raise
+        if mark is not None and not fs.exists(posixpath.join(tmp, mark)):
+            fs.rm(tmp, recursive=True)
+            raise RuntimeError(f"{url}: the stage wrote no {mark}; its output is not published")
+        publish(fs, tmp, path, token)
 
 
 def publish(fs, tmp: str, path: str, token: str) -> None:
