@@ -52,13 +52,13 @@ CONFIGS = {
     "default, no repeat bonus": ["model.repeat_positions=0"],
     "hard negatives (positive)": ["loss=hard_negatives", "loss.hard_every=100000"],
     "hard negatives (query)": ["loss=hard_negatives", "loss.hard_every=100000", "loss.hard_anchor=query"],
-    "default, transformer": ["model.history_encoder=transformer"],
+    "default, bag history": ["model.history_encoder=bag"],
     "default, tf32": ["trainer.precision=tf32"],
     "default, bf16": ["trainer.precision=bf16"],
 }
 SHORT = {"notebook": "notebook's model and loss", "default": "default", "hard_negatives": "hard negatives (positive)",
          "hard_query": "hard negatives (query)", "no_sales": "default, no sales bonus",
-         "no_repeat": "default, no repeat bonus", "transformer": "default, transformer",
+         "no_repeat": "default, no repeat bonus", "bag": "default, bag history",
          "tf32": "default, tf32", "bf16": "default, bf16"}
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (synthetic "small" preset, or DATA=<preset>): sets up .venv if
 # needed, then runs every stage in order and prints the evaluation table. Extra args are Hydra
-# overrides every stage accepts (data.*, paths.*); TRAIN_ARGS adds overrides for training only.
+# overrides every stage accepts (data.*, paths.*); TRAIN_ARGS adds overrides for training only; EPOCHS
+# sets the training budget (default: 1 epoch on a CPU, early stopping within trainer.epochs on GPUs).
 #   bash launch/run.sh
 #   DATA=tiny NPROC=2 TRAIN_ARGS="trainer.epochs=1 loss=hard_negatives" bash launch/run.sh paths.runs=/tmp/runs
 set -euo pipefail
@@ -12,9 +13,11 @@ cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 # torchrun's grace between its SIGTERM and SIGKILL of the workers: room for the final checkpoint.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
-if [[ -z "${NPROC:-}" ]]; then  # one process per GPU, else 2 CPU processes (gloo)
-  NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
-fi
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+NPROC="${NPROC:-$(( GPUS > 0 ? GPUS : 2 ))}"  # one process per GPU, else 2 CPU processes (gloo)
+# How long to train: on GPUs, or with EPOCHS=N as the budget, the default (validation stops the run within
+# trainer.epochs); a CPU demo trains one epoch (about 7 minutes on 2 cores).
+if [[ -n "${EPOCHS:-}" ]]; then BUDGET="trainer.epochs=$EPOCHS"; elif (( GPUS == 0 )); then BUDGET="trainer.epochs=1"; else BUDGET=""; fi
 step() { echo "[run] $*" >&2; }
 step "1/6 synthesise data=$DATA"
 "$PY" -m data.synth "data=$DATA" "$@"
@@ -23,7 +26,7 @@ step "2/6 prepare (vocabularies, week split, example shards)"
 step "3/6 train on $NPROC process(es)"
 # OMP_NUM_THREADS: torchrun's own default (1 per process), set here so it prints no banner about it.
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m trainer.train "data=$DATA" \
-  trainer.resume=false "$@" ${TRAIN_ARGS:-}
+  trainer.resume=false ${BUDGET} "$@" ${TRAIN_ARGS:-}
 step "4/6 export embeddings"
 "$PY" -m trainer.export "data=$DATA" "$@"
 step "5/6 build the FAISS index"

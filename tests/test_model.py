@@ -20,7 +20,8 @@ CARDS = {"customer_id": 11, "age_bucket": 5, "club_status": 4, "news_freq": 4, "
 
 
 def test_history_shares_the_article_table():
-    tables = {t.name: t for t in table_configs(OmegaConf.structured(ModelConfig()), CARDS)}
+    """The bag history: one feature on the article table (the transformer's positions: test below)."""
+    tables = {t.name: t for t in table_configs(OmegaConf.structured(ModelConfig(history_encoder="bag")), CARDS)}
     assert tables[ARTICLE_TABLE].feature_names == ["history", "article_id"]
     assert tables[ARTICLE_TABLE].num_embeddings == 21 and tables["t_customer_id"].embedding_dim == 64
     assert tables["t_section"].embedding_dim == 16
@@ -47,7 +48,7 @@ def test_mf_is_id_only_without_mlp():
 
 
 def test_two_tower_forward_and_join_rows():
-    model = TwoTower(OmegaConf.structured(ModelConfig()), CARDS, device="cpu")
+    model = TwoTower(OmegaConf.structured(ModelConfig(history_encoder="bag")), CARDS, device="cpu")
     b = 3
     q_keys, i_keys = model.query_features, model.item_features
     query = KeyedJaggedTensor(keys=q_keys, values=torch.arange(b * 5 + 4) % 4,
