@@ -3,7 +3,8 @@
 The lock is a file created exclusively (``O_CREAT | O_EXCL``, atomic on local disks and on NFS, so it
 holds across the nodes of a cluster sharing the filesystem) holding the holder's host, pid, start time
 and command line. A second writer fails at once with an error naming the holder. A lock whose holder is
-gone (its pid is not running on this host) is taken over with a warning; a holder on another host cannot
+gone (its pid is not running on this host) is taken over with a warning, and so is one left by this same
+Slurm job (a requeued job keeps its id and may start on another node); a holder on another host cannot
 be checked from here, so the error says which file to remove if that run is known to be dead.
 
 Object stores (s3://, gs://, ...) have no exclusive create through fsspec: there the lock is written
@@ -75,7 +76,7 @@ def output_lock(url: str) -> Iterator[str]:
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
           "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
-          "token": uuid.uuid4().hex}
+          "slurm_job": os.environ.get("SLURM_JOB_ID"), "token": uuid.uuid4().hex}
     text = json.dumps(me)
     parent = os.path.dirname(lock)
     if parent:
@@ -92,8 +93,10 @@ def output_lock(url: str) -> Iterator[str]:
         if taken:
             break
         holder = _read(fs, lock)
-        stale = (local and attempt == 0 and holder.get("host") == me["host"]
-                 and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]))
+        dead = (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+                and holder["pid"] != me["pid"] and not _alive(holder["pid"]))
+        requeued = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+        stale = local and attempt == 0 and (dead or requeued)
         if not stale:
             raise OutputLocked(f"{url} is being written by another run: {_holder_text(holder)}. Wait for it "
                                f"to finish, or, if that run is dead, remove {lock}")

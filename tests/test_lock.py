@@ -112,3 +112,34 @@ def test_two_prepare_runs_on_one_output(tiny_synth, tmp_path):
     rows = sum(pq.ParquetFile(out / s["file"]).metadata.num_rows for s in manifest["examples"]["shards"])
     assert rows == manifest["examples"]["rows"] > 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("prepared.")) == []  # no lock, no staging
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, caplog):
+    """Requeued, a Slurm job keeps its id and may land on another node, where the old pid means nothing."""
+    (tmp_path / "out.lock").write_text(json.dumps({"host": "node-17", "pid": 4242, "time": time.time(),
+                                                   "command": "trainer.train", "slurm_job": "991"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "992")
+    with pytest.raises(OutputLocked, match="pid 4242 on node-17"):  # another job: not ours to take
+        with output_lock(str(tmp_path / "out")):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "991")
+    with caplog.at_level(logging.WARNING):
+        with output_lock(str(tmp_path / "out")):
+            assert json.loads((tmp_path / "out.lock").read_text())["pid"] == os.getpid()
+    assert "taking over the lock" in caplog.text
+
+
+def test_a_second_training_run_in_one_run_directory_fails_naming_the_first(tiny_prepared, tmp_path):
+    prepared, _ = tiny_prepared
+    run_dir = tmp_path / "train"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        hold(tmp_path / "train.lock", holder.pid)
+        proc = subprocess.run([sys.executable, "-m", "trainer.train", "experiment=debug", f"prepare.out={prepared}",
+                               f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert f"being written by another run: pid {holder.pid} on {socket.gethostname()}" in proc.stderr
+    assert not (run_dir / "checkpoints").exists()  # it wrote nothing

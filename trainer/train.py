@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 
 import hydra
 import pyarrow.parquet as pq
@@ -28,6 +29,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from data import config as _data_config  # noqa: F401  (registers the data configs)
 from data.io import join, write_json
+from data.lock import output_lock
 from data.runinfo import FILE_ONLY, progress_bar, start_run
 from data.stream import ExampleStream, make_loader
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
@@ -363,14 +365,17 @@ def main(cfg: DictConfig) -> float:
     (trainer/sweep.py). NaN without validation, or when a stop signal ended the run early (its best so far
     is not the trial's result)."""
     rank = int(os.environ.get("RANK", 0))
-    run_dir = start_run(cfg) if rank == 0 else str(cfg.run_dir)
-    trainer = Trainer(cfg, run_dir)
-    try:
-        out = trainer.fit()
-        best = out.get("best")
-        return float(best["value"]) if best and "preempted_at" not in out else float("nan")
-    finally:
-        D.shutdown()
+    # one run per run directory: a second (a double submission) fails at once naming the first; its
+    # rank 0 exits before the process group forms, and torchrun stops the other ranks
+    with output_lock(str(cfg.run_dir)) if rank == 0 else nullcontext():
+        run_dir = start_run(cfg) if rank == 0 else str(cfg.run_dir)
+        trainer = Trainer(cfg, run_dir)
+        try:
+            out = trainer.fit()
+            best = out.get("best")
+            return float(best["value"]) if best and "preempted_at" not in out else float("nan")
+        finally:
+            D.shutdown()
 
 
 if __name__ == "__main__":
