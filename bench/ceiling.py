@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import synth  # noqa: E402
 from data.config import SynthConfig  # noqa: E402
-from trainer.evaluate import load_eval, model_ranking  # noqa: E402
+from trainer.evaluate import lists_to_csr, load_eval, model_ranking  # noqa: E402
 from trainer.metrics import evaluate as metrics  # noqa: E402
 
 
@@ -238,7 +238,7 @@ def main() -> None:
             print(f"{name:<28} {r['map@12']:>8.4f} {r['recall@12']:>10.4f} {r['map@12'] / m['map@12']:>10.2f}x")
     if args.export:
         customers, _, _, history = load_eval(f"{root}/prepared", "val")
-        rankings["two-tower"], _ = model_ranking(args.export, customers, None, 12, history=history)
+        rankings["two-tower"], _ = model_ranking(args.export, customers, None, 12, history=lists_to_csr(history))
         kinds = purchase_kinds(root, state=state)
         print(f"\nRecall@12 by kind of purchase ({', '.join(f'{KINDS[k]} {np.mean(kinds == k):.0%}' for k in range(4))})")
         print(f"{'ranking':<12}" + "".join(f"{k:>18}" for k in KINDS))

@@ -71,10 +71,8 @@ def test_top_k_ties_go_to_lower_index():
 
 
 def test_drop_seen_keeps_rank_order():
-    import scipy.sparse as sp
-
-    from trainer.evaluate import drop_seen
+    from trainer.search import drop_seen
 
     ranked = np.array([[5, 3, 9, 1, 7], [2, 4, 6, 8, 1]])
-    seen = sp.csr_matrix((np.ones(3), ([0, 0, 1], [3, 1, 8])), shape=(2, 10))
-    assert drop_seen(ranked, seen, 3).tolist() == [[5, 9, 7], [2, 4, 6]]
+    seen = (np.array([0, 2, 3]), np.array([3, 1, 8]))  # row 0 bought 3 and 1, row 1 bought 8
+    assert drop_seen(ranked, *seen, 3).tolist() == [[5, 9, 7], [2, 4, 6]]

@@ -30,6 +30,9 @@ class TinyEmbedder:
     def repeat_bonus(self):
         return self.bonus
 
+    def repeat_mixture(self):
+        return self.level is not None
+
     def repeat_level(self, q, items):  # a level per query vector (the tests give each query its own)
         if self.level is None:
             return None

@@ -252,6 +252,8 @@ class RecommendOptions:
     k: int = 12
     exclude_seen: bool = "${data.exclude_seen}"  # recommend only articles the customer has not bought
     seen_margin: int = 200  # extra candidates fetched from an index so that k remain after exclusion
+    as_of: Optional[str] = None  # recommend as of this day (YYYY-MM-DD; the data before it): a backtest;
+    # default: the day after the data ends
 
 
 @dataclass

@@ -19,7 +19,6 @@ import time
 import hydra
 import numpy as np
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 from omegaconf import DictConfig
 
 from data.io import atomic_open, fs_and_path, join, read_json, read_table, write_json
@@ -32,9 +31,9 @@ from trainer import index as ix
 from trainer.fingerprint import data_digest
 from trainer.metrics import evaluate as metrics
 from trainer.metrics import recall_curve
-from trainer import search
-from trainer.repeats import boost_recent
-from trainer.search import top_k
+from trainer.retriever import Retriever
+from trainer.search import drop_seen, subset
+from trainer.validation import training_purchases
 
 log = logging.getLogger(__name__)
 
@@ -56,69 +55,43 @@ def load_eval(prepared: str, period: str):
     return ev["customer_idx"].to_numpy(), offsets - offsets[0], items, history
 
 
-def seen_matrix(inter: bl.Interactions, customers: np.ndarray) -> sp.csr_matrix:
-    return inter.user_item[customers]
+def lists_to_csr(lists: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per-customer arrays (load_eval's history) as a CSR (offsets, values)."""
+    return (np.r_[0, np.cumsum([len(x) for x in lists])].astype(np.int64),
+            np.concatenate(lists).astype(np.int64) if len(lists) else np.zeros(0, np.int64))
 
 
-def drop_seen(ranked: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
-    """First k items of each row not already bought (ranked must be longer than k)."""
-    return search.drop_seen(ranked, seen.indptr, seen.indices, k)
-
-
-def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int,
-                  period: str = "val", history: list | None = None) -> tuple[np.ndarray, str]:
-    """Top-k article_idx per evaluation customer from exported embeddings: through the IVF index when
-    there is one (it must have been built from this export), else exact search; on the GPU when present.
-    With ``history`` (each customer's articles, oldest first) and a learned repeat bonus in the export,
-    the customer's last articles carry it (trainer/repeats.py)."""
-    exported = read_json(join(output_of(export_dir), "export_report.json"))
-    item_idx, items = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
-    user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
+def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int, period: str = "val",
+                  seen: tuple[np.ndarray, np.ndarray] | None = None,
+                  history: tuple[np.ndarray, np.ndarray] | None = None, seen_margin: int = 200) -> tuple[np.ndarray, str]:
+    """Top-k article_idx per evaluation customer from an export, through the Retriever (trainer/retriever.py):
+    the index stage's IVF index when there is one (it must have been built from this export), else exact
+    search. ``seen``: each customer's articles left out; ``history`` (CSR, oldest first): read by the
+    buying-again term when nothing is left out."""
+    retriever = Retriever.from_export(export_dir, index_dir, seen_margin)
+    users_url = join(output_of(export_dir), f"users_{period}.parquet")
+    user_idx, users = ix.read_embeddings(users_url, "customer_idx")
     pos = {c: i for i, c in enumerate(user_idx.tolist())}
     missing = [c for c in customers.tolist() if c not in pos]
     if missing:
         raise ValueError(f"{export_dir}/users_{period}.parquet lacks {len(missing)} evaluation customers; re-run export")
-    at = [pos[c] for c in customers.tolist()]
-    q = users[at]
-    level = _repeat_level(join(output_of(export_dir), f"users_{period}.parquet"), at)
-    bonus = np.asarray(exported.get("repeat_bonus") or [], np.float32) if history is not None else np.zeros(0)
-    ranked, how = _search(exported, item_idx, items, q, index_dir, k + len(bonus))
-    if not len(bonus):
-        return ranked, how
-    by_idx = np.zeros((int(item_idx.max()) + 1, items.shape[1]), np.float32)
-    by_idx[item_idx] = items
-    offsets = np.r_[0, np.cumsum([len(h) for h in history])].astype(np.int64)
-    values = np.concatenate(history) if len(history) else np.zeros(0, np.int64)
+    at = np.array([pos[c] for c in customers.tolist()], np.int64)
+    levels = _repeat_level(users_url, at) if retriever.buys_again(seen) else None
     out = np.empty((len(customers), k), np.int64)
     for lo in range(0, len(customers), 8192):
-        hi = min(lo + 8192, len(customers))
-        out[lo:hi] = boost_recent(ranked[lo:hi], q[lo:hi], by_idx, offsets[lo:hi + 1] - offsets[lo],
-                                  values[offsets[lo]:offsets[hi]], bonus, k,
-                                  None if level is None else level[lo:hi], exported.get("temperature"))
-    return out, how + f" + buying again ({len(bonus)} positions, {'mixture' if level is not None else 'bonus'})"
+        rows = np.arange(lo, min(lo + 8192, len(customers)))
+        out[rows] = retriever.top_k(users[at[rows]], k, seen=subset(seen, rows) if seen is not None else None,
+                                    recent=subset(history, rows) if history is not None else None,
+                                    levels=None if levels is None else levels[rows])
+    return out, retriever.how
 
 
-def _repeat_level(users_url: str, rows: list) -> np.ndarray | None:
+def _repeat_level(users_url: str, rows: np.ndarray) -> np.ndarray | None:
     """The exported customers' buying-again level (trainer/repeats.py) at ``rows``, or None without."""
     fs, path = fs_and_path(users_url)
     if "repeat_level" not in pq.read_schema(path, filesystem=fs).names:
         return None
     return read_table(users_url, columns=["repeat_level"])["repeat_level"].to_numpy()[rows]
-
-
-def _search(exported: dict, item_idx: np.ndarray, items: np.ndarray, q: np.ndarray, index_dir: str | None,
-            k: int) -> tuple[np.ndarray, str]:
-    """Top-k article_idx per query by inner product: the export's IVF index when there is one, else exact."""
-    if index_dir and _exists(join(output_of(index_dir), "index.faiss")):
-        ix.check_matches(index_dir, exported.get("fingerprint"), exported.get("step"))
-        index, _ = ix.load(index_dir)
-        searcher = ix.for_search(index, _read_nprobe(index_dir))
-        rows = searcher.search(np.ascontiguousarray(q), k)[1]
-        # index rows are the non-OOV articles in export order: map back to article_idx
-        keep = item_idx[item_idx > 0]
-        return np.where(rows >= 0, keep[np.clip(rows, 0, None)], -1), f"IVF (nprobe {_read_nprobe(index_dir)})"
-    rows = top_k(q, items, k, exclude_items=np.flatnonzero(item_idx == 0)).cpu().numpy()
-    return np.where(rows >= 0, item_idx[np.clip(rows, 0, None)], -1), "exact"
 
 
 def exported_run(export_dir: str, prepared: str) -> dict:
@@ -131,10 +104,6 @@ def exported_run(export_dir: str, prepared: str) -> dict:
     log.info("evaluating run %s step %d (fingerprint %s) from %s", report["train_dir"], report["step"],
              report["fingerprint"], export_dir)
     return report
-
-
-def _read_nprobe(index_dir: str) -> int:
-    return read_json(join(output_of(index_dir), "index_report.json"))["nprobe"]
 
 
 def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_neg: int, seed: int,
@@ -166,32 +135,35 @@ def run(cfg) -> dict:
                             window_days=ec.popularity_days)
     k_max = max(ec.ks)
     width = k_max + (ec.seen_margin if ec.exclude_seen else 0)
-    seen = seen_matrix(inter, customers) if ec.exclude_seen else None
+    seen = training_purchases(prepared, customers) if ec.exclude_seen else None
+    history_csr = lists_to_csr(history)
     rankings: dict[str, np.ndarray] = {}
     notes: dict[str, str] = {}
     timings: dict[str, float] = {}
 
-    def add(name: str, fn):
+    def add(name: str, fn, retrieved: bool = False):
+        """``retrieved``: a model's ranking from the Retriever, bought articles already left out; else a
+        baseline's, fetched ``width`` deep and filtered here."""
         t0 = time.perf_counter()
         r = fn()
         timings[name] = round(time.perf_counter() - t0, 3)
-        log.info("%s: top-%d for %d customers in %.1fs", name, width, len(customers), timings[name],
-                 extra=FILE_ONLY)
-        rankings[name] = drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
+        log.info("%s: top-%d for %d customers in %.1fs", name, k_max if retrieved else width, len(customers),
+                 timings[name], extra=FILE_ONLY)
+        rankings[name] = r if retrieved else drop_seen(r, *seen, k_max) if seen is not None else r[:, :k_max]
+
+    def model(export_dir: str, index_dir: str | None, note: str | None = None):
+        r, how = model_ranking(export_dir, customers, index_dir, k_max, str(ec.period), seen, history_csr,
+                               ec.seen_margin)
+        if note:
+            notes[note] = how
+        return r
 
     model_run = None
     if _exists(join(output_of(cfg.export_dir), "items.parquet")):
         model_run = exported_run(cfg.export_dir, prepared)
-
-        def model():
-            r, how = model_ranking(cfg.export_dir, customers, cfg.index_dir, width, str(ec.period),
-                                   None if ec.exclude_seen else history)
-            notes["two-tower"] = how
-            return r
-        add("two-tower", model)
+        add("two-tower", lambda: model(cfg.export_dir, cfg.index_dir, "two-tower"), retrieved=True)
     for name, export_dir in (ec.runs or {}).items():
-        add(name, lambda d=export_dir: model_ranking(d, customers, None, width, str(ec.period),
-                                                     None if ec.exclude_seen else history)[0])
+        add(name, lambda d=export_dir: model(d, None), retrieved=True)
     add("popularity (last week)", lambda: bl.popularity(inter, len(customers), width))
     add("repurchase + popularity", lambda: bl.repurchase(inter, history, width))
     add("co-visitation", lambda: bl.covisitation(inter, history, width))

@@ -35,6 +35,7 @@ from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer.inference import Embedder
+from trainer.repeats import repeat_head
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
     if bonus is not None:  # scoring adds it for the customer's own last articles (trainer/repeats.py)
         written["repeat_bonus"] = [float(x) for x in bonus]
         written["temperature"] = float(embedder.temperature)
+        written["repeat_mode"] = "mixture" if repeat_head(embedder.model) is not None else "bonus"
     if rank == 0:
         art_vocab = vocab.load(embedder.prepared, "article_id")
         article_ids = np.r_[-1, art_vocab["value"].to_numpy()]  # row 0 is the OOV bucket

@@ -163,6 +163,12 @@ def save(index: faiss.Index, article_ids: np.ndarray, run_dir: str, report: dict
         write_json(report, join(out, "index_report.json"))
 
 
+def exists(run_dir: str) -> bool:
+    """Whether the index stage published an index in ``run_dir``."""
+    fs, path = fs_and_path(join(output_of(run_dir), "index.faiss"))
+    return fs.exists(path)
+
+
 def load(run_dir: str) -> tuple[faiss.Index, np.ndarray]:
     out = output_of(run_dir)
     fs, path = fs_and_path(join(out, "index.faiss"))

@@ -140,6 +140,10 @@ class Embedder:
         p = repeat_bias(self.model)
         return None if p is None else p.detach().float().cpu().numpy()
 
+    def repeat_mixture(self) -> bool:
+        """Whether buying again scores as the mixture (a level per customer) rather than a bonus."""
+        return repeat_head(self.model) is not None
+
     @torch.no_grad()
     def repeat_level(self, q: torch.Tensor, items: torch.Tensor) -> np.ndarray | None:
         """(n,) each query's buying-again level (trainer/repeats.py), in score units, from its scoring

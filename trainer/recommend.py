@@ -4,8 +4,9 @@
     python -m trainer.recommend data=small recommend.submission=true                   # every customer
 
 Each customer's query uses their last ``history_len`` purchases over all transactions, so the
-recommendations are for the days after the data ends. Candidates come from the index stage's FAISS
-index when it exists, else from exact search over the exported item embeddings. Cold-start customers
+recommendations are for the days after the data ends (``recommend.as_of=YYYY-MM-DD``: as of that day,
+from the data before it). Ranking is the Retriever's (trainer/retriever.py): the index stage's FAISS
+index when it exists, else exact search over the model's item vectors. Cold-start customers
 (an id the model has never seen, or no purchase history) get the most popular articles of the last
 week instead; how many did is reported (and logged) with the output.
 
@@ -33,8 +34,8 @@ from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer import index as ix
 from trainer.inference import Embedder
-from trainer.repeats import boost_recent
-from trainer.search import drop_seen, seen_lists, subset, top_k
+from trainer.retriever import Retriever
+from trainer.search import seen_lists, subset
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,14 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     cust_idx, _ = vocab.lookup(raw, vocabs["customer_id"])
 
     c, a, d, _ = read_interactions(root, vocabs, progress=False)
-    last_day = int(d.max())
+    day = int(np.datetime64(rc.as_of, "D").astype(np.int64)) if rc.as_of else int(d.max()) + 1
+    before = d < day  # what was known on the day
+    c, a, d = c[before], a[before], d[before]
     log_ = features.EventLog(c, d, a)
-    h_off, h_val = log_.history(cust_idx, np.full(len(cust_idx), last_day + 1, np.int32), embedder.manifest["history_len"])
+    h_off, h_val = log_.history(cust_idx, np.full(len(cust_idx), day, np.int32), embedder.manifest["history_len"])
     h_len = np.diff(h_off)
-    recent = d > last_day - 7
-    popular = np.argsort(-np.bincount(a[recent], minlength=len(art_ids)), kind="stable")
+    last_week = d >= day - 7
+    popular = np.argsort(-np.bincount(a[last_week], minlength=len(art_ids)), kind="stable")
     popular = popular[popular != 0][: rc.k]
 
     unknown = cust_idx == vocab.OOV
@@ -68,47 +71,26 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     warm = np.flatnonzero(~unknown & ~no_history)
     ranked = np.tile(popular, (len(cust_idx), 1))
 
-    index_dir = cfg.index_dir
-    index_file = fs_and_path(join(output_of(index_dir), "index.faiss")) if index_dir else None
-    index = items = None
-    if index_file and index_file[0].exists(index_file[1]):
-        index, index_article_ids = ix.load(index_dir)
+    index_dir = cfg.index_dir if cfg.index_dir and ix.exists(cfg.index_dir) else None
+    if index_dir:
         ix.check_matches(index_dir, run.fingerprint_id, run.step)
-        index = ix.for_search(index, read_json(join(output_of(index_dir), "index_report.json"))["nprobe"])
-        row_to_idx = vocab.lookup(pa.array(index_article_ids, pa.int64()), vocabs["article_id"])[0]
-        how = f"IVF index {index_dir}"
-    else:
-        items = embedder.items()
-        how = "exact search"
+    retriever = Retriever.from_embedder(embedder, index_dir=index_dir, seen_margin=rc.seen_margin)
+    how = f"IVF index {index_dir}" if index_dir else "exact search"
     seen = seen_lists(c, a, cust_idx) if rc.exclude_seen else None
-    bonus = embedder.repeat_bonus() if seen is None else None  # buying again (trainer/repeats.py)
-    extra = len(bonus) if bonus is not None else 0
-    scoring_items = (items if items is not None else embedder.items()) if extra else None
-    item_np = scoring_items.float().cpu().numpy() if extra else None
     chunk = 4096
     for lo in range(0, len(warm), chunk):
         rows = warm[lo:lo + chunk]
-        starts = h_off[rows]
-        lengths = h_len[rows]
-        pos = np.arange(lengths.sum()) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.repeat(starts, lengths)
-        q = embedder.queries(cust_idx[rows], np.full(len(rows), last_day + 1), lengths, h_val[pos])
+        recent = subset((h_off - h_off[0], h_val[h_off[0]:]), rows)
+        q = embedder.queries(cust_idx[rows], np.full(len(rows), day), np.diff(recent[0]), recent[1])
         own = subset(seen, rows) if seen is not None else None
-        if index is not None:
-            width = rc.k + (rc.seen_margin if own is not None else 0) + extra
-            found = index.search(q.cpu().numpy().astype(np.float32), width)[1]
-            idx = np.where(found >= 0, row_to_idx[np.clip(found, 0, None)], -1)
-            idx = drop_seen(idx, *own, rc.k) if own is not None else idx
-        else:
-            idx = top_k(q, items, rc.k + extra, exclude_items=[0], seen=own).cpu().numpy()
-        if extra:
-            idx = boost_recent(idx, q.float().cpu().numpy(), item_np, np.r_[0, np.cumsum(lengths)], h_val[pos],
-                               bonus, rc.k, embedder.repeat_level(q, scoring_items), embedder.temperature)
-        ranked[rows] = np.clip(idx[:, :rc.k], 0, None)
+        levels = embedder.repeat_level(q, retriever.items) if retriever.buys_again(own) else None
+        idx = retriever.top_k(q, rc.k, seen=own, recent=recent, levels=levels)
+        ranked[rows] = np.clip(idx, 0, None)
 
     counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),
               "cold_no_history": int(no_history.sum()), "train_dir": run.train_dir, "checkpoint": run.checkpoint,
               "step": run.step, "fingerprint": run.fingerprint_id, "retrieval": how,
-              "exclude_seen": bool(rc.exclude_seen)}
+              "exclude_seen": bool(rc.exclude_seen), "as_of": str(np.datetime64(day, "D"))}
     log.info("recommendations: %s", counts)
     ids = art_ids[ranked]
     if rc.submission:

@@ -13,8 +13,8 @@ from data.io import join
 from trainer import distributed as D
 from trainer.inference import Embedder
 from trainer.metrics import evaluate
-from trainer.repeats import boost_recent
-from trainer.search import seen_lists, subset, top_k
+from trainer.retriever import Retriever
+from trainer.search import seen_lists, subset
 
 
 def training_purchases(prepared: str, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -24,8 +24,9 @@ def training_purchases(prepared: str, customers: np.ndarray) -> tuple[np.ndarray
     return seen_lists(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), customers)
 
 
-def targets_csr(table) -> tuple[np.ndarray, np.ndarray]:
-    t = table["targets"].combine_chunks()
+def targets_csr(table, column: str = "targets") -> tuple[np.ndarray, np.ndarray]:
+    """A list column of an evaluation table (targets, history) as a CSR (offsets from 0, values)."""
+    t = table[column].combine_chunks()
     off = t.offsets.to_numpy().astype(np.int64)
     return off - off[0], t.values.to_numpy().astype(np.int64)[off[0]:off[-1]]
 
@@ -37,29 +38,29 @@ def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[
     (rows of the period's table) left out of the ranking. ``check_stop`` is called (on every rank, at
     the same points) between chunks, so a stop signal does not wait for the whole pass."""
     table = embedder.eval_rows(period)
-    items = embedder.items()
+    everyone = ranking(embedder, table, max(int(k) for k in ks), check_stop, seen)
+    off, vals = targets_csr(table)
+    return evaluate(everyone, off, vals, ks=tuple(int(k) for k in ks), catalog_size=embedder.n_items - 1)
+
+
+@torch.no_grad()
+def ranking(embedder: Embedder, table, k_max: int, check_stop: Callable[[], None] | None = None,
+            seen: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(customers, k_max) article_idx of an evaluation table's rows by the Retriever, exact search, on
+    every rank (each ranks its chunks, then all are gathered)."""
+    retriever = Retriever.from_embedder(embedder)
     if check_stop:
         check_stop()
-    k_max = max(int(k) for k in ks)
-    bonus = embedder.repeat_bonus() if seen is None else None  # nothing bought before can come back
-    if bonus is not None:
-        hist = table["history"].combine_chunks()
-        h_off, h_val = hist.offsets.to_numpy().astype(np.int64), hist.values.to_numpy()
-        item_np = items.float().cpu().numpy()
+    history = targets_csr(table, "history") if retriever.buys_again(seen) else None
     ranked, done = [], []
     for rows, q in embedder.query_chunks(table):
         own = subset(seen, rows) if seen is not None else None
-        width = k_max + (len(bonus) if bonus is not None else 0)
-        top = top_k(q, items, width, exclude_items=[0], seen=own)  # row 0: the OOV bucket
-        if bonus is not None:
-            off, vals = subset((h_off - h_off[0], h_val[h_off[0]:]), rows)
-            top = torch.from_numpy(boost_recent(top.cpu().numpy(), q.float().cpu().numpy(), item_np, off, vals,
-                                                bonus, k_max, embedder.repeat_level(q, items), embedder.temperature))
-        ranked.append(top.reshape(len(rows), k_max))
+        recent = subset(history, rows) if history is not None else None
+        levels = embedder.repeat_level(q, retriever.items) if recent is not None else None
+        top = retriever.top_k(q, k_max, seen=own, recent=recent, levels=levels)
+        ranked.append(torch.from_numpy(top).reshape(len(rows), k_max))
         done.append(rows)
         if check_stop:
             check_stop()
     everyone = D.gather_in_order(torch.cat(ranked).to(embedder.device), np.concatenate(done), table.num_rows)
-    everyone = everyone.cpu().numpy()
-    off, vals = targets_csr(table)
-    return evaluate(everyone, off, vals, ks=tuple(int(k) for k in ks), catalog_size=embedder.n_items - 1)
+    return everyone.cpu().numpy()

@@ -1,0 +1,130 @@
+"""One retrieval path (trainer/retriever.py): validation, evaluate (exact, and through the IVF index at
+nprobe = nlist) and recommend (as of the validation day) return the same top-k for the same customers
+as a naive reference that scores every article of the catalogue, with and without bought articles left
+out (without: the customer's own last articles carry the learned buying-again term)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import CONF, train_in_process
+from omegaconf import OmegaConf
+
+K = 12
+
+
+def naive_top_k(items: np.ndarray, queries: np.ndarray, k: int, seen=None, history=None, bonus=None,
+                level=None, t: float = 0.05) -> list[list[int]]:
+    """Every article scored for every customer: the inner product; -inf for the OOV row and what was bought;
+    the article of the p-th newest purchase scored as the mixture with bonus[p] + level."""
+    out = []
+    for i, q in enumerate(queries):
+        scores = items.astype(np.float64) @ q.astype(np.float64)
+        scores[0] = -np.inf
+        for s in (seen[i] if seen is not None else []):
+            scores[s] = -np.inf
+        if bonus is not None:
+            last = list(reversed(history[i]))[:len(bonus)]  # the last purchases, newest first
+            for p, a in enumerate(last):
+                if a > 0 and a not in last[:p]:  # an article bought again counts at its newest position
+                    scores[a] = t * np.logaddexp(scores[a] / t, (bonus[p] + level[i]) / t)
+        out.append(np.argsort(-scores, kind="stable")[:k].tolist())
+    return out
+
+
+def agree(got, want) -> float:
+    """Share of customers whose top-k equals the reference's, as sets (an exact float tie may order
+    either way; none expected)."""
+    return float(np.mean([set(g) == set(w) for g, w in zip(got, want)]))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_prepared, tmp_path_factory):
+    from trainer import distributed as D
+    from trainer.export import export
+    from trainer.inference import Embedder
+    from trainer.validation import targets_csr, training_purchases
+
+    prepared, _ = tiny_prepared
+    base = tmp_path_factory.mktemp("retriever")
+    train_in_process(prepared, base / "train", "trainer.max_steps=40", "trainer.validate=false")
+    export(OmegaConf.create({"train_dir": str(base / "train"), "checkpoint": "latest"}), str(base / "export"))
+    D.shutdown()
+    embedder, _ = Embedder.from_run(str(base / "train"), "latest")
+    table = embedder.eval_rows("val")
+    customers, queries = embedder.eval_queries("val")
+    items = embedder.items()
+    h_off, h_val = targets_csr(table, "history")
+    history = [h_val[h_off[i]:h_off[i + 1]].tolist() for i in range(table.num_rows)]
+    seen_off, seen_val = training_purchases(prepared, customers)
+    seen = [seen_val[seen_off[i]:seen_off[i + 1]].tolist() for i in range(table.num_rows)]
+    level = embedder.repeat_level(queries, items)
+    bonus = embedder.repeat_bonus()
+    assert bonus is not None and level is not None  # the defaults: buying again as the mixture
+    ref = {False: naive_top_k(items.numpy(), queries.numpy(), K, history=history, bonus=bonus, level=level,
+                              t=embedder.temperature),
+           True: naive_top_k(items.numpy(), queries.numpy(), K, seen=seen)}
+    return {"base": base, "prepared": prepared, "embedder": embedder, "table": table, "customers": customers,
+            "queries": queries.numpy(), "items": items.numpy(), "history": (h_off, h_val),
+            "seen": (seen_off, seen_val), "ref": ref}
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_validation_ranks_as_the_naive_reference(trained, exclude_seen):
+    from trainer.validation import ranking
+
+    got = ranking(trained["embedder"], trained["table"], K, seen=trained["seen"] if exclude_seen else None)
+    assert agree(got.tolist(), trained["ref"][exclude_seen]) == 1.0
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+@pytest.mark.parametrize("through", ["exact", "IVF at nprobe = nlist"])
+def test_evaluate_ranks_as_the_naive_reference(trained, exclude_seen, through):
+    from data.io import read_json
+    from data.staging import output_of
+    from trainer import index as ix
+    from trainer.evaluate import model_ranking
+
+    export_dir, index_dir = str(trained["base"] / "export"), None
+    if through != "exact":
+        index_dir = str(trained["base"] / "index")
+        art_idx, vectors = ix.read_embeddings(f"{output_of(export_dir)}/items.parquet", "article_idx")
+        ids = ix.read_table(f"{output_of(export_dir)}/items.parquet")["article_id"].to_numpy()
+        index = ix.build(vectors[art_idx > 0], "ivf_flat", nlist=8)
+        index.nprobe = 8  # every list: an exhaustive search
+        ix.save(index, ids[art_idx > 0], index_dir,
+                {"nprobe": 8, "export": read_json(f"{output_of(export_dir)}/export_report.json")})
+    got, how = model_ranking(export_dir, trained["customers"], index_dir, K, "val",
+                             seen=trained["seen"] if exclude_seen else None, history=trained["history"])
+    assert how.startswith("IVF (nprobe 8)" if index_dir else "exact")
+    assert agree(got.tolist(), trained["ref"][exclude_seen]) == 1.0
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_recommend_as_of_the_validation_day_ranks_as_the_naive_reference(trained, tmp_path, exclude_seen):
+    from hydra import compose, initialize_config_dir
+
+    from data import vocab
+    from trainer import distributed as D
+    from trainer.recommend import recommend
+
+    table, prepared = trained["table"], trained["prepared"]
+    days = np.unique(table["day"].to_numpy())
+    assert len(days) == 1  # the week split: every validation customer as of the week's first day
+    h_off = trained["history"][0]
+    warm = np.flatnonzero(np.diff(h_off) > 0)  # customers without a history get the popular articles
+    ids = vocab.load(prepared, "customer_id")["value"].take(pa.array(trained["customers"][warm] - 1)).to_pylist()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="recommend", overrides=[
+            f"train_dir={trained['base'] / 'train'}", "index_dir=null", "checkpoint=latest", f"run_dir={tmp_path}",
+            f"recommend.customers={ids}", f"recommend.exclude_seen={str(exclude_seen).lower()}",
+            f"recommend.k={K}", f"recommend.as_of={np.datetime64(int(days[0]), 'D')}"])
+    try:
+        got = recommend(cfg, str(tmp_path))["recommendations"]
+    finally:
+        D.shutdown()
+    art_ids = np.r_[-1, vocab.load(prepared, "article_id")["value"].to_numpy()]
+    want = [art_ids[trained["ref"][exclude_seen][i]].tolist() for i in warm]
+    assert agree([got[c] for c in ids], want) == 1.0

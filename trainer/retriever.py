@@ -1,0 +1,151 @@
+"""The one scoring path: the top-k articles for query vectors. Validation, evaluate and recommend call it;
+nothing else ranks the catalogue for the model.
+
+A ranking is:
+  1. the inner product of the query and item vectors (the recent-sales bonus is one column of each,
+     trainer/popularity.py), searched exactly (trainer/search.py, on the GPU when there is one) or
+     through the index stage's FAISS index at its chosen nprobe;
+  2. articles the customer bought left out (``seen``): exactly in exact search, from a fetch of
+     ``seen_margin`` more candidates through the index;
+  3. without that exclusion, the customer's own last articles scored with the buying-again term
+     (trainer/repeats.py: a bonus per position, or the mixture with a per-customer level) and the best k
+     kept; the inner product fetches k + positions candidates so that the answer is exact.
+
+Built from a model in memory (:meth:`Retriever.from_embedder`: validation, recommend) or from an export
+(:meth:`Retriever.from_export`: evaluate), with the same arithmetic either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from data.io import fs_and_path, join, read_json, read_table
+from data.staging import output_of
+from trainer import index as ix
+from trainer.repeats import boost_recent
+from trainer.search import drop_seen, top_k
+
+CSR = tuple[np.ndarray, np.ndarray]  # (offsets, values): one list per query
+
+
+@dataclass
+class BuyingAgain:
+    """The learned buying-again term: a score per history position (newest first) and, for the mixture,
+    the temperature its per-customer level mixes at (None: the bonus is added to the score)."""
+
+    bonus: np.ndarray
+    temperature: float | None
+
+
+class IndexSearch:
+    """A FAISS index whose rows are articles: searched at its nprobe, answering article rows (-1: none)."""
+
+    def __init__(self, index_dir: str, item_ids: np.ndarray, article_ids: np.ndarray):
+        index, index_article_ids = ix.load(index_dir)
+        self.nprobe = int(read_json(join(output_of(index_dir), "index_report.json"))["nprobe"])
+        self.index = ix.for_search(index, self.nprobe)
+        order = np.argsort(article_ids, kind="stable")  # raw article id -> article row
+        at = np.clip(np.searchsorted(article_ids[order], index_article_ids), 0, len(order) - 1)
+        if not np.array_equal(article_ids[order][at], index_article_ids):
+            raise ValueError(f"{index_dir}: the index holds articles the model does not know; build it again")
+        self.rows = item_ids[order][at]
+
+    def search(self, queries: np.ndarray, width: int) -> np.ndarray:
+        found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), width)[1]
+        return np.where(found >= 0, self.rows[np.clip(found, 0, None)], -1)
+
+
+class Retriever:
+    def __init__(self, items: torch.Tensor | np.ndarray, buying_again: BuyingAgain | None = None,
+                 index: IndexSearch | None = None, seen_margin: int = 200, exclude: np.ndarray | None = None):
+        """``items``: (rows, D) scoring vectors by article row (row 0: the OOV bucket, never returned;
+        ``exclude``: further rows never returned, e.g. articles an export does not hold)."""
+        self.items = torch.as_tensor(items)
+        self.buying_again = buying_again if buying_again is not None and len(buying_again.bonus) else None
+        self.index, self.seen_margin = index, seen_margin
+        self.exclude = np.union1d([0], exclude if exclude is not None else [])
+        self._items_np: np.ndarray | None = None
+
+    @property
+    def how(self) -> str:
+        search = f"IVF (nprobe {self.index.nprobe})" if self.index is not None else "exact"
+        if self.buying_again is None:
+            return search
+        kind = "mixture" if self.buying_again.temperature is not None else "bonus"
+        return f"{search} + buying again ({len(self.buying_again.bonus)} positions, {kind})"
+
+    def buys_again(self, seen) -> bool:
+        """Whether rankings without ``seen`` carry the buying-again term (never when bought articles are
+        left out: nothing bought can come back)."""
+        return self.buying_again is not None and seen is None
+
+    def items_np(self) -> np.ndarray:
+        if self._items_np is None:
+            self._items_np = self.items.float().cpu().numpy()
+        return self._items_np
+
+    # ------------------------------------------------------------ sources
+
+    @classmethod
+    def from_embedder(cls, embedder, items: torch.Tensor | None = None, index_dir: str | None = None,
+                      seen_margin: int = 200) -> "Retriever":
+        """From a model in memory (``items``: its :meth:`Embedder.items`, computed when not given; every
+        rank of a distributed job takes part in that)."""
+        items = embedder.items() if items is None else items
+        bonus = embedder.repeat_bonus()
+        buying = None
+        if bonus is not None:
+            buying = BuyingAgain(bonus, embedder.temperature if embedder.repeat_mixture() else None)
+        index = None
+        if index_dir is not None:
+            from data import vocab
+
+            article_ids = np.r_[-1, vocab.load(embedder.prepared, "article_id")["value"].to_numpy()]
+            index = IndexSearch(index_dir, np.arange(len(article_ids)), article_ids)
+        return cls(items, buying, index, seen_margin)
+
+    @classmethod
+    def from_export(cls, export_dir: str, index_dir: str | None = None, seen_margin: int = 200) -> "Retriever":
+        """From the export stage's item vectors and scoring terms (and the index stage's index)."""
+        out = output_of(export_dir)
+        report = read_json(join(out, "export_report.json"))
+        item_idx, vectors = ix.read_embeddings(join(out, "items.parquet"), "article_idx")
+        by_row = np.zeros((int(item_idx.max()) + 1, vectors.shape[1]), np.float32)
+        by_row[item_idx] = vectors
+        absent = np.setdiff1d(np.arange(len(by_row)), item_idx)
+        bonus = np.asarray(report.get("repeat_bonus") or [], np.float32)
+        mode = report.get("repeat_mode") or ("mixture" if "repeat_level" in pq.read_schema(
+            fs_and_path(join(out, "users_val.parquet"))[1]).names else "bonus")  # exports before repeat_mode
+        buying = BuyingAgain(bonus, report.get("temperature") if mode == "mixture" else None) if len(bonus) else None
+        index = None
+        if index_dir is not None and ix.exists(index_dir):
+            ix.check_matches(index_dir, report.get("fingerprint"), report.get("step"))
+            article_ids = read_table(join(out, "items.parquet"))["article_id"].to_numpy()
+            index = IndexSearch(index_dir, item_idx, article_ids)
+        return cls(by_row, buying, index, seen_margin, exclude=absent)
+
+    # ------------------------------------------------------------ ranking
+
+    def top_k(self, queries: torch.Tensor | np.ndarray, k: int, seen: CSR | None = None, recent: CSR | None = None,
+              levels: np.ndarray | None = None) -> np.ndarray:
+        """(n, k) article rows, best first (-1 past the catalogue). ``seen``: each query's articles to
+        leave out; ``recent``: each query's history, oldest first (the buying-again term reads its
+        newest positions; ignored with ``seen``); ``levels``: (n,) the mixture's per-query levels."""
+        extra = len(self.buying_again.bonus) if self.buys_again(seen) and recent is not None else 0
+        width = k + extra
+        if self.index is not None:
+            q = queries.float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
+            ranked = self.index.search(q, width + (self.seen_margin if seen is not None else 0))
+            ranked = drop_seen(ranked, *seen, width) if seen is not None else ranked[:, :width]
+        else:
+            ranked = top_k(queries, self.items, width, exclude_items=self.exclude, seen=seen).cpu().numpy()
+        if extra:
+            q = queries.float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
+            ranked = boost_recent(ranked, q, self.items_np(), *recent, self.buying_again.bonus, k,
+                                  None if self.buying_again.temperature is None else levels,
+                                  self.buying_again.temperature)
+        return ranked[:, :k]
