@@ -99,7 +99,7 @@ class ModelConfig:
         "garment_group", "desc_tokens"])
     time_features: bool = True  # sin/cos of the time of year into the query tower
     recent_sales_buckets: int = 32  # an article's sales in the week before, as a learned bonus (0: off)
-    repeat_positions: int = 8  # buying again one of the last N distinct articles, learned (0: off)
+    repeat_positions: int = 8  # buying again an article of the last N purchases, learned (0: off)
     repeat_mode: RepeatMode = RepeatMode.mixture  # how it scores (trainer/repeats.py)
     # the ordered history beats the bag on every shape measured (README, "Defaults"); the bag is ~4x
     # faster per step on a CPU

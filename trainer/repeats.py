@@ -1,4 +1,4 @@
-"""Buying again: the customer's own last N distinct articles, scored apart from the towers.
+"""Buying again: the articles of the customer's last N purchases, scored apart from the towers.
 
 Customers re-buy (a colour they liked, a basic): in H&M's data, and in the synthetic generator, a
 share of purchases repeats one of the customer's recent articles. An inner product cannot put a
