@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.io import read_customers, read_articles, iter_transactions  # noqa: E402
-from data.stream import ExampleStream, make_loader  # noqa: E402
+from data.loader import make_loader  # noqa: E402
+from data.stream import ExampleStream  # noqa: E402
 
 
 def stream_rate(prepared: str, batch: int, workers: int, limit: int, world: int = 1) -> float:

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import torch
 
 from data.io import join
-from data.stream import ExampleStream, make_loader
+from data.loader import make_loader
+from data.stream import ExampleStream
 from trainer.inputs import ModelInput
 
 
@@ -60,7 +61,8 @@ def test_extra_items_and_the_joined_model_input(tiny_prepared):
 def test_item_features_on_the_device_match_the_packed_host_path(tiny_prepared):
     """The mined hard negatives' model input, built by gathers on the device, equals what the stream's
     packed host path builds for the same articles (item keys; query keys are empty bags)."""
-    from data.stream import FeatureTables, packed_from_arrays
+    from data.batch import packed_from_arrays
+    from data.tables import FeatureTables
     from trainer.inputs import ItemFeatures, model_input
 
     prepared, m = tiny_prepared

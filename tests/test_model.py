@@ -97,7 +97,7 @@ def test_history_positions_newest_first_against_a_loop():
 
 
 def test_transformer_history_reads_order_and_positions_share_the_article_table():
-    from data.stream import Batch
+    from data.batch import Batch
     from trainer.inputs import ModelInput
 
     cfg = OmegaConf.structured(ModelConfig(history_encoder="transformer", history_positions=4))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.prepare import recent_sales
-from data.stream import FeatureTables
+from data.tables import FeatureTables
 from trainer.popularity import RecentSales, buckets_of
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from data.io import join, read_json, write_json
-from data.stream import Batch, ExampleStream, StreamError, make_loader
+from data.batch import Batch
+from data.loader import make_loader
+from data.stream import ExampleStream, StreamError
 
 
 def rows_of(batch: Batch) -> list[tuple]:

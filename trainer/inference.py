@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.io import fs_and_path, join, read_json
-from data.stream import FeatureTables, packed_from_arrays
+from data.batch import packed_from_arrays
+from data.tables import FeatureTables
 from trainer import distributed as D
 from trainer.builder import build
 from trainer.checkpoint import CheckpointManager, best, latest

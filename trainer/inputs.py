@@ -17,7 +17,8 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from data.stream import Batch, FeatureTables, PackedBatch
+from data.batch import Batch, PackedBatch
+from data.tables import FeatureTables
 from trainer.model import POSITION_PREFIX
 
 
@@ -36,7 +37,7 @@ def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str]
               extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
     """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
     only; their query features are empty bags). Works on any device without a host sync as long as the
-    inputs know their values per key (data.stream's batches do)."""
+    inputs know their values per key (data/batch.py's batches do)."""
     qd, idd = query.to_dict(), item.to_dict()
     positions = [k for k in keys if k.startswith(POSITION_PREFIX)]
     if positions:  # the history by position (model.history_encoder=transformer)

@@ -25,11 +25,10 @@ import pyarrow.csv as pcsv
 from omegaconf import DictConfig
 
 from data import features, vocab
-from data.io import atomic_open, fs_and_path, join, read_articles, read_customers, read_json, write_json
+from data.io import atomic_open, fs_and_path, join, read_articles, read_customers, write_json
 from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
-from data.staging import output_of
 from trainer import config as _train_config  # noqa: F401
 from trainer import distributed as D
 from trainer import index as ix

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from data.shards import shares
-from data.stream import FeatureTables
+from data.tables import FeatureTables
 from trainer import distributed as D
 from trainer.inputs import ItemFeatures, ModelInput
 from trainer.loss import LogQ, Negatives, retrieval_loss

@@ -31,7 +31,8 @@ from data import config as _data_config  # noqa: F401  (registers the data confi
 from data.io import join, write_json
 from data.lock import output_lock
 from data.runinfo import FILE_ONLY, progress_bar, start_run
-from data.stream import ExampleStream, make_loader
+from data.loader import make_loader
+from data.stream import ExampleStream
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer import distributed as D
 from trainer import plots
