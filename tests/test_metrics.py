@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import evaluate, top_k
+from trainer.metrics import evaluate
 
 
 def csr(lists):
@@ -63,11 +63,6 @@ def test_map12_matches_competition_apk_on_random_lists():
     m = evaluate(ranked, offsets, items, ks=(12,))
     ref = np.mean([apk(t, list(r)) for t, r in zip(truth, ranked.tolist())])
     assert m["map@12"] == pytest.approx(ref)
-
-
-def test_top_k_ties_go_to_lower_index():
-    scores = np.array([[0.1, 0.5, 0.5, 0.9, 0.5]])
-    assert top_k(scores, 3).tolist() == [[3, 1, 2]]
 
 
 def test_drop_seen_keeps_rank_order():

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import distributed as D
+from trainer.config import LogQMode
 
 MASKED = -1e9  # finite: keeps gradients exact zeros instead of NaN
 
@@ -50,15 +51,17 @@ class LogQ:
 
     def __init__(self, mode: str, n_items: int, counts: torch.Tensor | None = None, alpha: float = 0.01,
                  device: torch.device | str = "cpu"):
-        if mode not in ("off", "static", "streaming"):
-            raise ValueError(f"loss.logq={mode!r}: expected off, static or streaming")
-        self.mode, self.n_items, self.alpha = str(mode), n_items, alpha
-        if mode == "static":
+        try:
+            self.mode = LogQMode(mode)
+        except ValueError:
+            raise ValueError(f"loss.logq={mode!r}: expected off, static or streaming") from None
+        self.n_items, self.alpha = n_items, alpha
+        if self.mode == LogQMode.static:
             if counts is None:
                 raise ValueError("loss.logq=static needs the item frequencies from data.prepare")
             c = counts.double() + 1.0
             self.log_prob = torch.log(c / c.sum()).float().to(device)
-        elif mode == "streaming":
+        elif self.mode == LogQMode.streaming:
             self.drawn = torch.zeros((), dtype=torch.float64, device=device)  # candidates seen so far
             self.last_seen = torch.zeros(n_items, dtype=torch.float64, device=device)  # ``drawn`` then
             self.gap = torch.full((n_items,), float(n_items), dtype=torch.float64, device=device)
@@ -66,14 +69,14 @@ class LogQ:
             self._count = torch.zeros(n_items, dtype=torch.float64, device=device)
 
     def log_q(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.mode == "static":
+        if self.mode == LogQMode.static:
             return self.log_prob.to(ids.device)[ids]
         return (torch.log(self.copies.to(ids.device)[ids]) - torch.log(self.gap.to(ids.device)[ids])).float()
 
     def update(self, ids: torch.Tensor) -> None:
         """``ids``: every rank's positives of the step. A repeated id writes the same value each time
         (all its copies read the same old state), so no de-duplication is needed."""
-        if self.mode != "streaming":
+        if self.mode != LogQMode.streaming:
             return
         ids = ids.to(self.gap.device)
         self._count.zero_().index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
@@ -85,12 +88,12 @@ class LogQ:
         self.last_seen[ids] = self.drawn
 
     def state_dict(self) -> dict:
-        if self.mode != "streaming":
+        if self.mode != LogQMode.streaming:
             return {}
         return {"drawn": self.drawn, "last_seen": self.last_seen, "gap": self.gap, "copies": self.copies}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.mode == "streaming":
+        if self.mode == LogQMode.streaming:
             self.drawn.copy_(state["drawn"])
             self.last_seen.copy_(state["last_seen"])
             self.gap.copy_(state["gap"])
@@ -115,7 +118,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     n_batch = cand.shape[0]
     batch_cand = cand
     correction = []
-    if logq is not None and logq.mode != "off":
+    if logq is not None and logq.mode != LogQMode.off:
         correction.append(math.log(n_batch) + logq.log_q(cand_ids))
     if negatives.extra is not None:
         m = negatives.extra.shape[0]

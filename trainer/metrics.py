@@ -70,6 +70,3 @@ def recall_curve(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> 
     return np.mean(np.cumsum(hit, axis=1) / n_rel[keep][:, None], axis=0)
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores per row; equal scores go to the lower index (deterministic)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from trainer.config import HistoryEncoder, RepeatMode
+
 
 
 ARTICLE_TABLE = "t_article"
@@ -38,7 +40,7 @@ def position_keys(cfg) -> list[str]:
 
 def query_keys(cfg) -> list[str]:
     """The query tower's sparse features: with the transformer, the history by position."""
-    if str(cfg.history_encoder) != "transformer" or "history" not in cfg.query_features:
+    if cfg.history_encoder != HistoryEncoder.transformer or "history" not in cfg.query_features:
         return list(cfg.query_features)
     return [f for f in cfg.query_features if f != "history"] + position_keys(cfg)
 
@@ -119,7 +121,7 @@ class TwoTower(nn.Module):
         # buying again one of the query's own recent articles (trainer/repeats.py): a term per position,
         # newest first, and with the mixture a level per query read off its vector
         self.repeat_bias = nn.Parameter(torch.zeros(cfg.repeat_positions)) if cfg.repeat_positions else None
-        mixture = cfg.repeat_positions and str(cfg.repeat_mode) == "mixture"
+        mixture = cfg.repeat_positions and cfg.repeat_mode == RepeatMode.mixture
         self.repeat_level = mlp([self.output_dim, 64], 1) if mixture else None
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,

@@ -26,14 +26,15 @@ from __future__ import annotations
 import torch
 
 from trainer import distributed as D
+from trainer.config import HardAnchor
 from trainer.search import top_k
 
-ANCHORS = ("positive", "query")
+ANCHORS = tuple(str(a) for a in HardAnchor)
 
 
 class HardNegativeMiner:
     def __init__(self, k: int, lo: int, hi: int, n_items: int, dim: int, device: torch.device | str = "cpu",
-                 anchor: str = "positive"):
+                 anchor: HardAnchor = HardAnchor.positive):
         if not 0 <= lo < hi:
             raise ValueError(f"hard negative rank window [{lo}, {hi}) is empty")
         if hi - lo < k:
@@ -65,7 +66,7 @@ class HardNegativeMiner:
         """The positive anchor's neighbour lists: each rank searches its chunks of the catalogue, all gather
         (a collective: refresh and load run on every rank at once). The chunks are the same at every world
         size, so the lists are too."""
-        if self.anchor == "positive":
+        if self.anchor == HardAnchor.positive:
             hi = min(self.hi, self.n_items - 1)
             dev = self.embeddings.device
             parts = [torch.from_numpy(p) for p in D.dealt_chunks(self.n_items, 4096)]
@@ -76,7 +77,7 @@ class HardNegativeMiner:
 
     def _window(self, queries: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """(B, W) candidate article indices per row, -1 where the catalogue is too small."""
-        if self.anchor == "positive":
+        if self.anchor == HardAnchor.positive:
             return self.neighbours[positives].long()
         hi = min(self.hi, self.n_items - 1)
         ranked = top_k(queries.detach(), self.embeddings, hi, exclude_items=[0], device=queries.device)

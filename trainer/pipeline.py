@@ -12,22 +12,23 @@ import logging
 
 import torch
 
+from trainer.config import Pipeline
 from trainer.inputs import HostInput, ModelInput
 from trainer.task import TrainTask
 
 log = logging.getLogger(__name__)
 
 
-def use_pipeline(mode: str, hard_negatives: bool, device: torch.device, world: int) -> bool:
+def use_pipeline(mode: Pipeline, hard_negatives: bool, device: torch.device, world: int) -> bool:
     """auto: wherever there is an input-dist to overlap, i.e. more than one rank (measured: 1.15x with 2
     CPU ranks; in one process on an H100 it ran at 0.95x of plain steps, bench/train.py); never with mined
     hard negatives, which need a second, unpipelined table lookup per step."""
     if hard_negatives:
-        if mode == "on":
+        if mode == Pipeline.on:
             raise ValueError("trainer.pipeline=on cannot run with loss.hard_negatives > 0 (the mined negatives "
                              "need a second embedding lookup per step); use pipeline=auto or off")
         return False
-    return mode == "on" or (mode == "auto" and world > 1)
+    return mode == Pipeline.on or (mode == Pipeline.auto and world > 1)
 
 
 class _NoDenseOptimizer:
