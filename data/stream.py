@@ -64,6 +64,7 @@ class ExampleStream(IterableDataset):
         self.oov = {"customer_idx": 0, "article_idx": 0, "history": 0}
         self._files: dict[tuple[int, str], pq.ParquetFile] = {}  # per (thread, file): readers aren't thread-safe
         self._plans: dict[int, EpochPlan] = {}
+        self._counts: dict[int, int] = {}  # batches per epoch (a plan is kept for one epoch at a time)
         self.packed = False  # make_loader sets it: workers send PackedBatch, the loader unpacks
 
     # ------------------------------------------------------------ the epoch's global order
@@ -79,7 +80,9 @@ class ExampleStream(IterableDataset):
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Global batches (steps) in ``epoch``: the same on every rank and at every world size."""
-        return self.plan(epoch).batches
+        if epoch not in self._counts:
+            self._counts[epoch] = self.plan(epoch).batches
+        return self._counts[epoch]
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields ``epoch`` from its global batch ``start`` on (a resumed run)."""

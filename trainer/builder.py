@@ -1,8 +1,11 @@
-"""One builder for the sharded model and its optimisers, used by training and inference alike."""
+"""The builder: the sharded model and its optimisers (training and inference alike), and for a training
+run everything else it is made of (build_training)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
@@ -10,6 +13,18 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trainer.model import TwoTower
 from trainer.sharding import init_tables, shard
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # the training parts import the model's modules: built lazily, for inference's sake
+    from data.loader import BatchLoader
+    from data.stream import ExampleStream
+    from trainer.inference import Embedder
+    from trainer.loss import LogQ
+    from trainer.negatives import HardNegativeMiner
+    from trainer.pipeline import Steps
+    from trainer.schedule import LRSchedule
+    from trainer.task import TrainTask
 
 
 @dataclass
@@ -51,3 +66,98 @@ def materialise_adamw(opt: KeyedOptimizerWrapper) -> None:
             if not inner.state.get(p):
                 inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                   "exp_avg_sq": torch.zeros_like(p)}
+
+
+@dataclass
+class Training:
+    """Everything a training run is made of, built once (trainer/train.py only runs it)."""
+
+    built: Built
+    stream: "ExampleStream"
+    loader: "BatchLoader"
+    embedder: "Embedder"
+    logq: "LogQ"
+    miner: "HardNegativeMiner | None"
+    task: "TrainTask"
+    steps: "Steps"
+    schedule: "LRSchedule"
+    total_steps: int
+
+    def checkpoint_parts(self, state, device: torch.device, rank: int) -> dict:
+        """Everything a checkpoint of the run holds, each part Stateful."""
+        from trainer.state import ModelState, OptimizerState, PerRank, RngState
+
+        parts = {"model": ModelState(self.built.model), "fused_optimizer": OptimizerState(self.built.fused_optimizer),
+                 "train": state, "rng": PerRank(RngState(device), rank)}
+        if self.built.dense_optimizer is not None:
+            parts["dense_optimizer"] = OptimizerState(self.built.dense_optimizer)
+        if self.logq.mode == "streaming":
+            parts["logq"] = self.logq
+        if self.miner is not None:
+            parts["miner"] = self.miner
+        return parts
+
+
+def build_training(cfg, manifest: dict, dist) -> Training:
+    """The model and optimisers, the stream and its loader, logQ, the miner, the train task, the step
+    runner and the learning-rate schedule, for this rank of ``dist``."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from data.io import join
+    from data.loader import make_loader
+    from data.stream import ExampleStream
+    from trainer.device import loader_workers, set_precision
+    from trainer.inference import Embedder, recent_sales
+    from trainer.loss import LogQ
+    from trainer.negatives import HardNegativeMiner
+    from trainer.pipeline import Steps, use_pipeline
+    from trainer.schedule import LRSchedule
+    from trainer.task import TrainTask
+
+    loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
+    if loop.global_batch_size <= 0 or loop.global_batch_size % dist.world:
+        raise ValueError(f"trainer.global_batch_size={loop.global_batch_size} does not divide over {dist.world} "
+                         f"rank(s): choose a multiple of {dist.world}")
+    n_items = int(manifest["cardinalities"]["article_id"])
+    built = build(cfg, manifest["cardinalities"], dev)
+    stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
+                           shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
+                           extra_items=lc.mixed_negatives)
+    sales = recent_sales(cfg, manifest, dev)
+    embedder = Embedder(built.model, built.keys, prepared, manifest, dev, stream.tables, sales, lc.temperature)
+    counts = torch.from_numpy(np.array(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy()))
+    logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)
+    miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, built.output_dim, dev,
+                              lc.hard_anchor) if lc.hard_negatives > 0 else None
+    task = TrainTask(built.model, built.keys, lc, logq, miner, stream.tables, n_items, loop.seed, dev,
+                     set_precision(loop.precision, dev), sales)
+    steps = Steps(built.model, built.dense_optimizer, task, built.keys, dev,
+                  use_pipeline(loop.pipeline, miner is not None, dev, dist.world))
+    epochs = sum(stream.batches_per_epoch(e) for e in range(loop.epochs))
+    total = epochs if loop.max_steps < 0 else min(loop.max_steps, epochs)
+    schedule = LRSchedule(cfg.optim, cfg.sharding.fused_lr, built.dense_optimizer, built.fused_optimizer, total)
+    if dist.rank == 0:
+        if dist.world > 1:
+            for why in not_invariant(cfg, built.model.plan):
+                log.warning("%s: this run is not the same training on another number of ranks", why)
+        log.info("training on %d rank(s): global batch %d rows (%d per rank), %d steps an epoch; the same "
+                 "training on any number of ranks", dist.world, loop.global_batch_size,
+                 loop.global_batch_size // dist.world, stream.batches_per_epoch(0))
+    return Training(built, stream, make_loader(stream, pin_memory=dev.type == "cuda", packed=True), embedder, logq,
+                    miner, task, steps, schedule, total)
+
+
+def not_invariant(cfg, plan) -> list[str]:
+    """The settings under which N ranks do not train what one rank trains (README, "Scaling out")."""
+    out = []
+    if cfg.model.dropout > 0 and str(cfg.model.history_encoder) == "transformer":
+        out.append(f"model.dropout={cfg.model.dropout} draws its masks on each rank")
+    if not cfg.loss.cross_rank:
+        out.append("loss.cross_rank=false gives each rank's rows only its own rows' positives as candidates")
+    column = sorted(name for module in plan.plan.values() for name, p in module.items()
+                    if p.sharding_type in ("column_wise", "table_column_wise"))
+    if column and str(cfg.sharding.fused_optimizer) == "rowwise_adagrad":
+        out.append(f"column-wise sharding of {column} under row-wise Adagrad keeps one accumulator per row of "
+                   "each column shard")
+    return out

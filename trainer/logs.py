@@ -1,9 +1,18 @@
-"""What a run reports: quieter library logs, the progress line, and TensorBoard scalars (rank 0 only)."""
+"""What a run reports: quieter library logs, the step lines (StepLogger), and TensorBoard scalars (rank 0
+only)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+
+import torch
+
+from data.runinfo import FILE_ONLY
+from trainer import distributed as D
+
+log = logging.getLogger(__name__)
 
 
 class _QuietFbgemm(logging.Filter):
@@ -49,3 +58,41 @@ class Scalars:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StepLogger:
+    """The training losses every ``trainer.log_every`` steps: averaged over the ranks (the one collective
+    of a logging step), with examples/s and the learning rate, into the log file, TensorBoard and the
+    train state's history; the console gets one line every ``trainer.console_every_s``."""
+
+    def __init__(self, loop_cfg, state, scalars: Scalars, world: int, rank: int):
+        self.cfg, self.state, self.scalars, self.world, self.rank = loop_cfg, state, scalars, world, rank
+        self._examples, self._t_log = 0, time.perf_counter()  # examples/s between log lines
+        self._t_console = float("-inf")  # when a step line last went to the console
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (0-based: the one about to run) is logged (its task computes the stats)."""
+        return (step + 1) % self.cfg.log_every == 0 or step == 0
+
+    def count(self, examples: int) -> None:
+        self._examples += examples
+
+    def log(self, loss: torch.Tensor, stats: dict, lr: float) -> None:
+        st, world = self.state, self.world
+        plain = stats.get("in_batch_loss", torch.full_like(loss.detach(), float("nan")))
+        both = D.all_reduce(torch.stack([loss.detach().float(), plain.float()])) / world
+        mean_loss, in_batch_loss = both.tolist()
+        now = time.perf_counter()
+        per_rank = self._examples / max(now - self._t_log, 1e-9)
+        self._examples, self._t_log = 0, now
+        st.history["train"].append({"step": st.step, "epoch": st.epoch, "loss": mean_loss,
+                                    "in_batch_loss": in_batch_loss})
+        if self.rank == 0:
+            to_console = now - self._t_console >= self.cfg.console_every_s or st.step == 1
+            self._t_console = now if to_console else self._t_console
+            log.info("step %d epoch %d in-batch loss %.4f (objective %.4f) in-batch acc %.3f | %.0f ex/s total, "
+                     "%.0f ex/s per rank | lr %.2e", st.step, st.epoch, in_batch_loss, mean_loss,
+                     stats.get("in_batch_acc", float("nan")), per_rank * world, per_rank, lr,
+                     extra=None if to_console else FILE_ONLY)
+        self.scalars.add({"loss": mean_loss, "in_batch_loss": in_batch_loss, "examples_per_s": per_rank * world,
+                          "lr": lr, "in_batch_acc": stats.get("in_batch_acc", float("nan"))}, st.step, "train")

@@ -115,3 +115,11 @@ class HardNegativeMiner:
         pick = order.topk(self.k, dim=1, largest=False).indices
         chosen = cand.gather(1, pick)
         return torch.where(known.gather(1, pick), fallback, chosen)
+
+
+def refresh_due(every: int, step: int, batch_in_epoch: int, epoch_start: bool) -> bool:
+    """When the miner's snapshot is refreshed (``loss.hard_every``): at each epoch's start (``every`` 0),
+    or every ``every`` steps, counted on the global step (an epoch's end waits for the next start)."""
+    if every <= 0:
+        return epoch_start and batch_in_epoch == 0
+    return step % every == 0 and (epoch_start or batch_in_epoch > 0)

@@ -10,6 +10,7 @@ is not per rank: it is the number of global batches done in the epoch (data/shar
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 BLOB = "json"  # the key of a blob tensor; the checkpoint manager sizes it from the saved metadata
+
+log = logging.getLogger(__name__)
 
 
 def blob(obj) -> torch.Tensor:
@@ -54,6 +57,23 @@ class TrainState:
         self.history = saved["history"]
         self.global_batch_size = int(saved["layout"]["global_batch_size"])
         self.world_size = int(saved["layout"]["world_size"])
+
+    def continue_as(self, batch: int, world: int, saved_from: str, saved_world: int, tell: bool) -> None:
+        """After loading: this run's global batch and world size. The position holds on another world size
+        (the training continues as it would have); counted in batches of another size, the epoch starts
+        over. ``tell``: log what happened (rank 0)."""
+        if self.global_batch_size != batch and self.batch_in_epoch > 0:
+            if tell:
+                log.warning("%s was saved with a global batch of %s rows, this run has %d: epoch %d starts over",
+                            saved_from, self.global_batch_size or "per-rank", batch, self.epoch)
+            self.batch_in_epoch = 0
+        elif saved_world != world and tell:
+            log.info("world size changed from %d to %d: the global batch (%d rows) and the position in epoch %d "
+                     "are the same, so the training continues as it would have", saved_world, world, batch,
+                     self.epoch)
+        self.global_batch_size, self.world_size = batch, world
+        if tell:
+            log.info("resumed from %s (step %d, epoch %d)", saved_from, self.step, self.epoch)
 
 
 class RngState:

@@ -87,3 +87,14 @@ class FiniteGuard:
                                 "without writing a checkpoint of the diverged weights. Lower the learning "
                                 "rates or look at the data of that step; the newest checkpoint is still "
                                 "the last good one")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every rank's parameters (its shards of the tables) are finite."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    ok = True
+    for v in model.state_dict().values():
+        tensors = [s.tensor for s in v.local_shards()] if isinstance(v, ShardedTensor) else [v]
+        ok = ok and all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    return D.every_rank(ok)
