@@ -103,3 +103,17 @@ def test_state_round_trip_and_bad_windows():
         HardNegativeMiner(8, 0, 5, 50, 4)
     with pytest.raises(ValueError, match="anchor"):
         HardNegativeMiner(2, 0, 10, 50, 4, anchor="target")
+
+
+def test_the_miners_refresh_schedule():
+    """Every epoch's start (hard_every 0), or every N global steps; an epoch's last step waits for the
+    next epoch's start, and a resume mid-epoch refreshes only when its step is due."""
+    from trainer.negatives import refresh_due
+
+    each_epoch = [(step, bie, start) for step, bie, start in [(0, 0, True), (93, 0, True), (50, 7, True), (8, 8, False)]
+                  if refresh_due(0, step, bie, start)]
+    assert each_epoch == [(0, 0, True), (93, 0, True)]
+    assert [s for s in range(1, 30) if refresh_due(8, s, s % 20, epoch_start=False)] == [8, 16, 24]
+    assert not refresh_due(8, 40, 0, epoch_start=False)  # step 40 ends an epoch: ...
+    assert refresh_due(8, 40, 0, epoch_start=True)  # ... refreshed as the next one starts
+    assert refresh_due(8, 48, 5, epoch_start=True) and not refresh_due(8, 47, 5, epoch_start=True)  # resumes
