@@ -4,15 +4,11 @@
     torchrun --nproc_per_node=8 -m trainer.train data=hm_scale trainer.global_batch_size=65536
     python -m trainer.train experiment=debug                                # one process, seconds
 
-Reads ``prepare.out`` (run data.prepare first). Writes into the run directory: the resolved config,
-``checkpoints/step-N`` (resumed automatically when the run's fingerprint matches), TensorBoard scalars
-under ``tb/`` and ``metrics.json``; ``PREEMPTED`` when a stop signal ended it early.
-
-The loop counts global steps; everything else is a part built once (trainer/builder.py: the model and
-optimisers, the stream and loader, logQ, the miner, the train task, the step runner, the schedule) or a
-component with its own state: validation with checkpoint selection and early stopping (validator), the
-step lines (logs.StepLogger), the saved state (state) and its checkpoints (checkpoint), stops (stops).
-"""
+Reads ``prepare.out``; writes into the run directory its config, ``checkpoints/step-N`` (resumed when the
+fingerprint matches), ``tb/``, ``metrics.json``, and ``PREEMPTED`` when a stop signal ended it early.
+The loop counts global steps; the rest are parts built once (trainer/builder.py) and components with
+their own state: validation, checkpoint choice and early stopping (validator), step lines (logs),
+checkpoints (checkpoint, state), stops (stops)."""
 
 from __future__ import annotations
 
