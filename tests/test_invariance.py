@@ -109,7 +109,7 @@ def test_the_settings_that_are_not_invariant_are_named():
 
     from omegaconf import OmegaConf
 
-    from trainer.train import not_invariant
+    from trainer.builder import not_invariant
 
     cfg = OmegaConf.create({"model": {"dropout": 0.1, "history_encoder": "transformer"},
                             "loss": {"cross_rank": False}, "sharding": {"fused_optimizer": "rowwise_adagrad"}})

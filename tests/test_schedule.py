@@ -109,4 +109,4 @@ def test_the_loop_applies_the_plateau_factor_of_its_validation_history(tiny_prep
 
     train_in_process(prepared, tmp_path, "trainer.max_steps=1", "trainer.validate=false", "optim.decay=plateau",
                      "trainer.select_metric=map@12", before_fit=before)
-    assert seen["t"].schedule.lr() == pytest.approx(1e-3 * 0.25)
+    assert seen["t"].parts.schedule.lr() == pytest.approx(1e-3 * 0.25)
