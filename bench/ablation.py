@@ -1,5 +1,5 @@
 """Loss ablation on synthetic data: which combination of logQ, accidental-hit masking, mixed and hard
-negatives retrieves best, and how buying again is scored (trainer/repeats.py). Each row is a real
+negatives retrieves best, and how buying again is scored (trainer/model/repeats.py). Each row is a real
 `torchrun --nproc_per_node=N -m trainer.train` run.
 
     .venv/bin/python bench/ablation.py                       # data=small, 1 epoch, 2 CPU processes

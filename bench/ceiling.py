@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from data import synth  # noqa: E402
 from data.config import SynthConfig  # noqa: E402
 from trainer.evaluate import lists_to_csr, load_eval, model_ranking  # noqa: E402
-from trainer.metrics import evaluate as metrics  # noqa: E402
+from trainer.evaluation.metrics import evaluate as metrics  # noqa: E402
 
 
 def generator_at(cfg: SynthConfig, week: int) -> tuple[synth.Generator, dict, dict]:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from trainer import index as ix  # noqa: E402
+from trainer.retrieval import ivf as ix  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -122,7 +122,7 @@ def gpu_side(args, items, queries, sample, exact, cpu_build_s, cpu_full_qps, npr
     """The same index built and searched on the GPU, and exact search there, beside the CPU numbers."""
     import torch
 
-    from trainer.search import top_k
+    from trainer.retrieval.search import top_k
 
     t0 = time.perf_counter()
     index = ix.build(items, kind=args.kind, use_gpu=True)

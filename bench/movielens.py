@@ -18,7 +18,7 @@ Rows of the table:
   * popularity (train + validation counts), item-kNN (cosine, neighbours tuned on validation), EASE
     (λ tuned on validation; Steck 2019), fitted here with numpy.
 Every row is scored here (Recall@10/20, NDCG@10/20 with one test item per user), independently of
-``trainer/metrics.py``. The test item is looked at once, for this table.
+``trainer/evaluation/metrics.py``. The test item is looked at once, for this table.
 
     .venv/bin/python bench/movielens.py                    # fetch, prepare, train, score: a few minutes
     .venv/bin/python bench/movielens.py --nproc 1 2 4      # a table per world size, and their spread
@@ -98,7 +98,7 @@ def split(ratings: np.ndarray) -> tuple[np.ndarray, dict, dict]:
     return train, dict(zip(*ratings[val_row][:, :2].T)), dict(zip(*ratings[test_row][:, :2].T))
 
 
-# ---------------------------------------------------------------- scoring (independent of trainer.metrics)
+# ---------------------------------------------------------------- scoring (independent of trainer/evaluation/metrics.py)
 
 
 def score(ranked: dict, truth: dict, ks=(10, 20)) -> dict:

@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import OmegaConf  # noqa: E402
 
 from trainer.config import ModelConfig, ShardingConfig  # noqa: E402
-from trainer.model import TwoTower  # noqa: E402
-from trainer.sharding import plan_on_paper  # noqa: E402
+from trainer.model.towers import TwoTower  # noqa: E402
+from trainer.parallel.sharding import plan_on_paper  # noqa: E402
 
 # Feature cardinalities of the prepared data (+1: the OOV row); the small vocabularies as in hm_scale.
 SMALL = {"age_bucket": 13, "club_status": 5, "news_freq": 5, "postal_code": 65_537, "product_type": 132,

@@ -24,7 +24,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.io import read_customers, read_articles, iter_transactions  # noqa: E402
+from data.io import iter_transactions, read_articles, read_customers  # noqa: E402
 from data.loader import make_loader  # noqa: E402
 from data.stream import ExampleStream  # noqa: E402
 

@@ -196,7 +196,8 @@ class Phase:
 
 
 def profile(runs: TrainerRuns, out_dir: str, steps: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+    from torch.profiler import ProfilerActivity, schedule
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runs.device == "cuda" else [])
     os.makedirs(out_dir, exist_ok=True)

@@ -6,11 +6,10 @@ override (``data.n_custmers=5``) fails at composition instead of being ignored.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
-
-import hashlib
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf

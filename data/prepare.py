@@ -141,7 +141,7 @@ def recent_sales(a: np.ndarray, d: np.ndarray, train: np.ndarray) -> dict:
     """Training purchases per (article, week), weeks counted back from the end of training (week -1:
     the last 7 training days), so the first week after training, where evaluation starts, sees exactly
     the sales of the week before it. The trainer reads an article's sales in the week before each
-    example's week (trainer/popularity.py). Columnar: one sort of (week, article) keys."""
+    example's week (trainer/model/sales.py). Columnar: one sort of (week, article) keys."""
     end = int(d[train].max()) + 1
     weeks = -(-(end - int(d[train].min())) // 7)
     n_items = int(a.max(initial=0)) + 1

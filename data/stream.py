@@ -13,7 +13,7 @@ there exactly, on any number of ranks or loader workers, and the trainer keeps i
 Batches are data/batch.py's (KeyedJaggedTensors built straight from numpy columns); the loader over the
 stream is data/loader.py, the per-id feature lookups data/tables.py. With ``extra_items=M`` each global batch also carries M uniformly drawn catalogue articles (the loss's mixed
 negatives), drawn from (seed, epoch, global batch); each rank resolves its share of them and the loss
-gathers them back. How these become the model's input is the trainer's business (trainer/inputs.py);
+gathers them back. How these become the model's input is the trainer's business (trainer/model/inputs.py);
 the stream knows features, not models.
 """
 

@@ -64,7 +64,7 @@ class FeatureTables:
         return table[day - lo]
 
     def week_index(self, day: np.ndarray) -> np.ndarray:
-        """(B,) int32: which row of the recent-sales table a day reads (trainer/popularity.py): ``weeks``
+        """(B,) int32: which row of the recent-sales table a day reads (trainer/model/sales.py): ``weeks``
         for the first week after training (evaluation) and later, ``weeks - 1`` for the last training
         week, ..., 0 before the data. All 0 for prepared data without recent sales."""
         if self._sales is None:

@@ -143,7 +143,7 @@ def compose_train(prepared: str, run_dir, *overrides: str):
 def train_in_process(prepared: str, run_dir, *overrides: str, before_fit=None) -> dict:
     """Trains in this process (one rank, gloo), as ``python -m trainer.train`` would."""
     from data.runinfo import start_run
-    from trainer import distributed as D
+    from trainer.parallel import distributed as D
     from trainer.train import Trainer
 
     cfg = compose_train(prepared, run_dir, *overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer import baselines as bl
+from trainer.evaluation import baselines as bl
 
 
 def inter(rows, n_customers=6, n_items=8):

@@ -18,9 +18,9 @@ import ceiling  # noqa: E402
 
 from data import synth  # noqa: E402
 from data.config import SynthConfig  # noqa: E402
-from trainer import baselines as bl  # noqa: E402
 from trainer.evaluate import load_eval  # noqa: E402
-from trainer.metrics import evaluate as metrics  # noqa: E402
+from trainer.evaluation import baselines as bl  # noqa: E402
+from trainer.evaluation.metrics import evaluate as metrics  # noqa: E402
 
 
 def test_regenerated_state_reproduces_the_last_week(tiny_synth):

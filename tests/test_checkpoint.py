@@ -14,9 +14,9 @@ import torch
 from conftest import compose_train, train_in_process
 from omegaconf import OmegaConf
 
-import trainer.checkpoint as ckpt
-from trainer.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, latest
-from trainer.state import ModelState, RngState, TrainState
+import trainer.loop.checkpoint as ckpt
+from trainer.loop.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, latest
+from trainer.loop.state import ModelState, RngState, TrainState
 
 FP = {"model.id_dim": 64, "data.digest": "abc"}
 
@@ -131,7 +131,7 @@ def test_second_run_with_resume_false_is_the_one_exported(tiny_prepared, tmp_pat
                               "model.id_dim=32", "trainer.validate=false")
     assert second["step"] == 12
     written = export(OmegaConf.create({"train_dir": str(run_dir), "checkpoint": "latest"}), str(tmp_path / "export"))
-    from trainer import distributed as D
+    from trainer.parallel import distributed as D
     D.shutdown()
     assert written["step"] == 12 and written["checkpoint"].endswith("step-00000012")
     report = json.loads((tmp_path / "export" / "output" / "export_report.json").read_text())
@@ -183,7 +183,7 @@ def test_a_stop_during_validation_is_honoured_and_validation_runs_on_resume(tiny
 
 
 def test_a_nan_stops_the_run_and_the_last_good_checkpoint_stays_newest(tiny_prepared, tmp_path):
-    from trainer.stops import NonFiniteLoss
+    from trainer.loop.stops import NonFiniteLoss
 
     prepared, _ = tiny_prepared
     train_in_process(prepared, tmp_path, "trainer.max_steps=20", "trainer.validate=false")
@@ -197,7 +197,7 @@ def test_a_nan_stops_the_run_and_the_last_good_checkpoint_stays_newest(tiny_prep
 
 
 def test_a_setting_added_later_at_its_default_is_not_a_difference():
-    from trainer.fingerprint import differences
+    from trainer.loop.fingerprint import differences
 
     old = {"model.id_dim": 64}  # written before model.history_encoder existed
     assert differences(old, {"model.id_dim": 64, "model.history_encoder": "bag"}) == []

@@ -110,8 +110,8 @@ def test_debug_experiment_preset():
 
 def test_group_files_do_not_restate_schema_defaults():
     """A YAML option holds only what differs from the dataclass defaults."""
-    from trainer.config import LossConfig, ModelConfig
     from data.config import SplitConfig
+    from trainer.config import LossConfig, ModelConfig
 
     schemas = {"model": ModelConfig(), "loss": LossConfig(), "split": SplitConfig()}
     for group, default in schemas.items():
@@ -126,7 +126,7 @@ def test_the_batch_is_global_and_an_old_per_rank_batch_types_as_global():
     """trainer.batch_size (per rank) is gone: an override of it fails at composition, and a checkpoint's
     recorded config that has it types as trainer.global_batch_size = per-rank batch x its world size."""
     from trainer.config import TrainJob
-    from trainer.inference import typed
+    from trainer.retrieval.embedder import typed
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         with pytest.raises(ConfigCompositionException):

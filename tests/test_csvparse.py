@@ -14,10 +14,10 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from conftest import ART_HEADER, C1, C2, C3, TX_HEADER, article_row, write_hm_fixture
-from data.csvparse import IngestError, Report, date, integer, number, parse_columns, stream_csv
 from test_ingest import run_ingest
+
+from data.csvparse import Report, date, integer, number, parse_columns, stream_csv
 
 SMALL_BLOCKS = [7, 13, 64, 1 << 20]  # bytes per read: most rows straddle a block at the small sizes
 

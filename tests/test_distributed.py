@@ -1,4 +1,4 @@
-"""Device choice and the collective helpers (trainer/distributed.py)."""
+"""Device choice and the collective helpers (trainer/parallel/distributed.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer import distributed as D
+from trainer.parallel import distributed as D
 
 
 def test_device_choice(monkeypatch):

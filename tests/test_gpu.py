@@ -12,10 +12,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from test_train import ROOT, complete_steps, train_cmd
 
-from trainer import index as ix
+from trainer.retrieval import ivf as ix
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ENV = {**os.environ, "TWOTOWER_CHECK_COLLECTIVES": "1"}
@@ -61,7 +60,7 @@ def test_row_wise_sharding_with_fused_adam_then_export_index_evaluate(tiny_prepa
 
 
 def test_search_on_the_gpu_equals_the_cpu():
-    from trainer.search import top_k
+    from trainer.retrieval.search import top_k
 
     rng = np.random.default_rng(0)
     items = rng.normal(size=(5000, 32)).astype(np.float32)
@@ -76,7 +75,7 @@ def test_search_on_the_gpu_equals_the_cpu():
 
 @pytest.mark.parametrize("anchor", ["query", "positive"])
 def test_the_miner_on_the_gpu_equals_the_cpu(anchor):
-    from trainer.negatives import HardNegativeMiner
+    from trainer.model.negatives import HardNegativeMiner
 
     rng = np.random.default_rng(1)
     items = torch.from_numpy(rng.normal(size=(3000, 16)).astype(np.float32))

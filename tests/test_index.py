@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer import index as ix
+from trainer.retrieval import ivf as ix
 
 
 def clustered(n: int, d: int, centers: int, seed: int = 0) -> np.ndarray:

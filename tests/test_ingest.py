@@ -5,9 +5,9 @@ import pathlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import C1, C2, C3, TX_HEADER, write_hm_fixture
 from omegaconf import OmegaConf
 
-from conftest import C1, C2, C3, TX_HEADER, write_hm_fixture
 from data.config import DataConfig, IngestOptions
 from data.csvparse import IngestError
 from data.ingest import ingest
@@ -136,9 +136,9 @@ def test_movielens_100k(tmp_path):
 def test_movielens_first_genre_and_decade_become_features(tmp_path):
     """prepare's product_type and section vocabularies keep MovieLens's first genre and decade apart
     (its numbered columns are all -1)."""
+    from conftest import prepare_options
     from omegaconf import OmegaConf
 
-    from conftest import prepare_options
     from data import vocab
     from data.config import DataConfig, SplitConfig
     from data.prepare import prepare

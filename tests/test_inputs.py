@@ -1,4 +1,4 @@
-"""The model's input built from stream batches (trainer/inputs.py)."""
+"""The model's input built from stream batches (trainer/model/inputs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from data.io import join
 from data.loader import make_loader
 from data.stream import ExampleStream
-from trainer.inputs import ModelInput
+from trainer.model.inputs import ModelInput
 
 
 def collect(loader, n: int) -> list:
@@ -63,7 +63,7 @@ def test_item_features_on_the_device_match_the_packed_host_path(tiny_prepared):
     packed host path builds for the same articles (item keys; query keys are empty bags)."""
     from data.batch import packed_from_arrays
     from data.tables import FeatureTables
-    from trainer.inputs import ItemFeatures, model_input
+    from trainer.model.inputs import ItemFeatures, model_input
 
     prepared, m = tiny_prepared
     tables = FeatureTables(prepared, m)

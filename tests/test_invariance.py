@@ -16,7 +16,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from test_train import final_weights, run, train_cmd
 
 EVERYTHING = [  # the default loss (cross-rank, 1024 uniform negatives, streaming logQ, masking), sales and
@@ -109,7 +108,7 @@ def test_the_settings_that_are_not_invariant_are_named():
 
     from omegaconf import OmegaConf
 
-    from trainer.builder import not_invariant
+    from trainer.loop.builder import not_invariant
 
     cfg = OmegaConf.create({"model": {"dropout": 0.1, "history_encoder": "transformer"},
                             "loss": {"cross_rank": False}, "sharding": {"fused_optimizer": "rowwise_adagrad"}})

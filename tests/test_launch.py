@@ -39,7 +39,7 @@ def test_run_sh_runs_every_stage(tmp_path):
     evaluate = tmp_path / "runs" / "tiny" / "evaluate"
     for picture in ("recall_at_k.png", "nprobe.png", "training.png"):
         assert f"]({picture})" in table and (evaluate / picture).stat().st_size > 10_000, picture
-    from trainer.plots import series_of
+    from trainer.evaluation.plots import series_of
 
     assert {"two-tower", "popularity (last week)", "item-kNN"} <= set(series_of(str(evaluate / "recall_at_k.png")))
     trained = series_of(str(evaluate / "training.png"))

@@ -1,4 +1,4 @@
-"""trainer.loss against a naive per-row, per-candidate reference written with Python loops."""
+"""trainer/model/loss.py against a naive per-row, per-candidate reference written with Python loops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.loss import LogQ, Negatives, retrieval_loss
+from trainer.model.loss import LogQ, Negatives, retrieval_loss
 
 
 def cfg(**kw):
@@ -136,7 +136,7 @@ def test_streaming_logq_estimates_the_per_draw_probability():
 
 
 def _cross_rank_worker(rank, world, init_file, q_all, p_all, ids_all, e_all, e_ids, sizes, out):
-    from trainer import distributed as D
+    from trainer.parallel import distributed as D
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     b = q_all.shape[0] // world

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import evaluate
+from trainer.evaluation.metrics import evaluate
 
 
 def csr(lists):
@@ -66,7 +66,7 @@ def test_map12_matches_competition_apk_on_random_lists():
 
 
 def test_drop_seen_keeps_rank_order():
-    from trainer.search import drop_seen
+    from trainer.retrieval.search import drop_seen
 
     ranked = np.array([[5, 3, 9, 1, 7], [2, 4, 6, 8, 1]])
     seen = (np.array([0, 2, 3]), np.array([3, 1, 8]))  # row 0 bought 3 and 1, row 1 bought 8

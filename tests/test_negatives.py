@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.negatives import HardNegativeMiner
+from trainer.model.negatives import HardNegativeMiner
 
 
 def naive_candidates(items, anchors, pos, history, lo, hi):
@@ -108,7 +108,7 @@ def test_state_round_trip_and_bad_windows():
 def test_the_miners_refresh_schedule():
     """Every epoch's start (hard_every 0), or every N global steps; an epoch's last step waits for the
     next epoch's start, and a resume mid-epoch refreshes only when its step is due."""
-    from trainer.negatives import refresh_due
+    from trainer.model.negatives import refresh_due
 
     each_epoch = [(step, bie, start) for step, bie, start in [(0, 0, True), (93, 0, True), (50, 7, True), (8, 8, False)]
                   if refresh_due(0, step, bie, start)]

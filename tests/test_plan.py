@@ -35,7 +35,7 @@ def test_shards_cover_every_row_once():
     from omegaconf import OmegaConf
 
     from trainer.config import ShardingConfig
-    from trainer.sharding import plan_on_paper
+    from trainer.parallel.sharding import plan_on_paper
 
     _, _, _, _, model = next(iter(plans()))
     plan, _ = plan_on_paper(model, OmegaConf.structured(ShardingConfig()), 32, 8)
@@ -55,7 +55,7 @@ def test_topology_built_through_the_factory_without_its_warning(caplog):
     and keeps what the planner needs: world, node size, device and HBM cap."""
     import logging
 
-    from trainer.sharding import topology
+    from trainer.parallel.sharding import topology
 
     with caplog.at_level(logging.WARNING):
         topo = topology(16, "cuda", 8, 80 * 2**30)

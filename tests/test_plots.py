@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import plots
-from trainer.metrics import recall_curve
+from trainer.evaluation import plots
+from trainer.evaluation.metrics import recall_curve
 
 
 def naive_recall_at(ranked: list[list[int]], truth: list[set], k: int) -> float:

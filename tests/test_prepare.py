@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from conftest import prepare_options
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from conftest import prepare_options
 from data import vocab
 from data.config import DataConfig, SplitConfig
 from data.io import fs_and_path, join, table_url, write_parquet
@@ -152,8 +152,9 @@ def test_no_leakage_property(tmp_path_factory, rows, protocol):
             evals[period] = pq.read_table(join(out, "eval", f"{period}.parquet")).to_pylist()
         except FileNotFoundError:
             pass
-    from data import split as split_mod
     import numpy as np_
+
+    from data import split as split_mod
 
     c_arr = np_.array([r[0] for r in rows_idx])
     d_arr = np_.array([r[2] for r in rows_idx])

@@ -7,8 +7,15 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from trainer.repeats import (_dense_bonus, add_bonus, boost_recent, logit_bonus, mix_recent, newest_first,
-                             recent_articles)
+from trainer.model.repeats import (
+    _dense_bonus,
+    add_bonus,
+    boost_recent,
+    logit_bonus,
+    mix_recent,
+    newest_first,
+    recent_articles,
+)
 
 
 def naive_position(history: list[int], item: int, positions: int) -> int | None:
@@ -160,7 +167,7 @@ def test_the_loss_mixes_recent_articles_under_the_logq_correction():
     """In-batch logits minus log(N q_j); a recent candidate's becomes logaddexp(s/T, level) - log(N q_j)."""
     from types import SimpleNamespace
 
-    from trainer.loss import LogQ, retrieval_loss
+    from trainer.model.loss import LogQ, retrieval_loss
 
     rng = np.random.default_rng(6)
     b, d, t, n_items = 5, 4, 0.5, 10
@@ -193,7 +200,7 @@ def test_the_loss_mixes_recent_articles_under_the_logq_correction():
 def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
     from types import SimpleNamespace
 
-    from trainer.loss import Negatives, retrieval_loss
+    from trainer.model.loss import Negatives, retrieval_loss
 
     rng = np.random.default_rng(2)
     b, d, h, t = 5, 4, 2, 0.5
@@ -223,7 +230,7 @@ def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
 def test_the_scoring_level_reads_the_towers_columns_and_the_catalogue_mean():
     """Embedder.repeat_level: head(query) + <query, mean article>, over the towers' columns only (not the
     recent-sales column scoring vectors carry) and the articles without the OOV row 0; by hand."""
-    from trainer.inference import Embedder
+    from trainer.retrieval.embedder import Embedder
 
     rng = np.random.default_rng(7)
     d = 4
@@ -248,7 +255,7 @@ def test_a_run_saved_before_the_mixture_keeps_the_bonus():
     from omegaconf import OmegaConf
 
     from trainer.config import TrainJob
-    from trainer.inference import typed
+    from trainer.retrieval.embedder import typed
 
     saved = OmegaConf.to_container(OmegaConf.structured(TrainJob))
     assert typed(saved).model.repeat_mode == "mixture"

@@ -1,4 +1,4 @@
-"""One retrieval path (trainer/retriever.py): validation, evaluate (exact, and through the IVF index at
+"""One retrieval path (trainer/retrieval/retriever.py): validation, evaluate (exact, and through the IVF index at
 nprobe = nlist) and recommend (as of the validation day) return the same top-k for the same customers
 as a naive reference that scores every article of the catalogue, with and without bought articles left
 out (without: the customer's own last articles carry the learned buying-again term)."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from conftest import CONF, train_in_process
 from omegaconf import OmegaConf
 
@@ -42,10 +41,10 @@ def agree(got, want) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tiny_prepared, tmp_path_factory):
-    from trainer import distributed as D
+    from trainer.evaluation.validation import targets_csr, training_purchases
     from trainer.export import export
-    from trainer.inference import Embedder
-    from trainer.validation import targets_csr, training_purchases
+    from trainer.parallel import distributed as D
+    from trainer.retrieval.embedder import Embedder
 
     prepared, _ = tiny_prepared
     base = tmp_path_factory.mktemp("retriever")
@@ -73,7 +72,7 @@ def trained(tiny_prepared, tmp_path_factory):
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
 def test_validation_ranks_as_the_naive_reference(trained, exclude_seen):
-    from trainer.validation import ranking
+    from trainer.evaluation.validation import ranking
 
     got = ranking(trained["embedder"], trained["table"], K, seen=trained["seen"] if exclude_seen else None)
     assert agree(got.tolist(), trained["ref"][exclude_seen]) == 1.0
@@ -84,8 +83,8 @@ def test_validation_ranks_as_the_naive_reference(trained, exclude_seen):
 def test_evaluate_ranks_as_the_naive_reference(trained, exclude_seen, through):
     from data.io import read_json
     from data.staging import output_of
-    from trainer import index as ix
     from trainer.evaluate import model_ranking
+    from trainer.retrieval import ivf as ix
 
     export_dir, index_dir = str(trained["base"] / "export"), None
     if through != "exact":
@@ -107,7 +106,7 @@ def test_recommend_as_of_the_validation_day_ranks_as_the_naive_reference(trained
     from hydra import compose, initialize_config_dir
 
     from data import vocab
-    from trainer import distributed as D
+    from trainer.parallel import distributed as D
     from trainer.recommend import recommend
 
     table, prepared = trained["table"], trained["prepared"]

@@ -10,7 +10,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from tests.conftest import train_in_process
-from trainer.schedule import LRSchedule, factor, stalls
+from trainer.loop.schedule import LRSchedule, factor, stalls
 
 
 def test_warmup_then_linear_decay_by_hand():

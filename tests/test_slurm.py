@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from test_train import final_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import C1, prepare_options, train_in_process, write_hm_fixture
 from omegaconf import OmegaConf
 
-from conftest import C1, prepare_options, train_in_process, write_hm_fixture
 from data.config import DataConfig, SplitConfig
 from data.prepare import prepare
 from data.staging import output_of, staged

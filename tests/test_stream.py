@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.io import join, read_json, write_json
 from data.batch import Batch
+from data.io import join, read_json, write_json
 from data.loader import make_loader
 from data.stream import ExampleStream, StreamError
 

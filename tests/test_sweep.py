@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from test_train import ENV, ROOT, complete_steps, run
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int 
             *overrides]
 
 
-# Every collective must go through trainer/distributed.py (which places tensors where nccl wants them):
+# Every collective must go through trainer/parallel/distributed.py (which places tensors where nccl wants them):
 # with this set, a direct call from project code fails even in these CPU/gloo runs.
 ENV = {**os.environ, "TWOTOWER_CHECK_COLLECTIVES": "1"}
 
@@ -119,7 +119,7 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
     assert "the best checkpoint, step" in (exp1 / "export.log").read_text()
     u1 = pq.read_table(exp1 / "output" / "users_val.parquet")
     assert u1.num_rows == pq.read_table(f"{prepared}/eval/val.parquet").num_rows
-    # the buying-again mixture's level per customer (trainer/repeats.py), the same from either world size
+    # the buying-again mixture's level per customer (trainer/model/repeats.py), the same from either world size
     u2 = pq.read_table(exp2 / "output" / "users_val.parquet")
     assert np.array_equal(u1["repeat_level"].to_numpy(), u2["repeat_level"].to_numpy())
     assert np.isfinite(u1["repeat_level"].to_numpy()).all() and np.ptp(u1["repeat_level"].to_numpy()) > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import train_in_process
 
-from trainer.validation import validate
+from trainer.evaluation.validation import validate
 
 
 class TinyEmbedder:
@@ -100,7 +100,7 @@ def test_validation_gives_the_customers_own_last_articles_their_repeat_bonus():
                                                                 bonus=bonus))
     assert without["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5))
     assert with_bonus["recall@5"] > without["recall@5"]
-    # the mixture: a level per customer (trainer/repeats.py); low levels leave the towers' ranking
+    # the mixture: a level per customer (trainer/model/repeats.py); low levels leave the towers' ranking
     level = np.where(np.arange(12) % 2 == 0, 1.0, -3.0).astype(np.float32)
     mixed = validate(TinyEmbedder(items, queries, targets, history, bonus - 2.0, level), [5])
     assert mixed["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5, history=history,
@@ -113,8 +113,8 @@ def test_best_checkpoint_and_early_stopping(tiny_prepared, tmp_path):
     run after the second epoch of four, and export with checkpoint=best loads the first epoch's step."""
     from omegaconf import OmegaConf
 
-    from trainer import distributed as D
     from trainer.export import export
+    from trainer.parallel import distributed as D
 
     prepared, _ = tiny_prepared
     out = train_in_process(prepared, tmp_path / "train", "trainer.epochs=4", "trainer.patience=1", "optim.lr=0",
@@ -129,11 +129,11 @@ def test_best_checkpoint_and_early_stopping(tiny_prepared, tmp_path):
 
 
 def test_recommend_leaves_out_bought_articles(tiny_prepared, tmp_path):
+    from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
     from data.io import read_customers, read_json
-    from trainer import distributed as D
+    from trainer.parallel import distributed as D
     from trainer.recommend import recommend
 
     prepared, manifest = tiny_prepared

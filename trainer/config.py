@@ -100,7 +100,7 @@ class ModelConfig:
     time_features: bool = True  # sin/cos of the time of year into the query tower
     recent_sales_buckets: int = 32  # an article's sales in the week before, as a learned bonus (0: off)
     repeat_positions: int = 8  # buying again an article of the last N purchases, learned (0: off)
-    repeat_mode: RepeatMode = RepeatMode.mixture  # how it scores (trainer/repeats.py)
+    repeat_mode: RepeatMode = RepeatMode.mixture  # how it scores (trainer/model/repeats.py)
     # the ordered history beats the bag on every shape measured (README, "Defaults"); the bag is ~4x
     # faster per step on a CPU
     history_encoder: HistoryEncoder = HistoryEncoder.transformer
@@ -147,7 +147,7 @@ class ShardingConfig:
 class OptimConfig:
     lr: float = 1e-3  # dense parts (MLPs): AdamW
     weight_decay: float = 0.0
-    # the schedule scales both base rates (optim.lr and sharding.fused_lr) by the step (trainer/schedule.py)
+    # the schedule scales both base rates (optim.lr and sharding.fused_lr) by the step (trainer/loop/schedule.py)
     warmup_steps: int = 0  # linear from 1/(warmup_steps + 1) of the base to the base
     decay: Decay = Decay.plateau  # halved per validation without a new best: fits a run early stopping ends
     min_lr_ratio: float = 0.0  # the decay's floor, as a share of the base

@@ -5,7 +5,7 @@
     python -m trainer.evaluate data=small '+evaluate.runs={MF: runs/small/export-mf}'
 
 Full-catalogue retrieval: through the FAISS index of the index stage when it exists (at its chosen
-nprobe), else exact inner-product search. Baselines (trainer/baselines.py) use the same training
+nprobe), else exact inner-product search. Baselines (trainer/evaluation/baselines.py) use the same training
 interactions and the same evaluation customers. The sampled protocol (each customer's positives
 ranked among 100 random negatives) is reported separately and labelled optimistic: it is not
 comparable with full-catalogue numbers.
@@ -24,16 +24,16 @@ from omegaconf import DictConfig
 from data.io import atomic_open, fs_and_path, join, read_json, read_table, write_json
 from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
-from trainer import plots
-from trainer import baselines as bl
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
-from trainer import index as ix
-from trainer.fingerprint import data_digest
-from trainer.metrics import evaluate as metrics
-from trainer.metrics import recall_curve
-from trainer.retriever import Retriever
-from trainer.search import drop_seen, subset
-from trainer.validation import training_purchases
+from trainer.evaluation import baselines as bl
+from trainer.evaluation import plots
+from trainer.evaluation.metrics import evaluate as metrics
+from trainer.evaluation.metrics import recall_curve
+from trainer.evaluation.validation import training_purchases
+from trainer.loop.fingerprint import data_digest
+from trainer.retrieval import ivf as ix
+from trainer.retrieval.retriever import Retriever
+from trainer.retrieval.search import drop_seen, subset
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def lists_to_csr(lists: list) -> tuple[np.ndarray, np.ndarray]:
 def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int, period: str = "val",
                   seen: tuple[np.ndarray, np.ndarray] | None = None,
                   history: tuple[np.ndarray, np.ndarray] | None = None, seen_margin: int = 200) -> tuple[np.ndarray, str]:
-    """Top-k article_idx per evaluation customer from an export, through the Retriever (trainer/retriever.py):
+    """Top-k article_idx per evaluation customer from an export, through the Retriever (trainer/retrieval/retriever.py):
     the index stage's IVF index when there is one (it must have been built from this export), else exact
     search. ``seen``: each customer's articles left out; ``history`` (CSR, oldest first): read by the
     buying-again term when nothing is left out."""
@@ -87,7 +87,7 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
 
 
 def _repeat_level(users_url: str, rows: np.ndarray) -> np.ndarray | None:
-    """The exported customers' buying-again level (trainer/repeats.py) at ``rows``, or None without."""
+    """The exported customers' buying-again level (trainer/model/repeats.py) at ``rows``, or None without."""
     fs, path = fs_and_path(users_url)
     if "repeat_level" not in pq.read_schema(path, filesystem=fs).names:
         return None

@@ -13,7 +13,7 @@ aside and put in place whole, the report last; data/staging.py):
                            with the buying-again mixture each customer's ``repeat_level``
     export_report.json     which run, checkpoint, step and fingerprint the embeddings come from, and the
                            learned terms for buying again one of the last articles (``repeat_bonus``,
-                           per position; ``temperature``, the units of the mixture; trainer/repeats.py)
+                           per position; ``temperature``, the units of the mixture; trainer/model/repeats.py)
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from data.io import fs_and_path, join, write_json, write_parquet
 from data.runinfo import start_run
 from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401
-from trainer import distributed as D
-from trainer.inference import Embedder
-from trainer.repeats import repeat_head
+from trainer.model.repeats import repeat_head
+from trainer.parallel import distributed as D
+from trainer.retrieval.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
     written = {"train_dir": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
                "fingerprint": run.fingerprint_id, "data_digest": run.data_digest}
     bonus = embedder.repeat_bonus()
-    if bonus is not None:  # scoring adds it for the customer's own last articles (trainer/repeats.py)
+    if bonus is not None:  # scoring adds it for the customer's own last articles (trainer/model/repeats.py)
         written["repeat_bonus"] = [float(x) for x in bonus]
         written["temperature"] = float(embedder.temperature)
         written["repeat_mode"] = "mixture" if repeat_head(embedder.model) is not None else "bonus"

@@ -5,7 +5,7 @@
 
 Each customer's query uses their last ``history_len`` purchases over all transactions, so the
 recommendations are for the days after the data ends (``recommend.as_of=YYYY-MM-DD``: as of that day,
-from the data before it). Ranking is the Retriever's (trainer/retriever.py): the index stage's FAISS
+from the data before it). Ranking is the Retriever's (trainer/retrieval/retriever.py): the index stage's FAISS
 index when it exists, else exact search over the model's item vectors. Cold-start customers
 (an id the model has never seen, or no purchase history) get the most popular articles of the last
 week instead; how many did is reported (and logged) with the output.
@@ -30,11 +30,11 @@ from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
 from trainer import config as _train_config  # noqa: F401
-from trainer import distributed as D
-from trainer import index as ix
-from trainer.inference import Embedder
-from trainer.retriever import Retriever
-from trainer.search import seen_lists, subset
+from trainer.parallel import distributed as D
+from trainer.retrieval import ivf as ix
+from trainer.retrieval.embedder import Embedder
+from trainer.retrieval.retriever import Retriever
+from trainer.retrieval.search import seen_lists, subset
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 Reads ``prepare.out``; writes into the run directory its config, ``checkpoints/step-N`` (resumed when the
 fingerprint matches), ``tb/``, ``metrics.json``, and ``PREEMPTED`` when a stop signal ended it early.
-The loop counts global steps; the rest are parts built once (trainer/builder.py) and components with
+The loop counts global steps; the rest are parts built once (trainer/loop/builder.py) and components with
 their own state: validation, checkpoint choice and early stopping (validator), step lines (logs),
 checkpoints (checkpoint, state), stops (stops)."""
 
@@ -24,17 +24,24 @@ from data.io import join, write_json
 from data.lock import output_lock
 from data.runinfo import progress_bar, start_run
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
-from trainer import distributed as D
-from trainer import plots
-from trainer.builder import build_training
-from trainer.checkpoint import CheckpointManager
-from trainer.fingerprint import fingerprint
-from trainer.inference import prepared_manifest
-from trainer.logs import Scalars, StepLogger, quiet_libraries
-from trainer.negatives import refresh_due
-from trainer.state import TrainState
-from trainer.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, weights_finite, write_marker
-from trainer.validator import Validator
+from trainer.evaluation import plots
+from trainer.loop.builder import build_training
+from trainer.loop.checkpoint import CheckpointManager
+from trainer.loop.fingerprint import fingerprint
+from trainer.loop.logs import Scalars, StepLogger, quiet_libraries
+from trainer.loop.state import TrainState
+from trainer.loop.stops import (
+    FiniteGuard,
+    StopRequested,
+    StopSignal,
+    clear_marker,
+    weights_finite,
+    write_marker,
+)
+from trainer.loop.validator import Validator
+from trainer.model.negatives import refresh_due
+from trainer.parallel import distributed as D
+from trainer.retrieval.embedder import prepared_manifest
 
 log = logging.getLogger(__name__)
 

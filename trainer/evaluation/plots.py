@@ -13,8 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from data.io import atomic_open, fs_and_path  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Both towers run over the batch's joined KJT (B query rows, then the M mixed-negative rows, item tower
 only); mined hard negatives, when on, take a second item-tower lookup; the loss is the sampled softmax
-of trainer.loss with the streaming logQ estimate updated after each step.
+of trainer/model/loss.py with the streaming logQ estimate updated after each step.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ import torch
 
 from data.shards import shares
 from data.tables import FeatureTables
-from trainer import distributed as D
-from trainer.inputs import ItemFeatures, ModelInput
-from trainer.loss import LogQ, Negatives, retrieval_loss
-from trainer.model import POSITION_PREFIX
-from trainer.negatives import HardNegativeMiner
-from trainer.popularity import RecentSales, sales_bias
-from trainer.repeats import add_bonus, mix_recent, recent_articles, repeat_bias, repeat_head
+from trainer.model.inputs import ItemFeatures, ModelInput
+from trainer.model.loss import LogQ, Negatives, retrieval_loss
+from trainer.model.negatives import HardNegativeMiner
+from trainer.model.repeats import add_bonus, mix_recent, recent_articles, repeat_bias, repeat_head
+from trainer.model.sales import RecentSales, sales_bias
+from trainer.model.towers import POSITION_PREFIX
+from trainer.parallel import distributed as D
 
 
 def reference(q: torch.Tensor, pos: torch.Tensor, neg: Negatives) -> torch.Tensor:
     """(B,) each query's mean score over the catalogue, estimated from the global batch's uniform
-    negatives: the buying-again level is set against it (trainer/repeats.py). Without them
+    negatives: the buying-again level is set against it (trainer/model/repeats.py). Without them
     (``loss.mixed_negatives=0``) the global batch's positives stand in: popularity-weighted, so scoring's
     catalogue mean is then only near it."""
     items = neg.extra if neg.extra is not None and len(neg.extra) else D.all_gather_with_grad(pos)[0]
@@ -39,7 +39,7 @@ class TrainTask:
         self.item_features: ItemFeatures | None = None  # built on first use (mined hard negatives only)
         self.step = 0  # the step being trained (for the miner's draws), set by the loop
         self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
-        self.sales = sales  # recent sales as a score bonus (trainer/popularity.py), or None
+        self.sales = sales  # recent sales as a score bonus (trainer/model/sales.py), or None
         self._bias = None  # the model's sales_bias parameter, found on first use
         self._repeat = None  # the model's repeat_bias parameter (False: none), found on first use
 
@@ -64,8 +64,8 @@ class TrainTask:
         return loss, stats, inp.article_idx
 
     def _bonus(self, inp: ModelInput, b: int, q: torch.Tensor, pos: torch.Tensor, neg: Negatives):
-        """The loss's per-(row, candidate) logit terms: recent sales (trainer/popularity.py) and buying
-        again (trainer/repeats.py), both learned in dot-product units like the towers' scores; or None.
+        """The loss's per-(row, candidate) logit terms: recent sales (trainer/model/sales.py) and buying
+        again (trainer/model/repeats.py), both learned in dot-product units like the towers' scores; or None.
         Each term is ``term(logits, ids, shift)``, ``shift`` the candidates' logQ correction (or None)."""
         if self._bias is None:  # the model's parameters, found on first use (False: none)
             self._bias = sales_bias(self.model) if self.sales is not None else False

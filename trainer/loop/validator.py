@@ -1,4 +1,4 @@
-"""The training run's validation component: ranks the validation customers (trainer/validation.py) after
+"""The training run's validation component: ranks the validation customers (trainer/evaluation/validation.py) after
 each epoch, and from the metrics it keeps decides the best checkpoint (``trainer.select_metric``), early
 stopping (``trainer.patience``) and the plateau schedule's stalls. Its state is the train state's
 history (``val`` and ``best``), so it is saved and resumed with every checkpoint."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from trainer.schedule import stalls
-from trainer.validation import training_purchases, validate
+from trainer.evaluation.validation import training_purchases, validate
+from trainer.loop.schedule import stalls
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ For query row b with positive article p_b, the candidates are
     over the ranks, so N ranks compute the gradient one process would over the global batch),
   * ``M`` uniform catalogue articles shared by all rows (mixed negatives; the caller gathers each
     rank's share of the global batch's draws),
-  * ``H`` hard negatives of its own (mined, see trainer.negatives).
+  * ``H`` hard negatives of its own (mined, see trainer/model/negatives.py).
 Logits are dot products over ``temperature``. With logQ correction each shared candidate's logit is
 reduced by the log of its expected count in the candidate set: ``log(N_batch * q_j)`` for in-batch
 candidates sampled by popularity ``q_j``, ``log(M / catalogue)`` for uniform ones (Yi et al. 2019;
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed as D
 from trainer.config import LogQMode
+from trainer.parallel import distributed as D
 
 MASKED = -1e9  # finite: keeps gradients exact zeros instead of NaN
 
@@ -106,7 +106,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
                    bonus=None) -> tuple[torch.Tensor, dict]:
     """Mean softmax cross-entropy of each query against its positive; returns (loss, stats). ``bonus``:
     ``bonus(logits, ids)`` adds a per-(row, candidate) term to the logits, called with the shared
-    candidates' ids (C,) and the hard negatives' (B, H) (trainer/repeats.py)."""
+    candidates' ids (C,) and the hard negatives' (B, H) (trainer/model/repeats.py)."""
     negatives = negatives or Negatives()
     b = query.shape[0]
     if cfg.cross_rank and group is not None:  # the global batch's positives, in rank order

@@ -54,7 +54,7 @@ def short_id(fp: dict) -> str:
 
 
 # Settings whose default is not what the code did before they existed: a checkpoint that predates one
-# ran as this value says (buying again was the bonus before the mixture, trainer/repeats.py; the history
+# ran as this value says (buying again was the bonus before the mixture, trainer/model/repeats.py; the history
 # was a bag before the transformer, now the default, was a choice).
 PREDATING = {"model.repeat_mode": "bonus", "model.history_encoder": "bag"}
 

@@ -224,7 +224,7 @@ def check_collectives() -> None:
             where = _direct_caller_in_project(sys._getframe(1))
             if where is not None:
                 raise RuntimeError(f"torch.distributed.{_name} called directly from {where}: use the helpers in "
-                                   "trainer/distributed.py, which put tensors on the process group's device")
+                                   "trainer/parallel/distributed.py, which put tensors on the process group's device")
             return _fn(*args, **kwargs)
 
         checked._twotower_checked = True

@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.inputs import history_positions
-from trainer.model import POSITION_PREFIX
+from trainer.model.inputs import history_positions
+from trainer.model.towers import POSITION_PREFIX
 
 
 def recent_articles(sparse, n_rows: int, positions: int) -> torch.Tensor:

@@ -22,8 +22,6 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from trainer.config import HistoryEncoder, RepeatMode
 
-
-
 ARTICLE_TABLE = "t_article"
 SHARED_WITH_ARTICLE = {"article_id", "history"}
 POSITION_PREFIX = "hist_"  # hist_0 .. hist_{P-1}: the history by position, newest first
@@ -116,9 +114,9 @@ class TwoTower(nn.Module):
             self.item_tower = nn.Identity()
             self.output_dim = i_in
         self.feature_keys = [*query_keys(cfg), *self.item_features]
-        # the score bonus per bucket of recent sales (trainer/popularity.py); used by the loss and scoring
+        # the score bonus per bucket of recent sales (trainer/model/sales.py); used by the loss and scoring
         self.sales_bias = nn.Parameter(torch.zeros(cfg.recent_sales_buckets)) if cfg.recent_sales_buckets else None
-        # buying again one of the query's own recent articles (trainer/repeats.py): a term per position,
+        # buying again one of the query's own recent articles (trainer/model/repeats.py): a term per position,
         # newest first, and with the mixture a level per query read off its vector
         self.repeat_bias = nn.Parameter(torch.zeros(cfg.repeat_positions)) if cfg.repeat_positions else None
         mixture = cfg.repeat_positions and cfg.repeat_mode == RepeatMode.mixture

@@ -21,7 +21,7 @@ with a warning, and the next older one is loaded; training that passes step N ag
 checkpoint with a damaged file found at the start of a run is moved aside the same way. Written by another
 number of ranks, only the parts that do not depend on the ranks are loaded (the caller is told).
 
-Everything saved is a tensor (trainer/state.py): loading unpickles nothing but DCP's own metadata, so
+Everything saved is a tensor (trainer/loop/state.py): loading unpickles nothing but DCP's own metadata, so
 load only checkpoints written by this project (the run's own directory).
 """
 
@@ -41,9 +41,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from data.runinfo import FILE_ONLY
-from trainer import distributed as D
-from trainer.fingerprint import differences, short_id
-from trainer.state import BLOB
+from trainer.loop.fingerprint import differences, short_id
+from trainer.loop.state import BLOB
+from trainer.parallel import distributed as D
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer import distributed as D
 from trainer.config import HardAnchor
-from trainer.search import top_k
+from trainer.parallel import distributed as D
+from trainer.retrieval.search import top_k
 
 ANCHORS = tuple(str(a) for a in HardAnchor)
 

@@ -12,7 +12,7 @@ import torch
 
 from data.prepare import recent_sales
 from data.tables import FeatureTables
-from trainer.popularity import RecentSales, buckets_of
+from trainer.model.sales import RecentSales, buckets_of
 
 
 def naive_bucket(count: int, n_buckets: int) -> int:

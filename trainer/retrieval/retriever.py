@@ -3,12 +3,12 @@ nothing else ranks the catalogue for the model.
 
 A ranking is:
   1. the inner product of the query and item vectors (the recent-sales bonus is one column of each,
-     trainer/popularity.py), searched exactly (trainer/search.py, on the GPU when there is one) or
+     trainer/model/sales.py), searched exactly (trainer/retrieval/search.py, on the GPU when there is one) or
      through the index stage's FAISS index at its chosen nprobe;
   2. articles the customer bought left out (``seen``): exactly in exact search, from a fetch of
      ``seen_margin`` more candidates through the index;
   3. without that exclusion, the customer's own last articles scored with the buying-again term
-     (trainer/repeats.py: a bonus per position, or the mixture with a per-customer level) and the best k
+     (trainer/model/repeats.py: a bonus per position, or the mixture with a per-customer level) and the best k
      kept; the inner product fetches k + positions candidates so that the answer is exact.
 
 Built from a model in memory (:meth:`Retriever.from_embedder`: validation, recommend) or from an export
@@ -25,9 +25,9 @@ import torch
 
 from data.io import fs_and_path, join, read_json, read_table
 from data.staging import output_of
-from trainer import index as ix
-from trainer.repeats import boost_recent
-from trainer.search import drop_seen, top_k
+from trainer.model.repeats import boost_recent
+from trainer.retrieval import ivf as ix
+from trainer.retrieval.search import drop_seen, top_k
 
 CSR = tuple[np.ndarray, np.ndarray]  # (offsets, values): one list per query
 

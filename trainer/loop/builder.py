@@ -11,20 +11,20 @@ import torch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from trainer.model import TwoTower
-from trainer.sharding import init_tables, shard
+from trainer.model.towers import TwoTower
+from trainer.parallel.sharding import init_tables, shard
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the training parts import the model's modules: built lazily, for inference's sake
     from data.loader import BatchLoader
     from data.stream import ExampleStream
-    from trainer.inference import Embedder
-    from trainer.loss import LogQ
-    from trainer.negatives import HardNegativeMiner
-    from trainer.pipeline import Steps
-    from trainer.schedule import LRSchedule
-    from trainer.task import TrainTask
+    from trainer.loop.pipeline import Steps
+    from trainer.loop.schedule import LRSchedule
+    from trainer.loop.task import TrainTask
+    from trainer.model.loss import LogQ
+    from trainer.model.negatives import HardNegativeMiner
+    from trainer.retrieval.embedder import Embedder
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Training:
 
     def checkpoint_parts(self, state, device: torch.device, rank: int) -> dict:
         """Everything a checkpoint of the run holds, each part Stateful."""
-        from trainer.state import ModelState, OptimizerState, PerRank, RngState
+        from trainer.loop.state import ModelState, OptimizerState, PerRank, RngState
 
         parts = {"model": ModelState(self.built.model), "fused_optimizer": OptimizerState(self.built.fused_optimizer),
                  "train": state, "rng": PerRank(RngState(device), rank)}
@@ -107,13 +107,13 @@ def build_training(cfg, manifest: dict, dist) -> Training:
     from data.io import join
     from data.loader import make_loader
     from data.stream import ExampleStream
-    from trainer.device import loader_workers, set_precision
-    from trainer.inference import Embedder, recent_sales
-    from trainer.loss import LogQ
-    from trainer.negatives import HardNegativeMiner
-    from trainer.pipeline import Steps, use_pipeline
-    from trainer.schedule import LRSchedule
-    from trainer.task import TrainTask
+    from trainer.loop.pipeline import Steps, use_pipeline
+    from trainer.loop.schedule import LRSchedule
+    from trainer.loop.task import TrainTask
+    from trainer.model.loss import LogQ
+    from trainer.model.negatives import HardNegativeMiner
+    from trainer.parallel.device import loader_workers, set_precision
+    from trainer.retrieval.embedder import Embedder, recent_sales
 
     loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
     if loop.global_batch_size <= 0 or loop.global_batch_size % dist.world:

@@ -1,5 +1,5 @@
 """Per-epoch validation: the model's full-catalogue ranking of the validation customers, scored by
-trainer.metrics (Recall@K, NDCG@K, MAP@12, ...), with exact search over every article."""
+trainer/evaluation/metrics.py (Recall@K, NDCG@K, MAP@12, ...), with exact search over every article."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import torch
 
 from data.io import join
-from trainer import distributed as D
-from trainer.inference import Embedder
-from trainer.metrics import evaluate
-from trainer.retriever import Retriever
-from trainer.search import seen_lists, subset
+from trainer.evaluation.metrics import evaluate
+from trainer.parallel import distributed as D
+from trainer.retrieval.embedder import Embedder
+from trainer.retrieval.retriever import Retriever
+from trainer.retrieval.search import seen_lists, subset
 
 
 def training_purchases(prepared: str, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from data.batch import Batch, PackedBatch
 from data.tables import FeatureTables
-from trainer.model import POSITION_PREFIX
+from trainer.model.towers import POSITION_PREFIX
 
 
 def history_positions(history, positions: int) -> torch.Tensor:
@@ -76,7 +75,7 @@ class ModelInput(Pipelineable):
     query_dense: torch.Tensor  # (B, 3): sin, cos of the time of year, the history's length
     article_idx: torch.Tensor  # (B,) the positive of each row
     extra_ids: torch.Tensor | None = None  # (M,) article_idx of the item-only rows
-    week: torch.Tensor | None = None  # (B,) the rows' weeks for recent sales (trainer/popularity.py)
+    week: torch.Tensor | None = None  # (B,) the rows' weeks for recent sales (trainer/model/sales.py)
 
     @classmethod
     def from_batch(cls, batch: Batch, keys: list[str]) -> "ModelInput":

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torchrec import KeyedJaggedTensor
 
 from trainer.config import ModelConfig, ShardingConfig
-from trainer.inputs import join_rows
-from trainer.model import ARTICLE_TABLE, TwoTower, table_configs
-from trainer.sharding import check_constraints
-from torchrec import KeyedJaggedTensor
+from trainer.model.inputs import join_rows
+from trainer.model.towers import ARTICLE_TABLE, TwoTower, table_configs
+from trainer.parallel.sharding import check_constraints
 
 CARDS = {"customer_id": 11, "age_bucket": 5, "club_status": 4, "news_freq": 4, "postal_code": 32, "article_id": 21,
          "product_type": 6, "product_group": 4, "colour_group": 7, "department": 9, "index": 5, "section": 6,
@@ -85,7 +85,7 @@ def test_constraint_errors():
 def test_history_positions_newest_first_against_a_loop():
     from torchrec import JaggedTensor
 
-    from trainer.inputs import history_positions
+    from trainer.model.inputs import history_positions
 
     hist = [[5, 6, 7], [], [9], [1, 2, 3, 4, 8]]
     jt = JaggedTensor(values=torch.tensor([v for h in hist for v in h]), lengths=torch.tensor([len(h) for h in hist]))
@@ -98,7 +98,7 @@ def test_history_positions_newest_first_against_a_loop():
 
 def test_transformer_history_reads_order_and_positions_share_the_article_table():
     from data.batch import Batch
-    from trainer.inputs import ModelInput
+    from trainer.model.inputs import ModelInput
 
     cfg = OmegaConf.structured(ModelConfig(history_encoder="transformer", history_positions=4))
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import logging
 import torch
 
 from trainer.config import Pipeline
-from trainer.inputs import HostInput, ModelInput
-from trainer.task import TrainTask
+from trainer.loop.task import TrainTask
+from trainer.model.inputs import HostInput, ModelInput
 
 log = logging.getLogger(__name__)
 

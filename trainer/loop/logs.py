@@ -10,7 +10,7 @@ import time
 import torch
 
 from data.runinfo import FILE_ONLY
-from trainer import distributed as D
+from trainer.parallel import distributed as D
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The parts of a run's state that are not the model: each ``Stateful``, each holding tensors only.
 
-A checkpoint is ``{name: part}`` saved and loaded whole by trainer.checkpoint with
+A checkpoint is ``{name: part}`` saved and loaded whole by trainer/loop/checkpoint.py with
 torch.distributed.checkpoint. Everything here is a tensor, so no part of a checkpoint is unpickled
 (small structured values travel as UTF-8 JSON in a uint8 tensor, a "blob"). Parts that differ between
 ranks (RNG) are keyed by rank, since DCP keeps one copy of a key written by every rank. The data position

@@ -18,18 +18,18 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.io import fs_and_path, join, read_json
 from data.batch import packed_from_arrays
+from data.io import fs_and_path, join, read_json
 from data.tables import FeatureTables
-from trainer import distributed as D
-from trainer.builder import build
-from trainer.checkpoint import CheckpointManager, best, latest
 from trainer.config import TrainJob
-from trainer.fingerprint import PREDATING, data_digest, fingerprint
-from trainer.inputs import model_input
-from trainer.popularity import RecentSales, sales_bias
-from trainer.repeats import repeat_bias, repeat_head
-from trainer.state import ModelState
+from trainer.loop.builder import build
+from trainer.loop.checkpoint import CheckpointManager, best, latest
+from trainer.loop.fingerprint import PREDATING, data_digest, fingerprint
+from trainer.loop.state import ModelState
+from trainer.model.inputs import model_input
+from trainer.model.repeats import repeat_bias, repeat_head
+from trainer.model.sales import RecentSales, sales_bias
+from trainer.parallel import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class RunInfo:
 
 def typed(config, world_size: int = 1) -> DictConfig:
     """A saved train config, typed by the train schema again (choices become enums, keys are checked).
-    A setting the run predates takes what the code did then (trainer/fingerprint.py PREDATING), not
+    A setting the run predates takes what the code did then (trainer/loop/fingerprint.py PREDATING), not
     today's default: a run saved before ``model.repeat_mode`` existed keeps the bonus. A run from before
     the batch was global (``trainer.batch_size`` per rank) gets ``global_batch_size`` = that times the
     ``world_size`` it ran on."""
@@ -98,7 +98,7 @@ class Embedder:
         self.temperature = temperature  # the loss's: the buying-again mixture scores in its units
         self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
         self.tables = tables or FeatureTables(prepared, manifest)
-        self.sales = sales  # scoring vectors carry the recent-sales bonus (trainer/popularity.py)
+        self.sales = sales  # scoring vectors carry the recent-sales bonus (trainer/model/sales.py)
         self.n_items = int(manifest["cardinalities"]["article_id"])
         self.last_day = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
 
@@ -137,7 +137,7 @@ class Embedder:
                    sales=recent_sales(cfg, manifest, dist_.device), temperature=cfg.loss.temperature), info
 
     def repeat_bonus(self) -> np.ndarray | None:
-        """The learned bonus per history position, newest first (trainer/repeats.py), or None."""
+        """The learned bonus per history position, newest first (trainer/model/repeats.py), or None."""
         p = repeat_bias(self.model)
         return None if p is None else p.detach().float().cpu().numpy()
 
@@ -147,7 +147,7 @@ class Embedder:
 
     @torch.no_grad()
     def repeat_level(self, q: torch.Tensor, items: torch.Tensor) -> np.ndarray | None:
-        """(n,) each query's buying-again level (trainer/repeats.py), in score units, from its scoring
+        """(n,) each query's buying-again level (trainer/model/repeats.py), in score units, from its scoring
         vector and the catalogue's (:meth:`items`); None when the model scores repeats by the bonus."""
         head = repeat_head(self.model)
         if head is None:

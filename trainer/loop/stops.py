@@ -12,7 +12,7 @@ import signal
 
 import torch
 
-from trainer import distributed as D
+from trainer.parallel import distributed as D
 
 MARKER = "PREEMPTED"
 
