@@ -30,7 +30,7 @@ class Batch:
     article_idx: torch.Tensor  # (B,) int64: the positive item of each row
     extra_item: KeyedJaggedTensor | None = None  # M extra catalogue articles (mixed negatives)
     extra_ids: torch.Tensor | None = None  # (M,) int64: their article_idx
-    week: torch.Tensor | None = None  # (B,) int64: the row's week for recent sales (FeatureTables.week_index)
+    day: torch.Tensor | None = None  # (B,) int64: the row's day (days since 1970-01-01)
 
     def _map(self, fn) -> "Batch":
         return Batch(*(None if getattr(self, f) is None else fn(getattr(self, f)) for f in self._fields()))
@@ -43,7 +43,7 @@ class Batch:
 
     @staticmethod
     def _fields() -> tuple[str, ...]:
-        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids", "week")
+        return ("query", "item", "query_dense", "customer_idx", "article_idx", "extra_item", "extra_ids", "day")
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
@@ -82,7 +82,7 @@ class Columns:
     history: Jagged
     desc: Jagged | None
     tod: np.ndarray  # (n, 2) float32
-    week: np.ndarray  # (n,) int32
+    day: np.ndarray  # (n,) int32: days since 1970-01-01
 
     def __len__(self) -> int:
         return len(self.customer)
@@ -92,7 +92,7 @@ class Columns:
         return Columns(self.customer[lo:hi], self.article[lo:hi], self.cust_feats[:, lo:hi],
                        self.art_feats[:, lo:hi], self.history.slice(lo, hi),
                        self.desc.slice(lo, hi) if self.desc is not None else None, self.tod[lo:hi],
-                       self.week[lo:hi])
+                       self.day[lo:hi])
 
     def concat(self, other: "Columns") -> "Columns":
         return Columns(np.r_[self.customer, other.customer], np.r_[self.article, other.article],
@@ -100,7 +100,7 @@ class Columns:
                        np.concatenate([self.art_feats, other.art_feats], axis=1),
                        self.history.concat(other.history),
                        self.desc.concat(other.desc) if self.desc is not None else None,
-                       np.concatenate([self.tod, other.tod]), np.r_[self.week, other.week])
+                       np.concatenate([self.tod, other.tod]), np.r_[self.day, other.day])
 
     def pack(self, item_keys: tuple[str, ...]) -> "PackedBatch":
         """One int64 buffer in KJT key-major layout: values, then lengths, then ids and dense."""
@@ -114,7 +114,7 @@ class Columns:
                  np.ones(b * (1 + len(self.art_feats)), np.int64)]
         if self.desc is not None:
             parts.append(self.desc.lengths())
-        parts += [self.customer, self.article, np.ascontiguousarray(self.tod).view(np.int64).reshape(-1), self.week]
+        parts += [self.customer, self.article, np.ascontiguousarray(self.tod).view(np.int64).reshape(-1), self.day]
         return PackedBatch(torch.from_numpy(np.concatenate(parts, dtype=np.int64)), b, nq, ni, item_keys)
 
 
@@ -153,7 +153,7 @@ class PackedBatch:
         b, nq, ni = self.batch, self.n_query_values, self.n_item_values
         nqk, nik = len(QUERY_KEYS), len(self.item_keys)
         cuts = np.cumsum([nq, ni, b * nqk, b * nik, b, b, b, b])
-        q_val, i_val, q_len, i_len, cust, art, dense, week = torch.tensor_split(self.buf, cuts[:-1].tolist())
+        q_val, i_val, q_len, i_len, cust, art, dense, day = torch.tensor_split(self.buf, cuts[:-1].tolist())
         # Values per key, known here without reading the lengths (a device sync on a GPU): one id per row
         # for every key but the last (history on the query side, description tokens on the item side).
         q_counts = [b] * (nqk - 1) + [nq - b * (nqk - 1)]
@@ -164,7 +164,7 @@ class PackedBatch:
             item=KeyedJaggedTensor(keys=list(self.item_keys), values=i_val, lengths=i_len, stride=b,
                                    length_per_key=i_counts),
             query_dense=dense.view(torch.float32).view(b, 2),
-            customer_idx=cust, article_idx=art, week=week,
+            customer_idx=cust, article_idx=art, day=day,
         )
 
 
@@ -192,4 +192,4 @@ def columns_for(tables: FeatureTables, customer: np.ndarray, article: np.ndarray
     return Columns(customer, article, np.take(tables.customer, customer, axis=1),
                    np.take(tables.article, article, axis=1),
                    Jagged.from_lengths(np.asarray(hist_lengths), np.asarray(hist_values, np.int32)), desc,
-                   tables.time_of_year(np.asarray(day, np.int64)), tables.week_index(np.asarray(day, np.int64)))
+                   tables.time_of_year(np.asarray(day, np.int64)), np.asarray(day, np.int32))

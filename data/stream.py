@@ -11,10 +11,12 @@ there exactly, on any number of ranks or loader workers, and the trainer keeps i
 (no per-rank or per-worker loader state to save).
 
 Batches are data/batch.py's (KeyedJaggedTensors built straight from numpy columns); the loader over the
-stream is data/loader.py, the per-id feature lookups data/tables.py. With ``extra_items=M`` each global batch also carries M uniformly drawn catalogue articles (the loss's mixed
-negatives), drawn from (seed, epoch, global batch); each rank resolves its share of them and the loss
-gathers them back. How these become the model's input is the trainer's business (trainer/model/inputs.py);
-the stream knows features, not models.
+stream is data/loader.py, the per-id feature lookups data/tables.py. With ``extra_rows``, a callable
+``(epoch, global batch) -> article ids`` that the trainer hands in (its mixed negatives:
+trainer/model/negatives.py ``UniformNegatives``), each batch also carries those catalogue articles as
+item-only rows, their features resolved in the loader worker like the batch's own. How these become the
+model's input is the trainer's business (trainer/model/inputs.py); the stream knows features, not models
+or losses.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -31,20 +34,18 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data.batch import Columns, Jagged, columns_for
 from data.io import fs_and_path
-from data.shards import EpochPlan, StreamError, Window, discover_units, shares
+from data.shards import EpochPlan, StreamError, Window, discover_units
 from data.tables import FeatureTables
 
 log = logging.getLogger(__name__)
-
-EXTRA_ITEMS_SALT = 0x6E6567  # keeps the extra-item draws apart from the window permutations
-
 
 class ExampleStream(IterableDataset):
     """See the module docstring. ``batch_size`` is the global batch; this rank yields its
     ``batch_size // world_size`` rows of each. ``set_epoch(epoch, start)`` resumes at global batch ``start``."""
 
     def __init__(self, prepared: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_rows: int = 65_536, num_workers: int = 1, prefetch: int = 2, extra_items: int = 0):
+                 shuffle_rows: int = 65_536, num_workers: int = 1, prefetch: int = 2,
+                 extra_rows: Callable[[int, int], np.ndarray] | None = None):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -56,7 +57,7 @@ class ExampleStream(IterableDataset):
         self.shuffle_rows = shuffle_rows
         self.prefetch = max(1, prefetch)  # windows read ahead, each on its own thread
         self.num_workers = max(1, num_workers)
-        self.extra_items = extra_items  # per global batch; this rank resolves its share
+        self.extra_rows = extra_rows  # (epoch, global batch) -> this rank's extra catalogue articles
         self.units, self.manifest = discover_units(prepared)
         self.tables = FeatureTables(prepared, self.manifest)
         self.history_len = self.manifest["history_len"]
@@ -90,15 +91,6 @@ class ExampleStream(IterableDataset):
             raise StreamError(f"epoch {epoch} has {self.batches_per_epoch(epoch)} batches; cannot start at {start}")
         self.epoch, self.start = epoch, start
 
-    def extra_ids(self, epoch: int, batch: int) -> np.ndarray:
-        """This rank's share of the global batch's uniform catalogue articles (1..N-1; 0 is the OOV row):
-        drawn for the global batch, so the ranks' shares, gathered in rank order, are the one-rank draw."""
-        rng = np.random.default_rng([self.seed, EXTRA_ITEMS_SALT, epoch, batch])
-        ids = rng.integers(1, self.tables.cards["article_id"], self.extra_items).astype(np.int32)
-        split = shares(self.extra_items, self.world_size)
-        lo = sum(split[:self.rank])
-        return ids[lo:lo + split[self.rank]]
-
     # ------------------------------------------------------------ iteration
 
     def __iter__(self):
@@ -129,8 +121,8 @@ class ExampleStream(IterableDataset):
                 pos = 0
                 while len(cols) - pos >= b:
                     packed = cols.slice(pos, pos + b).pack(keys)
-                    if self.extra_items > 0:
-                        extra = self.extra_ids(epoch, int(ids[done]))
+                    if self.extra_rows is not None:
+                        extra = np.asarray(self.extra_rows(epoch, int(ids[done])), np.int32)
                         packed.extra = columns_for(self.tables, np.zeros(len(extra), np.int32), extra,
                                                    np.zeros(len(extra), np.int64)).pack(keys)
                     pos += b
@@ -164,7 +156,7 @@ class ExampleStream(IterableDataset):
         tb = self.tables
         desc = Jagged.from_lengths(*tb.desc(a)) if tb.has_desc else None
         return Columns(c, a, np.take(tb.customer, c, axis=1), np.take(tb.article, a, axis=1),
-                       Jagged(h_off - h_off[0], h_val), desc, tb.time_of_year(day), tb.week_index(day)), oov
+                       Jagged(h_off - h_off[0], h_val), desc, tb.time_of_year(day), day.astype(np.int32)), oov
 
     def _file(self, url: str) -> pq.ParquetFile:
         key = (threading.get_ident(), url)

@@ -1,5 +1,5 @@
 """Per-id feature lookups for the stream and for inference: each customer's and article's features as
-dense numpy arrays, the time of year and recent-sales week of a day, article descriptions as token lists."""
+dense numpy arrays, the time of year of a day, article descriptions as token lists."""
 
 from __future__ import annotations
 
@@ -30,9 +30,6 @@ class FeatureTables:
         last = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
         days = np.arange(first - 1, last + 400)
         self._tod = (first - 1, np.stack(features.time_of_year(days), axis=1))
-        sales = manifest.get("recent_sales")
-        self._sales = None if sales is None else (
-            int(np.datetime64(sales["train_end"], "D").astype(np.int64)), int(sales["weeks"]))
         self.customer = self._dense(cust, "customer_idx", self.customer_features, self.cards["customer_id"])
         self.article = self._dense(art, "article_idx", self.article_features, self.cards["article_id"])
         if self.has_desc:  # a list array indexed by article_idx: a batch's tokens are one Arrow take
@@ -62,15 +59,6 @@ class FeatureTables:
         if len(day) and (day.min() < lo or day.max() >= lo + len(table)):
             return np.stack(features.time_of_year(day), axis=1)
         return table[day - lo]
-
-    def week_index(self, day: np.ndarray) -> np.ndarray:
-        """(B,) int32: which row of the recent-sales table a day reads (trainer/model/sales.py): ``weeks``
-        for the first week after training (evaluation) and later, ``weeks - 1`` for the last training
-        week, ..., 0 before the data. All 0 for prepared data without recent sales."""
-        if self._sales is None:
-            return np.zeros(len(day), np.int32)
-        end, weeks = self._sales
-        return np.clip((np.asarray(day, np.int64) - end) // 7 + weeks, 0, weeks).astype(np.int32)
 
     def desc(self, article_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lengths and concatenated tokens of the given articles' descriptions."""

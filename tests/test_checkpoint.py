@@ -261,3 +261,37 @@ def test_run_json_records_every_files_size_and_checksum(tmp_path):
     for name in on_disk:
         data = open(os.path.join(path, name), "rb").read()
         assert recorded[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_checkpoint_from_before_a_rename_loads_under_the_new_names(tmp_path):
+    """Parameters renamed in the code (TwoTower's ``sales_bias`` -> ``sales.bias``) still load from a
+    checkpoint saved under the old names; without the renames the missing key is an error naming it."""
+    from trainer.model.towers import RENAMED
+
+    class Old(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sales_bias = torch.nn.Parameter(torch.arange(4.0))
+            self.repeat_level = torch.nn.Linear(3, 1)
+
+    class New(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sales = torch.nn.Module()
+            self.sales.bias = torch.nn.Parameter(torch.zeros(4))
+            self.repeats = torch.nn.Module()
+            self.repeats.level = torch.nn.Linear(3, 1)
+
+    old = Old()
+    saved = CheckpointManager(str(tmp_path), {"model": ModelState(old)}, FP)
+    saved.prepare(resume=True)
+    saved.save(4)
+    new = New()
+    assert not torch.equal(new.sales.bias, old.sales_bias)
+    loaded = CheckpointManager(str(tmp_path), {"model": ModelState(new)}, FP, renamed=RENAMED).load()
+    assert loaded.step == 4
+    assert torch.equal(new.sales.bias, old.sales_bias)
+    assert torch.equal(new.repeats.level.weight, old.repeat_level.weight)
+    assert set(new.state_dict()) == {"sales.bias", "repeats.level.weight", "repeats.level.bias"}
+    with pytest.raises(CheckpointError, match="sales.bias: missing in the checkpoint"):
+        CheckpointManager(str(tmp_path), {"model": ModelState(New())}, FP).load()

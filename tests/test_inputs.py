@@ -10,6 +10,7 @@ from data.io import join
 from data.loader import make_loader
 from data.stream import ExampleStream
 from trainer.model.inputs import ModelInput
+from trainer.model.negatives import UniformNegatives
 
 
 def collect(loader, n: int) -> list:
@@ -30,8 +31,9 @@ def test_extra_items_and_the_joined_model_input(tiny_prepared):
     against the feature tables."""
     prepared, m = tiny_prepared
     n_items = m["cardinalities"]["article_id"]
-    batches = collect(make_loader(ExampleStream(prepared, 64, extra_items=40, seed=3)), 3)
-    again = collect(make_loader(ExampleStream(prepared, 64, extra_items=40, seed=3)), 3)
+    uniform = UniformNegatives(40, n_items, seed=3)
+    batches = collect(make_loader(ExampleStream(prepared, 64, extra_rows=uniform, seed=3)), 3)
+    again = collect(make_loader(ExampleStream(prepared, 64, extra_rows=uniform, seed=3)), 3)
     assert all(torch.equal(x.extra_ids, y.extra_ids) for x, y in zip(batches, again))  # deterministic
     assert not torch.equal(batches[0].extra_ids, batches[1].extra_ids)  # fresh draws per batch
     ids = torch.cat([b.extra_ids for b in batches])

@@ -8,14 +8,15 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from trainer.model.repeats import (
+    RepeatTerm,
     _dense_bonus,
     add_bonus,
     boost_recent,
     logit_bonus,
     mix_recent,
     newest_first,
-    recent_articles,
 )
+from trainer.model.inputs import recent_articles
 
 
 def naive_position(history: list[int], item: int, positions: int) -> int | None:
@@ -234,18 +235,19 @@ def test_the_scoring_level_reads_the_towers_columns_and_the_catalogue_mean():
 
     rng = np.random.default_rng(7)
     d = 4
-    model = torch.nn.Module()
-    model.repeat_level = torch.nn.Linear(d, 1)
+    term = RepeatTerm(3, d, mixture=True)
+    head = torch.nn.Linear(d, 1)  # a one-layer head, so the reference is written by hand
+    term.level = head
     emb = Embedder.__new__(Embedder)
-    emb.model, emb.device, emb.sales = model, torch.device("cpu"), object()  # with recent sales: D + 1
+    emb.device, emb.sales, emb.repeats = torch.device("cpu"), object(), term  # with recent sales: D + 1
     q = torch.from_numpy(np.c_[rng.normal(size=(6, d)), np.ones(6)].astype(np.float32))
     items = torch.from_numpy(rng.normal(size=(9, d + 1)).astype(np.float32))
     items[0] = 100.0  # the OOV row must not count
-    w, b = model.repeat_level.weight.detach().numpy()[0], model.repeat_level.bias.item()
+    w, b = head.weight.detach().numpy()[0], head.bias.item()
     qn, it = q.numpy()[:, :d], items.numpy()[1:, :d]
     want = qn @ w + b + qn @ it.mean(0)
     assert np.allclose(emb.repeat_level(q, items), want, atol=1e-5)
-    emb.model = torch.nn.Module()  # the bonus form: no level
+    emb.repeats = RepeatTerm(3, d, mixture=False)  # the bonus form: no level
     assert emb.repeat_level(q, items) is None
 
 

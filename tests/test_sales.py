@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,8 +12,7 @@ import pytest
 import torch
 
 from data.prepare import recent_sales
-from data.tables import FeatureTables
-from trainer.model.sales import RecentSales, buckets_of
+from trainer.model.sales import RecentSales, SalesTerm, buckets_of
 
 
 def naive_bucket(count: int, n_buckets: int) -> int:
@@ -51,10 +51,8 @@ def test_a_rows_bonus_is_its_candidates_sales_in_the_week_before(sales_setup):
     assert end == int(d[train].max()) + 1
     sales = RecentSales(str(root), manifest, 8)
     bias = torch.linspace(-1.0, 2.5, 8)
-    tables = FeatureTables.__new__(FeatureTables)  # only the week index is needed here
-    tables._sales = (end, manifest["recent_sales"]["weeks"])
     days = np.array([int(d[train].min()), end - 8, end - 7, end - 1, end, end + 9])
-    week = torch.from_numpy(tables.week_index(days).astype(np.int64))
+    week = sales.week_of(torch.from_numpy(days))
     q = torch.randn(len(days), 5)
     items = torch.randn(11, 5)
     ids = torch.arange(1, 12)
@@ -74,6 +72,15 @@ def test_a_rows_bonus_is_its_candidates_sales_in_the_week_before(sales_setup):
     for j, item in enumerate(ids.tolist()):
         bonus = float(bias[naive_bucket(naive_sales_before(a, d, train, end, item, end), 8)])
         assert torch.allclose(scored[:, j], q @ items[j] + bonus, atol=1e-5)
+    # the model's typed term (TwoTower.sales) does the same from the rows' days, in logit units
+    term = SalesTerm(8).attach(sales)
+    with torch.no_grad():
+        term.bias.copy_(bias)
+    loss_term = term.loss_term(SimpleNamespace(day=torch.from_numpy(days)), q, None, scale=2.0)
+    assert torch.allclose(loss_term(q @ items.T, ids, None), q @ items.T + 2.0 * (got - q @ items.T), atol=1e-5)
+    assert torch.allclose(term.scoring_query(q) @ term.scoring_item(items, ids).T, scored, atol=1e-6)
+    with pytest.raises(ValueError, match="table of 8 buckets for a term of 4"):
+        SalesTerm(4).attach(sales)
 
 
 def test_missing_recent_sales_is_a_clear_error(tmp_path):

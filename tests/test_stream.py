@@ -15,6 +15,7 @@ from data.batch import Batch
 from data.io import join, read_json, write_json
 from data.loader import make_loader
 from data.stream import ExampleStream, StreamError
+from trainer.model.negatives import UniformNegatives
 
 
 def rows_of(batch: Batch) -> list[tuple]:
@@ -52,17 +53,21 @@ def same(a: Batch, b: Batch) -> bool:
             and extras_same)
 
 
-def epoch_batches(prepared, world_size: int, workers: int, epoch: int = 0, start: int = 0, **kw) -> list[list[Batch]]:
-    """Every rank's batches of an epoch, through the loader (with its worker processes)."""
+def epoch_batches(prepared, world_size: int, workers: int, epoch: int = 0, start: int = 0, extra: int = 16,
+                  **kw) -> list[list[Batch]]:
+    """Every rank's batches of an epoch, through the loader (with its worker processes), each with its
+    share of ``extra`` uniform catalogue articles (the trainer's mixed negatives)."""
     out = []
+    n_items = ExampleStream(prepared, **kw).tables.cards["article_id"]
     for r in range(world_size):
-        s = ExampleStream(prepared, rank=r, world_size=world_size, num_workers=workers, **kw)
+        rows = UniformNegatives(extra, n_items, kw["seed"], r, world_size) if extra else None
+        s = ExampleStream(prepared, rank=r, world_size=world_size, num_workers=workers, extra_rows=rows, **kw)
         s.set_epoch(epoch, start)
         out.append(collect(make_loader(s)))
     return out
 
 
-KW = dict(batch_size=240, shuffle_rows=2500, seed=5, extra_items=16)
+KW = dict(batch_size=240, shuffle_rows=2500, seed=5)
 
 
 @pytest.mark.parametrize("world_size,workers", [(2, 1), (2, 2), (3, 2), (4, 3)])

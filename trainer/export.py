@@ -33,7 +33,6 @@ from data.io import fs_and_path, join, write_json, write_parquet
 from data.runinfo import start_run
 from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401
-from trainer.model.repeats import repeat_head
 from trainer.parallel import distributed as D
 from trainer.retrieval.embedder import Embedder
 
@@ -66,7 +65,7 @@ def _export(embedder: Embedder, run, rank: int, out: str | None) -> dict:
     if bonus is not None:  # scoring adds it for the customer's own last articles (trainer/model/repeats.py)
         written["repeat_bonus"] = [float(x) for x in bonus]
         written["temperature"] = float(embedder.temperature)
-        written["repeat_mode"] = "mixture" if repeat_head(embedder.model) is not None else "bonus"
+        written["repeat_mode"] = "mixture" if embedder.repeat_mixture() else "bonus"
     if rank == 0:
         art_vocab = vocab.load(embedder.prepared, "article_id")
         article_ids = np.r_[-1, art_vocab["value"].to_numpy()]  # row 0 is the OOV bucket

@@ -30,16 +30,10 @@ from trainer.loop.checkpoint import CheckpointManager
 from trainer.loop.fingerprint import fingerprint
 from trainer.loop.logs import Scalars, StepLogger, quiet_libraries
 from trainer.loop.state import TrainState
-from trainer.loop.stops import (
-    FiniteGuard,
-    StopRequested,
-    StopSignal,
-    clear_marker,
-    weights_finite,
-    write_marker,
-)
+from trainer.loop.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, weights_finite, write_marker
 from trainer.loop.validator import Validator
 from trainer.model.negatives import refresh_due
+from trainer.model.towers import RENAMED
 from trainer.parallel import distributed as D
 from trainer.retrieval.embedder import prepared_manifest
 
@@ -60,7 +54,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                              p.checkpoint_parts(self.state, self.dist.device, rank),
                                              fingerprint(cfg, self.manifest), loop.keep_checkpoints,
-                                             config=OmegaConf.to_container(cfg, resolve=True))
+                                             config=OmegaConf.to_container(cfg, resolve=True), renamed=RENAMED)
         self.stop, self.guard = StopSignal(), FiniteGuard(self.dist.device)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
         self.validator = Validator(loop, self.embedder, self.state, self.scalars, self.stop.check, rank)

@@ -11,6 +11,7 @@ import torch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from trainer.model.sales import RecentSales
 from trainer.model.towers import TwoTower
 from trainer.parallel.sharding import init_tables, shard
 
@@ -40,11 +41,14 @@ class Built:
         return self.model.fused_optimizer
 
 
-def build(cfg, cards: dict, device: torch.device, print_plan: bool | None = None) -> Built:
-    """Plans and shards the model over the process group. The dense init is drawn before sharding and
-    the tables' after it from the seed alone: the same model at any world size."""
+def build(cfg, manifest: dict, device: torch.device, print_plan: bool | None = None) -> Built:
+    """Plans and shards the model for the prepared data of ``manifest`` over the process group, its
+    scoring terms given the data they read. The dense init is drawn before sharding and the tables'
+    after it from the seed alone: the same model at any world size."""
     torch.manual_seed(cfg.trainer.seed)
-    model = TwoTower(cfg.model, cards, device="meta")
+    model = TwoTower(cfg.model, manifest["cardinalities"], device="meta")
+    if model.sales is not None:  # the recent-sales table: data of the prepared run, not a parameter
+        model.sales.attach(RecentSales(cfg.prepare.out, manifest, int(cfg.model.recent_sales_buckets), device))
     sharding = cfg.sharding
     dmp = shard(model, sharding, device, print_plan=sharding.print_plan if print_plan is None else print_plan)
     init_tables(dmp, model.tables, cfg.trainer.seed)
@@ -111,27 +115,27 @@ def build_training(cfg, manifest: dict, dist) -> Training:
     from trainer.loop.schedule import LRSchedule
     from trainer.loop.task import TrainTask
     from trainer.model.loss import LogQ
-    from trainer.model.negatives import HardNegativeMiner
+    from trainer.model.negatives import HardNegativeMiner, UniformNegatives
     from trainer.parallel.device import loader_workers, set_precision
-    from trainer.retrieval.embedder import Embedder, recent_sales
+    from trainer.retrieval.embedder import Embedder
 
     loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
     if loop.global_batch_size <= 0 or loop.global_batch_size % dist.world:
         raise ValueError(f"trainer.global_batch_size={loop.global_batch_size} does not divide over {dist.world} "
                          f"rank(s): choose a multiple of {dist.world}")
     n_items = int(manifest["cardinalities"]["article_id"])
-    built = build(cfg, manifest["cardinalities"], dev)
+    built = build(cfg, manifest, dev)
+    uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
     stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
                            shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
-                           extra_items=lc.mixed_negatives)
-    sales = recent_sales(cfg, manifest, dev)
-    embedder = Embedder(built.model, built.keys, prepared, manifest, dev, stream.tables, sales, lc.temperature)
+                           extra_rows=uniform if lc.mixed_negatives > 0 else None)
+    embedder = Embedder(built.model, built.keys, prepared, manifest, dev, stream.tables, lc.temperature)
     counts = torch.from_numpy(np.array(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy()))
     logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)
     miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, built.output_dim, dev,
                               lc.hard_anchor) if lc.hard_negatives > 0 else None
     task = TrainTask(built.model, built.keys, lc, logq, miner, stream.tables, n_items, loop.seed, dev,
-                     set_precision(loop.precision, dev), sales)
+                     set_precision(loop.precision, dev))
     steps = Steps(built.model, built.dense_optimizer, task, built.keys, dev,
                   use_pipeline(loop.pipeline, miner is not None, dev, dist.world))
     epochs = sum(stream.batches_per_epoch(e) for e in range(loop.epochs))

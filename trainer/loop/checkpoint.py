@@ -174,10 +174,32 @@ def _fit_blobs(state: dict, saved: dict, prefix: str = "") -> None:
             state[k] = torch.empty(tuple(saved[key].size), dtype=torch.uint8)
 
 
+def _old_names(state: dict, saved: dict, renamed: dict[str, str], prefix: str = "") -> list[tuple[dict, str, str]]:
+    """Renames, in place, the keys of ``state`` that the checkpoint holds only under a name from before a
+    rename (``renamed``: new name fragment -> old) to that old name, so that DCP reads them; returns
+    (dict, old, new) for each, to rename back before the parts load them."""
+    def present(key: str) -> bool:
+        return key in saved or any(s.startswith(key + ".") for s in saved)
+
+    undo = []
+    for k in list(state):
+        for new, old in renamed.items():
+            if new in k and not present(prefix + k) and present(prefix + k.replace(new, old)):
+                state[k.replace(new, old)] = state.pop(k)
+                undo.append((state, k.replace(new, old), k))
+                k = k.replace(new, old)
+                break
+        if isinstance(state[k], dict):
+            undo += _old_names(state[k], saved, renamed, f"{prefix}{k}.")
+    return undo
+
+
 class CheckpointManager:
-    def __init__(self, folder: str, parts: dict, fingerprint: dict, keep: int = 3, config: dict | None = None):
+    def __init__(self, folder: str, parts: dict, fingerprint: dict, keep: int = 3, config: dict | None = None,
+                 renamed: dict[str, str] | None = None):
         self.folder, self.parts, self.fingerprint, self.keep = folder, parts, fingerprint, keep
         self.config = config  # the run's resolved config, recorded in each checkpoint
+        self.renamed = renamed or {}  # new name fragment -> old: checkpoints from before a rename still load
         self.fp_id = short_id(fingerprint)
 
     # ------------------------------------------------------------ start of a run
@@ -282,12 +304,15 @@ class CheckpointManager:
                     ok, err = False, e
             if D.every_rank(ok):
                 state = {n: self.parts[n].state_dict() for n in names}
+                undo = _old_names(state, meta, self.renamed)
                 _fit_blobs(state, meta)
                 self._check_shapes(found.path, state, meta)
                 try:
                     dcp.load(state, checkpoint_id=found.path)
                 except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
                     ok, err = False, e
+                for where, old, new in reversed(undo):
+                    where[new] = where.pop(old)
             if not D.every_rank(ok):
                 if D.rank() == 0:
                     set_aside(found, err or "failed on another rank")

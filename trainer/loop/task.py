@@ -14,9 +14,7 @@ from data.tables import FeatureTables
 from trainer.model.inputs import ItemFeatures, ModelInput
 from trainer.model.loss import LogQ, Negatives, retrieval_loss
 from trainer.model.negatives import HardNegativeMiner
-from trainer.model.repeats import add_bonus, mix_recent, recent_articles, repeat_bias, repeat_head
-from trainer.model.sales import RecentSales, sales_bias
-from trainer.model.towers import POSITION_PREFIX
+from trainer.model.towers import POSITION_PREFIX, unwrap
 from trainer.parallel import distributed as D
 
 
@@ -32,16 +30,14 @@ def reference(q: torch.Tensor, pos: torch.Tensor, neg: Negatives) -> torch.Tenso
 class TrainTask:
     def __init__(self, model, keys: list[str], loss_cfg, logq: LogQ, miner: HardNegativeMiner | None,
                  tables: FeatureTables, n_items: int, seed: int, device: torch.device,
-                 autocast: torch.dtype | None = None, sales: RecentSales | None = None):
+                 autocast: torch.dtype | None = None):
         self.model, self.keys, self.cfg, self.logq, self.miner = model, keys, loss_cfg, logq, miner
         self.tables, self.n_items, self.seed, self.device = tables, n_items, seed, device
         self.autocast = autocast  # bfloat16 for the towers and logits (trainer.precision=bf16), or None
         self.item_features: ItemFeatures | None = None  # built on first use (mined hard negatives only)
         self.step = 0  # the step being trained (for the miner's draws), set by the loop
         self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
-        self.sales = sales  # recent sales as a score bonus (trainer/model/sales.py), or None
-        self._bias = None  # the model's sales_bias parameter, found on first use
-        self._repeat = None  # the model's repeat_bias parameter (False: none), found on first use
+        self.terms = unwrap(model).scoring_terms()  # logit terms beside the inner product (sales, repeats)
 
     def __call__(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -64,30 +60,13 @@ class TrainTask:
         return loss, stats, inp.article_idx
 
     def _bonus(self, inp: ModelInput, b: int, q: torch.Tensor, pos: torch.Tensor, neg: Negatives):
-        """The loss's per-(row, candidate) logit terms: recent sales (trainer/model/sales.py) and buying
-        again (trainer/model/repeats.py), both learned in dot-product units like the towers' scores; or None.
-        Each term is ``term(logits, ids, shift)``, ``shift`` the candidates' logQ correction (or None)."""
-        if self._bias is None:  # the model's parameters, found on first use (False: none)
-            self._bias = sales_bias(self.model) if self.sales is not None else False
-            self._repeat = repeat_bias(self.model)
-            self._repeat = False if self._repeat is None else self._repeat
-            self._head = repeat_head(self.model)
-        terms = []
-        t = 1.0 / self.cfg.temperature
-        if self._bias is not False:
-            terms.append(lambda logits, ids, shift: self.sales.add_bonus(logits, inp.week, ids, self._bias, t))
-        if self._repeat is not False:
-            recent = recent_articles(inp.sparse, b, self._repeat.shape[0])
-            if self._head is not None:
-                # the level reads the query vector, it does not train it; and moves with the query's
-                # scores, so raising every score alike cannot lower the buying-again mass
-                level = (self._repeat[None, :] + self._head(q.detach()) + reference(q, pos, neg)[:, None]) * t
-                terms.append(lambda logits, ids, shift: mix_recent(logits, recent, ids, level, shift))
-            else:
-                bias = self._repeat * t
-                terms.append(lambda logits, ids, shift: add_bonus(logits, recent, ids, bias))
-        if not terms:
+        """The loss's per-(row, candidate) logit terms, each the model's scoring term's (recent sales,
+        buying again: learned in dot-product units like the towers' scores), as one
+        ``bonus(logits, ids, shift)`` (``shift``: the candidates' logQ correction, or None); or None."""
+        if not self.terms:
             return None
+        scale = 1.0 / self.cfg.temperature
+        terms = [t.loss_term(inp, q, lambda: reference(q, pos, neg), scale) for t in self.terms]
 
         def bonus(logits, ids, shift=None):
             for term in terms:
@@ -102,7 +81,7 @@ class TrainTask:
             lengths, values = hist.lengths()[:b], hist.values()
         else:  # the transformer reads the last positions only: those are the history it knows of
             positions = sum(1 for k in self.keys if k.startswith(POSITION_PREFIX))
-            recent = recent_articles(inp.sparse, b, positions)
+            recent = inp.recent(positions)
             lengths, values = torch.full((b,), positions, device=recent.device), recent.reshape(-1)
         hard_ids = self.miner.mine(q, inp.article_idx, lengths, values, self.seed, self.step,
                                    first_row=D.rank() * b, global_rows=b * D.world_size())

@@ -32,6 +32,20 @@ def history_positions(history, positions: int) -> torch.Tensor:
     return values[idx].reshape(-1)
 
 
+def recent_articles(sparse, n_rows: int, positions: int) -> torch.Tensor:
+    """(B, positions) the rows' last articles, newest first, 0 past a row's history; from the model's
+    KJT (the ``history`` bag, or the transformer's ``hist_<p>`` features)."""
+    keys = sparse.keys()
+    if "history" in keys:  # every row of the KJT (the extra item-only rows have empty histories)
+        return history_positions(sparse["history"], positions).view(positions, sparse.stride())[:, :n_rows].T
+    cols = [sparse[f"{POSITION_PREFIX}{p}"].values()[:n_rows] for p in range(positions)
+            if f"{POSITION_PREFIX}{p}" in keys]
+    out = torch.stack(cols, dim=1) if cols else torch.zeros(n_rows, 0, dtype=torch.long)
+    if out.shape[1] < positions:  # the encoder reads fewer positions than the bonus has
+        out = torch.cat([out, out.new_zeros(n_rows, positions - out.shape[1])], dim=1)
+    return out
+
+
 def join_rows(query: KeyedJaggedTensor, item: KeyedJaggedTensor, keys: list[str],
               extra_items: KeyedJaggedTensor | None = None) -> KeyedJaggedTensor:
     """One KJT with the model's keys for B batch rows plus M extra candidate rows (item features
@@ -75,17 +89,21 @@ class ModelInput(Pipelineable):
     query_dense: torch.Tensor  # (B, 3): sin, cos of the time of year, the history's length
     article_idx: torch.Tensor  # (B,) the positive of each row
     extra_ids: torch.Tensor | None = None  # (M,) article_idx of the item-only rows
-    week: torch.Tensor | None = None  # (B,) the rows' weeks for recent sales (trainer/model/sales.py)
+    day: torch.Tensor | None = None  # (B,) the rows' days (recent sales read their week off it)
 
     @classmethod
     def from_batch(cls, batch: Batch, keys: list[str]) -> "ModelInput":
         """query_dense: the batch's time of year, then the history's length (for the sequence encoder)."""
         lengths = batch.query["history"].lengths().to(batch.query_dense.dtype)[:, None]
         return cls(join_rows(batch.query, batch.item, keys, batch.extra_item),
-                   torch.cat([batch.query_dense, lengths], dim=1), batch.article_idx, batch.extra_ids, batch.week)
+                   torch.cat([batch.query_dense, lengths], dim=1), batch.article_idx, batch.extra_ids, batch.day)
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
+
+    def recent(self, positions: int) -> torch.Tensor:
+        """(B, positions) each row's last articles, newest first, 0 past its history."""
+        return recent_articles(self.sparse, len(self), positions)
 
     def _map(self, fn) -> "ModelInput":
         return ModelInput(*(None if getattr(self, f.name) is None else fn(getattr(self, f.name))

@@ -1,4 +1,5 @@
-"""Mined hard negatives (the uniform catalogue samples are drawn by data.stream, per batch).
+"""The loss's negatives beyond the batch: uniform catalogue draws per global batch (``UniformNegatives``, which
+the stream calls to add their rows to each batch) and mined hard negatives.
 
 Each row's hard negatives are drawn from a window of ranks [lo, hi) of an exact search over a snapshot
 of the item embeddings (refreshed every N steps or each epoch), leaving out the row's target and its
@@ -23,13 +24,41 @@ Everything else is batched tensor work on the training device; no per-row Python
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from data.shards import shares
 from trainer.config import HardAnchor
 from trainer.parallel import distributed as D
 from trainer.retrieval.search import top_k
 
 ANCHORS = tuple(str(a) for a in HardAnchor)
+
+
+UNIFORM_SALT = 0x6E6567  # keeps the uniform draws apart from the stream's window permutations
+
+
+@dataclass(frozen=True)
+class UniformNegatives:
+    """The loss's mixed negatives (``loss.mixed_negatives``): ``count`` catalogue articles (1..N-1; 0 is the
+    OOV row) drawn uniformly for each global batch from (seed, epoch, global batch). Called by the stream
+    (``ExampleStream(extra_rows=...)``) for this rank's share, so the ranks' shares, gathered in rank order
+    by the loss, are the one-rank draw: the same negatives at any world size."""
+
+    count: int
+    n_items: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __call__(self, epoch: int, batch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, UNIFORM_SALT, epoch, batch])
+        ids = rng.integers(1, self.n_items, self.count).astype(np.int32)
+        split = shares(self.count, self.world_size)
+        lo = sum(split[:self.rank])
+        return ids[lo:lo + split[self.rank]]
 
 
 class HardNegativeMiner:

@@ -8,11 +8,11 @@ its position in the history (newest first, ``model.repeat_positions``). ``model.
 ``mixture`` (default): the probability of a recent article is the towers' plus a buying-again mass, as
 explore/repeat recommenders (RepeatNet) model it. In the towers' logit units (score over temperature T):
 
-    logit(query, article) = logaddexp(<query, article> / T, (repeat_bias[p] + level(query)) / T)
+    logit(query, article) = logaddexp(<query, article> / T, (bias[p] + level(query)) / T)
                             if the article is the query's p-th newest, else <query, article> / T
 
 ``level(query) = head(query) + <query, mean article>``: ``head`` is a small MLP of the query vector
-(TwoTower.repeat_level; it reads the vector, it does not train it), because the mass must be set against
+(``RepeatTerm.level``; it reads the vector, it does not train it), because the mass must be set against
 how peaked the query's own softmax over the catalogue is, which a constant cannot do. The second term
 ties the level to the query's scores: without it, training can lower the buying-again mass by raising
 every score alike, and the towers collapse onto one direction (seen on ``small``: in-batch accuracy
@@ -22,7 +22,7 @@ mixed logit takes the candidate's logQ correction like any other (``shift``). On
 ``small`` data (validation week) MAP@12 0.1881 with ``bonus`` -> 0.1924 (0.1890 -> 0.1919 with another
 seed).
 
-``bonus``: a bonus per position added to the score, ``<query, article> + repeat_bias[p]``.
+``bonus``: a bonus per position added to the score, ``<query, article> + bias[p]``.
 
 Training applies it to every candidate's logit: in-batch, cross-rank, uniform and mined. Scoring
 (validation, evaluate, recommend) retrieves ``k + N`` articles by the inner product (exact or through
@@ -34,23 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from trainer.model.inputs import history_positions
-from trainer.model.towers import POSITION_PREFIX
-
-
-def recent_articles(sparse, n_rows: int, positions: int) -> torch.Tensor:
-    """(B, positions) the rows' last articles, newest first, 0 past a row's history; from the model's
-    KJT (the ``history`` bag, or the transformer's ``hist_<p>`` features)."""
-    keys = sparse.keys()
-    if "history" in keys:  # every row of the KJT (the extra item-only rows have empty histories)
-        return history_positions(sparse["history"], positions).view(positions, sparse.stride())[:, :n_rows].T
-    cols = [sparse[f"{POSITION_PREFIX}{p}"].values()[:n_rows] for p in range(positions)
-            if f"{POSITION_PREFIX}{p}" in keys]
-    out = torch.stack(cols, dim=1) if cols else torch.zeros(n_rows, 0, dtype=torch.long)
-    if out.shape[1] < positions:  # the encoder reads fewer positions than the bonus has
-        out = torch.cat([out, out.new_zeros(n_rows, positions - out.shape[1])], dim=1)
-    return out
+from torch import nn
 
 
 def logit_bonus(recent: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -156,17 +140,39 @@ def boost_recent(ranked: np.ndarray, queries: np.ndarray, items: np.ndarray, off
     return np.where(np.take_along_axis(score, order, axis=1) > -np.inf, best, -1)
 
 
-def repeat_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The model's per-query buying-again level (TwoTower.repeat_level), through DMP/DDP wrappers."""
-    for name, m in model.named_modules():
-        if name.endswith("repeat_level"):
-            return m
-    return None
+class RepeatTerm(nn.Module):
+    """The model's buying-again term: a learned bonus per history position, newest first (``bias``), and
+    with the mixture the per-query level's head (``level``)."""
 
+    def __init__(self, positions: int, query_dim: int, mixture: bool):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(positions))
+        # Linear, ReLU, Linear: the head reads the query vector (detached in the loss)
+        self.level = nn.Sequential(nn.Linear(query_dim, 64), nn.ReLU(), nn.Linear(64, 1)) if mixture else None
 
-def repeat_bias(model: torch.nn.Module) -> torch.Tensor | None:
-    """The model's learned bonus per position (TwoTower.repeat_bias), through DMP/DDP wrappers."""
-    for name, p in model.named_parameters():
-        if name.endswith("repeat_bias"):
-            return p
-    return None
+    @property
+    def mixture(self) -> bool:
+        return self.level is not None
+
+    def loss_term(self, inp, q: torch.Tensor, mean_score, scale: float):
+        """The loss's term ``(logits, ids, shift) -> logits`` for the rows of ``inp`` (their recent articles
+        from the model input), in logit units (``scale``: one over the temperature). ``mean_score()``: (B,)
+        each query's mean score over the catalogue, the mixture's reference."""
+        recent = inp.recent(self.bias.numel())
+        if self.level is not None:
+            # the level reads the query vector, it does not train it; and moves with the query's scores,
+            # so raising every score alike cannot lower the buying-again mass
+            level = (self.bias[None, :] + self.level(q.detach()) + mean_score()[:, None]) * scale
+            return lambda logits, ids, shift: mix_recent(logits, recent, ids, level, shift)
+        bias = self.bias * scale
+        return lambda logits, ids, shift: add_bonus(logits, recent, ids, bias)
+
+    def bonus(self) -> np.ndarray:
+        """The learned bonus per position, newest first, for scoring."""
+        return self.bias.detach().float().cpu().numpy()
+
+    @torch.no_grad()
+    def scoring_level(self, q: torch.Tensor, mean_item: torch.Tensor) -> np.ndarray:
+        """(n,) each query's level in score units: the head of its vector plus its score against the
+        catalogue's mean article (scoring's counterpart of the loss's ``mean_score``)."""
+        return (self.level(q)[:, 0] + q @ mean_item).cpu().numpy()

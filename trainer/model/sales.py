@@ -3,7 +3,7 @@
 Fashion demand moves week by week (launches, decay, seasons); the towers see an article's features but
 not its sales as of the day a customer shops. Each article's purchases in the week before a row's week
 are bucketed (about log2 steps) and each bucket has a learned score bonus ``bias[bucket]`` (the model's
-``sales_bias``). The bonus depends on the row (its week) and the candidate: training adds it (over the temperature) to every candidate's logit through the loss's bonus hook
+``SalesTerm.bias``). The bonus depends on the row (its week) and the candidate: training adds it (over the temperature) to every candidate's logit through the loss's bonus hook
 (:meth:`RecentSales.add_bonus`). For scoring (validation, export, recommend) everything is as of the
 first week after training, which makes it an inner product, so export and the FAISS index need
 nothing new:
@@ -11,7 +11,9 @@ nothing new:
     query' = [query, 1]        item' = [item, bias[bucket(sales of the item in the last training week)]]
 
 The table comes from data.prepare (``item_week_sales.parquet``; weeks counted back from the end of
-training); data.stream gives each row its week (``FeatureTables.week_index``).
+training); a row's week is read off its day (:meth:`RecentSales.week_of`). The model holds the term as a
+typed submodule (:class:`SalesTerm`, ``TwoTower.sales``): its parameter, and the table attached by whoever
+builds the model for a prepared dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from torch import nn
 
 from data.io import fs_and_path, join
 
@@ -38,6 +41,7 @@ class RecentSales:
         if not 2 <= n_buckets <= 256:
             raise ValueError(f"model.recent_sales_buckets={n_buckets}: expected 2..256 (or 0: off)")
         self.weeks, self.n_buckets = int(info["weeks"]), n_buckets
+        self.end = int(np.datetime64(info["train_end"], "D").astype(np.int64))  # the first day after training
         n_items = int(manifest["cardinalities"]["article_id"])
         t = pq.read_table(url)
         counts = np.zeros((self.weeks + 1, n_items), np.int64)
@@ -46,6 +50,12 @@ class RecentSales:
         keep = (row >= 0) & (row <= self.weeks)
         counts[row[keep], t["article_idx"].to_numpy()[keep]] = t["count"].to_numpy()[keep]
         self.table = torch.from_numpy(buckets_of(counts, n_buckets)).to(device)  # (weeks + 1, catalogue)
+
+    def week_of(self, day: torch.Tensor) -> torch.Tensor:
+        """(B,) which row of the table a day reads: ``weeks`` for the first week after training
+        (evaluation) and later, ``weeks - 1`` for the last training week, ..., 0 before the data."""
+        day = day.to(self.table.device).long()
+        return torch.clamp(torch.div(day - self.end, 7, rounding_mode="floor") + self.weeks, 0, self.weeks)
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
         """The scoring query: [q, 1]."""
@@ -56,12 +66,11 @@ class RecentSales:
         ids = ids.to(self.table.device).long()
         return torch.cat([i, bias[self.table[-1, ids].long()][:, None].to(i.dtype)], dim=1)
 
-
     def add_bonus(self, logits: torch.Tensor, week: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor,
                   scale: float = 1.0) -> torch.Tensor:
         """``logits`` plus ``scale * bias[bucket]`` of each candidate's sales in the week before the row's
-        (the bonus is a gather by week, not a one-hot column per week in the logits GEMM). ``ids``: (C,) candidates shared by all rows (their bonus per week, gathered by each row's week)
-        or (B, H) per row."""
+        (a gather by week, not a one-hot column per week in the logits GEMM). ``ids``: (C,) candidates
+        shared by all rows (their bonus per week, gathered by each row's week) or (B, H) per row."""
         week = week.to(self.table.device).long()
         ids = ids.to(self.table.device).long()
         if ids.dim() == 1:
@@ -70,9 +79,35 @@ class RecentSales:
         return logits + (bias[self.table[week[:, None], ids].long()] * scale).to(logits.dtype)
 
 
-def sales_bias(model: torch.nn.Module) -> torch.Tensor:
-    """The model's learned bonus per bucket (TwoTower.sales_bias), through DMP/DDP wrappers."""
-    for name, p in model.named_parameters():
-        if name.endswith("sales_bias"):
-            return p
-    raise KeyError("the model has no sales_bias parameter (model.recent_sales_buckets=0)")
+class SalesTerm(nn.Module):
+    """The model's recent-sales term: a learned score bonus per bucket of sales (``bias``) and the table
+    of buckets it reads (:meth:`attach`: data of the prepared run, not a parameter, not checkpointed)."""
+
+    def __init__(self, n_buckets: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n_buckets))
+        self.table: RecentSales | None = None
+
+    def attach(self, table: RecentSales) -> "SalesTerm":
+        if table.n_buckets != self.bias.numel():
+            raise ValueError(f"recent-sales table of {table.n_buckets} buckets for a term of {self.bias.numel()}")
+        self.table = table
+        return self
+
+    def _table(self) -> RecentSales:
+        if self.table is None:
+            raise RuntimeError("the recent-sales term has no table attached (SalesTerm.attach)")
+        return self.table
+
+    def loss_term(self, inp, q: torch.Tensor, mean_score, scale: float):
+        """The loss's bonus: ``(logits, ids, shift) -> logits`` plus each candidate's bonus as of the row's day,
+        in logit units (``scale``: one over the temperature)."""
+        table = self._table()
+        week = table.week_of(inp.day)
+        return lambda logits, ids, shift: table.add_bonus(logits, week, ids, self.bias, scale)
+
+    def scoring_query(self, q: torch.Tensor) -> torch.Tensor:
+        return self._table().query(q)
+
+    def scoring_item(self, i: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self._table().item(i, ids, self.bias)

@@ -21,7 +21,8 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from trainer.config import HistoryEncoder, RepeatMode
-
+from trainer.model.repeats import RepeatTerm
+from trainer.model.sales import SalesTerm
 ARTICLE_TABLE = "t_article"
 SHARED_WITH_ARTICLE = {"article_id", "history"}
 POSITION_PREFIX = "hist_"  # hist_0 .. hist_{P-1}: the history by position, newest first
@@ -114,13 +115,16 @@ class TwoTower(nn.Module):
             self.item_tower = nn.Identity()
             self.output_dim = i_in
         self.feature_keys = [*query_keys(cfg), *self.item_features]
-        # the score bonus per bucket of recent sales (trainer/model/sales.py); used by the loss and scoring
-        self.sales_bias = nn.Parameter(torch.zeros(cfg.recent_sales_buckets)) if cfg.recent_sales_buckets else None
-        # buying again one of the query's own recent articles (trainer/model/repeats.py): a term per position,
-        # newest first, and with the mixture a level per query read off its vector
-        self.repeat_bias = nn.Parameter(torch.zeros(cfg.repeat_positions)) if cfg.repeat_positions else None
-        mixture = cfg.repeat_positions and cfg.repeat_mode == RepeatMode.mixture
-        self.repeat_level = mlp([self.output_dim, 64], 1) if mixture else None
+        # The scoring terms beside the inner product, each a typed submodule that the loss and the
+        # Retriever call (a new term: one module with loss_term, plus its scoring side, and its test):
+        # recent sales (trainer/model/sales.py) and buying again (trainer/model/repeats.py).
+        self.sales = SalesTerm(cfg.recent_sales_buckets) if cfg.recent_sales_buckets else None
+        mixture = cfg.repeat_mode == RepeatMode.mixture
+        self.repeats = RepeatTerm(cfg.repeat_positions, self.output_dim, mixture) if cfg.repeat_positions else None
+
+    def scoring_terms(self) -> list[nn.Module]:
+        """The terms the loss adds to every candidate's logit, in a fixed order."""
+        return [t for t in (self.sales, self.repeats) if t is not None]
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,
                 n_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,3 +148,18 @@ class TwoTower(nn.Module):
         return q, i
 
 
+
+
+def unwrap(model: nn.Module) -> TwoTower:
+    """The TwoTower inside DistributedModelParallel / DDP (their ``module``: the sharded model, unwrapped)."""
+    while not isinstance(model, TwoTower):
+        inner = getattr(model, "module", None)
+        if inner is None or inner is model:
+            raise TypeError(f"{type(model).__name__} holds no TwoTower")
+        model = inner
+    return model
+
+
+# Parameters renamed when the scoring terms became submodules: checkpoints saved before still load
+# (trainer/loop/checkpoint.py reads the old names when the new ones are missing).
+RENAMED = {"sales.bias": "sales_bias", "repeats.bias": "repeat_bias", "repeats.level.": "repeat_level."}

@@ -27,8 +27,7 @@ from trainer.loop.checkpoint import CheckpointManager, best, latest
 from trainer.loop.fingerprint import PREDATING, data_digest, fingerprint
 from trainer.loop.state import ModelState
 from trainer.model.inputs import model_input
-from trainer.model.repeats import repeat_bias, repeat_head
-from trainer.model.sales import RecentSales, sales_bias
+from trainer.model.towers import RENAMED, unwrap
 from trainer.parallel import distributed as D
 
 log = logging.getLogger(__name__)
@@ -85,20 +84,15 @@ def prepared_manifest(prepared: str) -> dict:
     return read_json(join(prepared, "manifest.json"))
 
 
-def recent_sales(cfg, manifest: dict, device: torch.device) -> RecentSales | None:
-    """The recent-sales table of a run's config (model.recent_sales_buckets), or None when off."""
-    n = int(cfg.model.recent_sales_buckets)
-    return RecentSales(cfg.prepare.out, manifest, n, device) if n else None
-
-
 class Embedder:
     def __init__(self, model, keys: list[str], prepared: str, manifest: dict, device: torch.device,
-                 tables: FeatureTables | None = None, sales: RecentSales | None = None,
-                 temperature: float = 0.05):
+                 tables: FeatureTables | None = None, temperature: float = 0.05):
         self.temperature = temperature  # the loss's: the buying-again mixture scores in its units
         self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
         self.tables = tables or FeatureTables(prepared, manifest)
-        self.sales = sales  # scoring vectors carry the recent-sales bonus (trainer/model/sales.py)
+        terms = unwrap(model)
+        self.sales = terms.sales  # scoring vectors carry the recent-sales bonus (trainer/model/sales.py)
+        self.repeats = terms.repeats  # buying again (trainer/model/repeats.py)
         self.n_items = int(manifest["cardinalities"]["article_id"])
         self.last_day = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
 
@@ -118,14 +112,15 @@ class Embedder:
         cfg = typed(found.info["config"], int(found.info.get("world_size", 1)))
         dist_ = D.init(device)
         manifest = prepared_manifest(cfg.prepare.out)
-        built = build(cfg, manifest["cardinalities"], dist_.device, print_plan=False)
+        built = build(cfg, manifest, dist_.device, print_plan=False)
         saved = found.info.get("fingerprint", {})
         if saved.get("data.digest") != data_digest(manifest):
             raise RuntimeError(
                 f"{found.path} was trained on other prepared data than {cfg.prepare.out} holds now (data digest "
                 f"{saved.get('data.digest')} vs {data_digest(manifest)}); re-run training, or prepare the data "
                 "as it was")
-        manager = CheckpointManager(folder, {"model": ModelState(built.model)}, fingerprint(cfg, manifest))
+        manager = CheckpointManager(folder, {"model": ModelState(built.model)}, fingerprint(cfg, manifest),
+                                    renamed=RENAMED)
         loaded = manager.load(only={"model"}, step=found.step)
         if loaded is None:
             raise FileNotFoundError(f"{folder}: no readable checkpoint")
@@ -134,28 +129,25 @@ class Embedder:
             log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
                      loaded.step, loaded.path, manager.fp_id)
         return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device,
-                   sales=recent_sales(cfg, manifest, dist_.device), temperature=cfg.loss.temperature), info
+                   temperature=cfg.loss.temperature), info
 
     def repeat_bonus(self) -> np.ndarray | None:
         """The learned bonus per history position, newest first (trainer/model/repeats.py), or None."""
-        p = repeat_bias(self.model)
-        return None if p is None else p.detach().float().cpu().numpy()
+        return None if self.repeats is None else self.repeats.bonus()
 
     def repeat_mixture(self) -> bool:
         """Whether buying again scores as the mixture (a level per customer) rather than a bonus."""
-        return repeat_head(self.model) is not None
+        return self.repeats is not None and self.repeats.mixture
 
-    @torch.no_grad()
     def repeat_level(self, q: torch.Tensor, items: torch.Tensor) -> np.ndarray | None:
         """(n,) each query's buying-again level (trainer/model/repeats.py), in score units, from its scoring
         vector and the catalogue's (:meth:`items`); None when the model scores repeats by the bonus."""
-        head = repeat_head(self.model)
-        if head is None:
+        if not self.repeat_mixture():
             return None
         d = q.shape[1] - (1 if self.sales is not None else 0)  # the towers' dimensions, not the sales column
         q = q[:, :d].to(self.device).float()
         mean_item = items[1:, :d].to(self.device).float().mean(0)  # row 0: the OOV bucket, never drawn
-        return (head(q)[:, 0] + q @ mean_item).cpu().numpy()
+        return self.repeats.scoring_level(q, mean_item)
 
     # ------------------------------------------------------------ embeddings
 
@@ -186,7 +178,7 @@ class Embedder:
                 check_stop()
         everyone = D.gather_in_order(torch.cat(out), np.concatenate(rows), n)
         if scoring and self.sales is not None:
-            everyone = self.sales.item(everyone, torch.arange(n, device=everyone.device), sales_bias(self.model))
+            everyone = self.sales.scoring_item(everyone, torch.arange(n, device=everyone.device))
         return everyone
 
     @torch.no_grad()
@@ -195,7 +187,7 @@ class Embedder:
         against :meth:`items` (with recent sales: one more column, 1)."""
         batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
         q = self._forward(batch)[0]
-        return self.sales.query(q) if self.sales is not None else q
+        return self.sales.scoring_query(q) if self.sales is not None else q
 
     def eval_rows(self, period: str):
         """The evaluation table of a period (``val`` or ``test``)."""
