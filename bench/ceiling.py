@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from data import synth  # noqa: E402
 from data.config import SynthConfig  # noqa: E402
-from trainer.evaluate import lists_to_csr, load_eval, model_ranking  # noqa: E402
+from data.jagged import Jagged  # noqa: E402
+from trainer.evaluate import load_eval, model_ranking  # noqa: E402
 from trainer.evaluation.metrics import evaluate as metrics  # noqa: E402
 
 
@@ -130,7 +131,8 @@ class ValidationWeek:
 def validation_week(data_root: str, prepared: str | None = None) -> ValidationWeek:
     cfg = SynthConfig(**json.loads(pathlib.Path(data_root, "manifest.json").read_text())["config"])
     prepared = prepared or f"{data_root}/prepared"
-    _, offsets, items, _ = load_eval(prepared, "val")
+    _, targets, _ = load_eval(prepared, "val")
+    offsets, items = targets.offsets, targets.values
     val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
     first_day = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
     week = (first_day - dt.date.fromisoformat(cfg.start_date)).days // 7
@@ -224,10 +226,10 @@ def main() -> None:
     root = str(ROOT / "datasets" / args.data)
     state = validation_week(root)  # the generator replayed once for every ranking below
     ranked, offsets, items, n_idx = ceiling_ranking(root, state=state)
-    m = metrics(ranked, offsets, items, ks=(12,), catalog_size=n_idx - 1)
+    m = metrics(ranked, Jagged(offsets, items), ks=(12,), catalog_size=n_idx - 1)
     rankings = {"ceiling": ranked}
     rankings["knowable"], _, _, _ = ceiling_ranking(root, knowable=True, state=state)
-    known = metrics(rankings["knowable"], offsets, items, ks=(12,), catalog_size=n_idx - 1)
+    known = metrics(rankings["knowable"], Jagged(offsets, items), ks=(12,), catalog_size=n_idx - 1)
     print(f"data={args.data}, validation week, {len(offsets) - 1:,} customers")
     print(f"{'method':<28} {'map@12':>8} {'recall@12':>10} {'of ceiling':>11}")
     print(f"{'ceiling (generator truth)':<28} {m['map@12']:>8.4f} {m['recall@12']:>10.4f} {1.0:>10.2f}x")
@@ -237,8 +239,8 @@ def main() -> None:
         for name, r in json.loads(pathlib.Path(args.report).read_text())["full_catalogue"].items():
             print(f"{name:<28} {r['map@12']:>8.4f} {r['recall@12']:>10.4f} {r['map@12'] / m['map@12']:>10.2f}x")
     if args.export:
-        customers, _, _, history = load_eval(f"{root}/prepared", "val")
-        rankings["two-tower"], _ = model_ranking(args.export, customers, None, 12, history=lists_to_csr(history))
+        customers, _, history = load_eval(f"{root}/prepared", "val")
+        rankings["two-tower"], _ = model_ranking(args.export, customers, None, 12, history=history)
         kinds = purchase_kinds(root, state=state)
         print(f"\nRecall@12 by kind of purchase ({', '.join(f'{KINDS[k]} {np.mean(kinds == k):.0%}' for k in range(4))})")
         print(f"{'ranking':<12}" + "".join(f"{k:>18}" for k in KINDS))

@@ -14,6 +14,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data import features
+from data.jagged import Jagged
 from data.tables import FeatureTables
 
 QUERY_KEYS = ["customer_id", *features.CUSTOMER_FEATURES, "history"]
@@ -47,25 +48,6 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.article_idx.numel())
-
-
-@dataclass
-class Jagged:
-    offsets: np.ndarray  # (n + 1,) int64
-    values: np.ndarray  # int32 until packed
-
-    @classmethod
-    def from_lengths(cls, lengths: np.ndarray, values: np.ndarray) -> "Jagged":
-        return cls(np.r_[0, np.cumsum(lengths)].astype(np.int64), values)
-
-    def slice(self, lo: int, hi: int) -> "Jagged":
-        return Jagged(self.offsets[lo:hi + 1] - self.offsets[lo], self.values[self.offsets[lo]:self.offsets[hi]])
-
-    def concat(self, other: "Jagged") -> "Jagged":
-        return Jagged(np.r_[self.offsets, other.offsets[1:] + self.offsets[-1]], np.r_[self.values, other.values])
-
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 @dataclass
@@ -169,27 +151,24 @@ class PackedBatch:
 
 
 def batch_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
-                      hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> Batch:
+                      history: Jagged | None = None) -> Batch:
     """A Batch for arbitrary rows (catalogue items, evaluation customers, extra negatives), built the
-    same way as streamed batches. Missing histories are empty bags."""
-    return packed_from_arrays(tables, customer, article, day, hist_lengths, hist_values).unpack()
+    same way as streamed batches. Without ``history`` every row's is empty."""
+    return packed_from_arrays(tables, customer, article, day, history).unpack()
 
 
 def packed_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
-                       hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> PackedBatch:
+                       history: Jagged | None = None) -> PackedBatch:
     """As :func:`batch_from_arrays`, packed (one buffer to move to a device)."""
-    return columns_for(tables, customer, article, day, hist_lengths, hist_values).pack(tables.item_keys())
+    return columns_for(tables, customer, article, day, history).pack(tables.item_keys())
 
 
 def columns_for(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
-                hist_lengths: np.ndarray | None = None, hist_values: np.ndarray | None = None) -> Columns:
-    n = len(customer)
-    if hist_lengths is None:
-        hist_lengths, hist_values = np.zeros(n, np.int64), np.zeros(0, np.int32)
+                history: Jagged | None = None) -> Columns:
     customer = np.asarray(customer, np.int32)
     article = np.asarray(article, np.int32)
+    history = Jagged.empty(len(customer)) if history is None else history.astype(np.int32)
     desc = Jagged.from_lengths(*tables.desc(article)) if tables.has_desc else None
     return Columns(customer, article, np.take(tables.customer, customer, axis=1),
-                   np.take(tables.article, article, axis=1),
-                   Jagged.from_lengths(np.asarray(hist_lengths), np.asarray(hist_values, np.int32)), desc,
+                   np.take(tables.article, article, axis=1), history, desc,
                    tables.time_of_year(np.asarray(day, np.int64)), np.asarray(day, np.int32))

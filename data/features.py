@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data import vocab
+from data.jagged import Jagged
 
 CUSTOMER_FEATURES = ("age_bucket", "club_status", "news_freq", "postal_code")
 ARTICLE_FEATURES = {  # feature name -> articles column(s); a value is the combination of its columns
@@ -112,7 +113,7 @@ class EventLog:
         self.customer = customer[sort]
         self.sorted_rows = self.rows[sort]
 
-    def history_before_rows(self, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def history_before_rows(self, rows: np.ndarray, n: int) -> Jagged:
         """For each event of the log given by its original row: the customer's last ``n`` articles before
         it, earlier rows of the same day included (for data whose day holds a whole ordered session)."""
         by_row = np.argsort(self.sorted_rows, kind="stable")
@@ -122,25 +123,26 @@ class EventLog:
         lengths = pos - lo
         offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
         at = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
-        return offsets, self.article[at]
+        return Jagged(offsets, self.article[at])
 
-    def history(self, customer: np.ndarray, day: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def history(self, customer: np.ndarray, day: np.ndarray, n: int) -> Jagged:
         """For each query (customer, day): the customer's last ``n`` articles strictly before ``day``,
-        oldest first, as (offsets, values) of a list array."""
+        oldest first."""
         hi = np.searchsorted(self.key, _key(customer, day), side="left")
         first = np.searchsorted(self.key, _key(customer, np.zeros_like(day)), side="left")
         lo = np.maximum(first, hi - n)
         lengths = hi - lo
         offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
         pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
-        return offsets, self.article[pos]
+        return Jagged(offsets, self.article[pos])
 
 
 def _key(customer: np.ndarray, day: np.ndarray) -> np.ndarray:
     return (customer.astype(np.int64) << 32) | day.astype(np.int64)
 
 
-def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+def list_array(lists: Jagged) -> pa.Array:
+    offsets, values = lists.offsets, lists.values
     typ = pa.large_list(pa.int32()) if offsets[-1] >= 2**31 else pa.list_(pa.int32())
     off = pa.array(offsets, pa.int64() if offsets[-1] >= 2**31 else pa.int32())
     cls = pa.LargeListArray if offsets[-1] >= 2**31 else pa.ListArray

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data import features, split, vocab
 from data.io import iter_transactions, join, read_articles, read_customers, write_json, write_parquet
+from data.jagged import Jagged
 from data.runinfo import peak_rss_mb, progress_bar, start_run
 from data.staging import staged
 
@@ -88,13 +89,13 @@ def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_
     n_shards = max(1, -(-len(perm) // cfg.shard_rows))
     for k in progress_bar(range(n_shards), progress, desc="write examples", unit="shard"):
         rows = perm[k * cfg.shard_rows:(k + 1) * cfg.shard_rows]
-        offsets, hist = log_.history_before_rows(rows, cfg.history_len) if same_day else \
+        hist = log_.history_before_rows(rows, cfg.history_len) if same_day else \
             log_.history(c[rows], d[rows], cfg.history_len)
         table = pa.table({
             "customer_idx": pa.array(c[rows], pa.int32()),
             "article_idx": pa.array(a[rows], pa.int32()),
             "day": pa.array(d[rows], pa.int32()),
-            "history": features.list_array(offsets, hist),
+            "history": features.list_array(hist),
         })
         url = join(out, "examples", f"part-{k:05d}.parquet")
         write_parquet(table, url, row_group_size=cfg.row_group_rows)
@@ -116,15 +117,15 @@ def eval_set(c: np.ndarray, a: np.ndarray, d: np.ndarray, rows: np.ndarray, quer
         first = np.full(int(c.max()) + 1, np.iinfo(np.int32).max, dtype=np.int64)
         np.minimum.at(first, c[rows], d[rows])
         qday = first[customers].astype(np.int32)
-    h_offsets, hist = log_.history(customers, qday, n)
+    hist = log_.history(customers, qday, n)
     cust_ids = vocabs["customer_id"]["value"].take(pa.array(customers - 1))
     art_ids = vocabs["article_id"]["value"].take(pa.array(art - 1))
     return pa.table({
         "customer_idx": pa.array(customers, pa.int32()),
         "customer_id": cust_ids,
         "day": pa.array(qday, pa.int32()),
-        "history": features.list_array(h_offsets, hist),
-        "targets": features.list_array(t_offsets, art),
+        "history": features.list_array(hist),
+        "targets": features.list_array(Jagged(t_offsets, art)),
         "target_article_ids": pa.ListArray.from_arrays(pa.array(t_offsets.astype(np.int32)), art_ids.combine_chunks()
                                                        if isinstance(art_ids, pa.ChunkedArray) else art_ids),
     })

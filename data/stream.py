@@ -32,8 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.batch import Columns, Jagged, columns_for
+from data.batch import Columns, columns_for
 from data.io import fs_and_path
+from data.jagged import Jagged
 from data.shards import EpochPlan, StreamError, Window, discover_units
 from data.tables import FeatureTables
 
@@ -146,17 +147,15 @@ class ExampleStream(IterableDataset):
         c = t["customer_idx"].to_numpy()
         a = t["article_idx"].to_numpy()
         day = t["day"].to_numpy()
-        hist = t["history"].combine_chunks()  # one chunk already: no copy
-        h_off = hist.offsets.to_numpy().astype(np.int64)
-        h_val = hist.values.to_numpy()[h_off[0]:h_off[-1]]
+        hist = Jagged.from_arrow(t["history"])  # one chunk already: no copy
         oov = {}
         c = _to_oov(c, self.tables.cards["customer_id"], "customer_idx", oov)
         a = _to_oov(a, self.tables.cards["article_id"], "article_idx", oov)
-        h_val = _to_oov(h_val, self.tables.cards["article_id"], "history", oov)
+        hist.values = _to_oov(hist.values, self.tables.cards["article_id"], "history", oov)
         tb = self.tables
         desc = Jagged.from_lengths(*tb.desc(a)) if tb.has_desc else None
         return Columns(c, a, np.take(tb.customer, c, axis=1), np.take(tb.article, a, axis=1),
-                       Jagged(h_off - h_off[0], h_val), desc, tb.time_of_year(day), day.astype(np.int32)), oov
+                       hist, desc, tb.time_of_year(day), day.astype(np.int32)), oov
 
     def _file(self, url: str) -> pq.ParquetFile:
         key = (threading.get_ident(), url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.jagged import Jagged
 from trainer.evaluation import baselines as bl
 
 
@@ -24,29 +25,26 @@ def test_popularity_is_recent_popularity():
 
 
 def test_repurchase_puts_own_recent_items_first():
-    top = bl.repurchase(inter(LOG), [np.array([3, 5, 3]), np.array([], dtype=np.int64)], 4)
+    top = bl.repurchase(inter(LOG), Jagged.from_lists([[3, 5, 3], []]), 4)
     assert top[0, :2].tolist() == [3, 5] and top[0, 2] == 6  # then popularity
     assert top[1, :2].tolist() == [6, 5]  # no history: popularity
 
 
 def test_covisitation_follows_baskets():
-    top = bl.covisitation(inter(LOG), [np.array([1])], 3)
+    top = bl.covisitation(inter(LOG), Jagged.from_lists([[1]]), 3)
     assert top[0, :2].tolist() == [2, 3]  # 1 was bought with 2 twice, with 3 once
 
 
 def test_item_knn_follows_shared_buyers():
     log = [(1, 1, 0), (1, 2, 0), (2, 1, 1), (2, 2, 1), (3, 3, 2), (3, 4, 2), (4, 4, 3), (5, 3, 3), (5, 1, 3)]
-    top = bl.item_knn(inter(log), [np.array([1])], 3)
+    top = bl.item_knn(inter(log), Jagged.from_lists([[1]]), 3)
     assert top[0, 0] == 2  # buyers of 1 are {1,2,5}; of 2 {1,2}: the most similar
 
 
 def test_tfidf_follows_descriptions():
     # tokens per article 0..7: 1 "red dress", 2 "red dress long", 3 "blue jeans", others empty
     tokens = {1: [10, 11], 2: [10, 11, 12], 3: [13, 14]}
-    lengths = [len(tokens.get(i, [])) for i in range(8)]
-    offsets = np.r_[0, np.cumsum(lengths)]
-    values = np.array([t for i in range(8) for t in tokens.get(i, [])])
-    top = bl.tfidf(inter(LOG), [np.array([1])], offsets, values, 3)
+    top = bl.tfidf(inter(LOG), Jagged.from_lists([[1]]), Jagged.from_lists([tokens.get(i, []) for i in range(8)]), 3)
     assert top[0, 0] == 1 and top[0, 1] == 2  # itself, then the most similar description
 
 

@@ -18,6 +18,7 @@ import ceiling  # noqa: E402
 
 from data import synth  # noqa: E402
 from data.config import SynthConfig  # noqa: E402
+from data.jagged import Jagged  # noqa: E402
 from trainer.evaluate import load_eval  # noqa: E402
 from trainer.evaluation import baselines as bl  # noqa: E402
 from trainer.evaluation.metrics import evaluate as metrics  # noqa: E402
@@ -44,12 +45,12 @@ def test_ceiling_beats_popularity_and_ranks_valid_articles(tiny_synth, tiny_prep
     assert ranked.shape == (len(offsets) - 1, 12)
     assert ranked.min() >= 1 and ranked.max() < n_idx  # never the OOV row
     assert all(len(set(r)) == 12 for r in ranked.tolist())
-    customers, _, _, _ = load_eval(prepared, "val")
+    customers, _, _ = load_eval(prepared, "val")
     ex = pq.read_table(f"{prepared}/examples", columns=["customer_idx", "article_idx", "day"])
     inter = bl.Interactions(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), ex["day"].to_numpy(),
                             int(max(customers.max(), ex["customer_idx"].to_numpy().max())) + 1, n_idx)
-    pop = metrics(bl.popularity(inter, len(customers), 12), offsets, items, ks=(12,))["map@12"]
-    best = metrics(ranked, offsets, items, ks=(12,))["map@12"]
+    pop = metrics(bl.popularity(inter, len(customers), 12), Jagged(offsets, items), ks=(12,))["map@12"]
+    best = metrics(ranked, Jagged(offsets, items), ks=(12,))["map@12"]
     assert best > 1.5 * pop, (best, pop)
     assert np.isfinite(best)
 
@@ -87,8 +88,8 @@ def test_the_knowable_ceiling_lies_between_popularity_and_the_ceiling(tiny_synth
     prepared, _ = tiny_prepared
     truth, offsets, items, n_idx = ceiling.ceiling_ranking(root, prepared)
     known, _, _, _ = ceiling.ceiling_ranking(root, prepared, knowable=True)
-    m_truth = metrics(truth, offsets, items, ks=(12,))["map@12"]
-    m_known = metrics(known, offsets, items, ks=(12,))["map@12"]
+    m_truth = metrics(truth, Jagged(offsets, items), ks=(12,))["map@12"]
+    m_known = metrics(known, Jagged(offsets, items), ks=(12,))["map@12"]
     assert 0.5 * m_truth < m_known <= 1.02 * m_truth, (m_known, m_truth)
 
 
@@ -97,7 +98,8 @@ def test_purchase_kinds_against_a_loop_over_the_generator_state(tiny_synth, tiny
     prepared, _ = tiny_prepared
     kinds = ceiling.purchase_kinds(root, prepared)
     cfg = SynthConfig(**json.loads(pathlib.Path(root, "manifest.json").read_text())["config"])
-    _, offsets, items, _ = load_eval(prepared, "val")
+    _, targets, _ = load_eval(prepared, "val")
+    offsets, items = targets.offsets, targets.values
     val = pq.read_table(f"{prepared}/eval/val.parquet", columns=["customer_id", "day"])
     first = dt.date(1970, 1, 1) + dt.timedelta(days=int(pc.min(val["day"]).as_py()))
     gen, cust, art = ceiling.generator_at(cfg, (first - dt.date.fromisoformat(cfg.start_date)).days // 7)

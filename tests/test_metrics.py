@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from data.jagged import Jagged
 from trainer.evaluation.metrics import evaluate
 
 
 def csr(lists):
-    return np.r_[0, np.cumsum([len(x) for x in lists])], np.array([i for x in lists for i in x], dtype=np.int64)
+    return Jagged.from_lists(lists)
 
 
 def apk(actual, predicted, k=12):
@@ -30,8 +31,7 @@ def apk(actual, predicted, k=12):
 
 def test_hand_computed_case():
     ranked = np.array([[5, 3, 9, 1], [2, 4, 6, 8], [7, 7, 1, -1]])
-    offsets, items = csr([[3, 1], [10], [7, 1, 2, 3, 4, 5]])
-    m = evaluate(ranked, offsets, items, ks=(2, 4), catalog_size=20, map_k=4)
+    m = evaluate(ranked, csr([[3, 1], [10], [7, 1, 2, 3, 4, 5]]), ks=(2, 4), catalog_size=20, map_k=4)
     # q0: hits at ranks 2 and 4 of 2 relevant; q1: none; q2: hits at 1 (7) and 3 (1), the second 7 is a repeat.
     assert m["recall@2"] == pytest.approx((1 / 2 + 0 + 1 / 6) / 3)
     assert m["recall@4"] == pytest.approx((2 / 2 + 0 + 2 / 6) / 3)
@@ -48,8 +48,7 @@ def test_hand_computed_case():
 
 def test_fewer_relevant_than_k_and_empty_truth():
     ranked = np.array([[4, 2, 0], [1, 2, 3]])
-    offsets, items = csr([[2], []])
-    m = evaluate(ranked, offsets, items, ks=(3,), map_k=3)
+    m = evaluate(ranked, csr([[2], []]), ks=(3,), map_k=3)
     assert m["queries"] == 1 and m["skipped_empty_truth"] == 1
     assert m["map@3"] == pytest.approx(1 / 2)  # one relevant: AP = precision at its rank
     assert m["recall@3"] == 1.0 and m["ndcg@3"] == pytest.approx(1 / math.log2(3))
@@ -59,8 +58,7 @@ def test_map12_matches_competition_apk_on_random_lists():
     rng = np.random.default_rng(0)
     ranked = rng.integers(0, 30, size=(200, 12))
     truth = [list(rng.choice(30, size=rng.integers(1, 20), replace=False)) for _ in range(200)]
-    offsets, items = csr(truth)
-    m = evaluate(ranked, offsets, items, ks=(12,))
+    m = evaluate(ranked, csr(truth), ks=(12,))
     ref = np.mean([apk(t, list(r)) for t, r in zip(truth, ranked.tolist())])
     assert m["map@12"] == pytest.approx(ref)
 
@@ -69,5 +67,5 @@ def test_drop_seen_keeps_rank_order():
     from trainer.retrieval.search import drop_seen
 
     ranked = np.array([[5, 3, 9, 1, 7], [2, 4, 6, 8, 1]])
-    seen = (np.array([0, 2, 3]), np.array([3, 1, 8]))  # row 0 bought 3 and 1, row 1 bought 8
-    assert drop_seen(ranked, *seen, 3).tolist() == [[5, 9, 7], [2, 4, 6]]
+    seen = Jagged(np.array([0, 2, 3]), np.array([3, 1, 8]))  # row 0 bought 3 and 1, row 1 bought 8
+    assert drop_seen(ranked, seen, 3).tolist() == [[5, 9, 7], [2, 4, 6]]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.jagged import Jagged
 from trainer.evaluation import plots
 from trainer.evaluation.metrics import recall_curve
 
@@ -27,9 +28,7 @@ def test_recall_curve_against_a_naive_count():
     rng = np.random.default_rng(0)
     ranked = np.stack([rng.permutation(30)[:10] for _ in range(40)])
     truth = [set(rng.choice(30, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(40)]
-    offsets = np.r_[0, np.cumsum([len(t) for t in truth])]
-    items = np.array([i for t in truth for i in sorted(t)], dtype=np.int64)
-    curve = recall_curve(ranked, offsets, items)
+    curve = recall_curve(ranked, Jagged.from_lists([sorted(t) for t in truth]))
     expected = [naive_recall_at(ranked.tolist(), truth, k) for k in range(1, 11)]
     assert curve == pytest.approx(expected, abs=1e-12)
     assert np.all(np.diff(curve) >= 0)

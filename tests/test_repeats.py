@@ -7,6 +7,8 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from data.jagged import Jagged
+from trainer.model.inputs import recent_articles
 from trainer.model.repeats import (
     RepeatTerm,
     _dense_bonus,
@@ -16,7 +18,6 @@ from trainer.model.repeats import (
     mix_recent,
     newest_first,
 )
-from trainer.model.inputs import recent_articles
 
 
 def naive_position(history: list[int], item: int, positions: int) -> int | None:
@@ -42,7 +43,7 @@ def naive_scores(scores: np.ndarray, history: list[int], bonus, level=None, t=No
 def test_newest_first_by_hand():
     offsets = np.array([0, 3, 3, 8])
     values = np.array([5, 6, 7, 1, 2, 1, 0, 3])
-    assert newest_first(offsets, values, 4).tolist() == [[7, 6, 5, -1], [-1, -1, -1, -1], [3, -1, 1, 2]]
+    assert newest_first(Jagged(offsets, values), 4).tolist() == [[7, 6, 5, -1], [-1, -1, -1, -1], [3, -1, 1, 2]]
     # row 2: 3 newest, then the OOV 0 (no article), then 1, then 2; the older 1 is a repeat of a newer one
 
 
@@ -133,7 +134,7 @@ def test_boost_recent_equals_ranking_every_article_with_the_bonus():
     scores = q @ items.T
     scores[:, 0] = -np.inf  # the OOV row
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k + len(bonus)]
-    got = boost_recent(ranked, q, items, offsets, values, bonus, k)
+    got = boost_recent(ranked, q, items, Jagged(offsets, values), bonus, k)
     for row in range(n):
         full = naive_scores(scores[row], values[offsets[row]:offsets[row + 1]].tolist(), bonus)
         want = np.argsort(-full, kind="stable")[:k]
@@ -154,7 +155,7 @@ def test_boost_recent_with_a_level_equals_ranking_every_article_by_the_mixture()
     scores = q @ items.T
     scores[:, 0] = -np.inf
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k + len(bonus)]
-    got = boost_recent(ranked, q, items, offsets, values, bonus, k, level, t)
+    got = boost_recent(ranked, q, items, Jagged(offsets, values), bonus, k, level, t)
     changed = 0
     for row in range(n):
         full = naive_scores(scores[row], values[offsets[row]:offsets[row + 1]].tolist(), bonus, level[row], t)

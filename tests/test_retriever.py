@@ -41,7 +41,7 @@ def agree(got, want) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tiny_prepared, tmp_path_factory):
-    from trainer.evaluation.validation import targets_csr, training_purchases
+    from trainer.evaluation.validation import list_column, training_purchases
     from trainer.export import export
     from trainer.parallel import distributed as D
     from trainer.retrieval.embedder import Embedder
@@ -55,10 +55,10 @@ def trained(tiny_prepared, tmp_path_factory):
     table = embedder.eval_rows("val")
     customers, queries = embedder.eval_queries("val")
     items = embedder.items()
-    h_off, h_val = targets_csr(table, "history")
-    history = [h_val[h_off[i]:h_off[i + 1]].tolist() for i in range(table.num_rows)]
-    seen_off, seen_val = training_purchases(prepared, customers)
-    seen = [seen_val[seen_off[i]:seen_off[i + 1]].tolist() for i in range(table.num_rows)]
+    history_lists = list_column(table, "history")
+    history = [history_lists.row(i).tolist() for i in range(table.num_rows)]  # plain lists for the reference
+    seen_lists = training_purchases(prepared, customers)
+    seen = [seen_lists.row(i).tolist() for i in range(table.num_rows)]
     level = embedder.repeat_level(queries, items)
     bonus = embedder.repeat_bonus()
     assert bonus is not None and level is not None  # the defaults: buying again as the mixture
@@ -66,8 +66,8 @@ def trained(tiny_prepared, tmp_path_factory):
                               t=embedder.temperature),
            True: naive_top_k(items.numpy(), queries.numpy(), K, seen=seen)}
     return {"base": base, "prepared": prepared, "embedder": embedder, "table": table, "customers": customers,
-            "queries": queries.numpy(), "items": items.numpy(), "history": (h_off, h_val),
-            "seen": (seen_off, seen_val), "ref": ref}
+            "queries": queries.numpy(), "items": items.numpy(), "history": history_lists,
+            "seen": seen_lists, "ref": ref}
 
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
@@ -112,8 +112,7 @@ def test_recommend_as_of_the_validation_day_ranks_as_the_naive_reference(trained
     table, prepared = trained["table"], trained["prepared"]
     days = np.unique(table["day"].to_numpy())
     assert len(days) == 1  # the week split: every validation customer as of the week's first day
-    h_off = trained["history"][0]
-    warm = np.flatnonzero(np.diff(h_off) > 0)  # customers without a history get the popular articles
+    warm = np.flatnonzero(trained["history"].lengths() > 0)  # customers without a history get the popular articles
     ids = vocab.load(prepared, "customer_id")["value"].take(pa.array(trained["customers"][warm] - 1)).to_pylist()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="recommend", overrides=[

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import train_in_process
 
+from data.jagged import Jagged
 from trainer.evaluation.validation import validate
 
 
@@ -80,8 +81,7 @@ def test_validation_matches_a_naive_ranking_with_and_without_seen_articles():
     emb = TinyEmbedder(items, queries, targets)
     plain = validate(emb, [5, 10])
     assert plain["recall@5"] == pytest.approx(naive_recall(items, queries, targets, 5))
-    offsets = np.r_[0, np.cumsum([len(s) for s in seen])]
-    excl = validate(emb, [5, 10], seen=(offsets, np.concatenate(seen)))
+    excl = validate(emb, [5, 10], seen=Jagged.from_lists(seen))
     assert excl["recall@10"] == pytest.approx(naive_recall(items, queries, targets, 10, seen))
     assert {"ndcg@5", "ndcg@10", "map@12", "mrr"} <= set(excl)
 

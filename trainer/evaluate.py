@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from data.io import atomic_open, fs_and_path, join, read_json, read_table, write_json
+from data.jagged import Jagged
 from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
@@ -29,11 +30,11 @@ from trainer.evaluation import baselines as bl
 from trainer.evaluation import plots
 from trainer.evaluation.metrics import evaluate as metrics
 from trainer.evaluation.metrics import recall_curve
-from trainer.evaluation.validation import training_purchases
+from trainer.evaluation.validation import list_column, training_purchases
 from trainer.loop.fingerprint import data_digest
 from trainer.retrieval import ivf as ix
 from trainer.retrieval.retriever import Retriever
-from trainer.retrieval.search import drop_seen, subset
+from trainer.retrieval.search import drop_seen
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +44,18 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def load_eval(prepared: str, period: str):
+def load_eval(prepared: str, period: str) -> tuple[np.ndarray, Jagged, Jagged]:
+    """(customer_idx, targets, history oldest first) of an evaluation period."""
     ev = pq.read_table(join(prepared, "eval", f"{period}.parquet"))
-    t = ev["targets"].combine_chunks()
-    offsets = t.offsets.to_numpy().astype(np.int64)
-    items = t.values.to_numpy().astype(np.int64)[offsets[0]:offsets[-1]]
-    hist = ev["history"].combine_chunks()
-    h_off = hist.offsets.to_numpy()
-    h_val = hist.values.to_numpy()
-    history = [h_val[h_off[i]:h_off[i + 1]].astype(np.int64) for i in range(ev.num_rows)]
-    return ev["customer_idx"].to_numpy(), offsets - offsets[0], items, history
-
-
-def lists_to_csr(lists: list) -> tuple[np.ndarray, np.ndarray]:
-    """Per-customer arrays (load_eval's history) as a CSR (offsets, values)."""
-    return (np.r_[0, np.cumsum([len(x) for x in lists])].astype(np.int64),
-            np.concatenate(lists).astype(np.int64) if len(lists) else np.zeros(0, np.int64))
+    return ev["customer_idx"].to_numpy(), list_column(ev, "targets"), list_column(ev, "history")
 
 
 def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int, period: str = "val",
-                  seen: tuple[np.ndarray, np.ndarray] | None = None,
-                  history: tuple[np.ndarray, np.ndarray] | None = None, seen_margin: int = 200) -> tuple[np.ndarray, str]:
+                  seen: Jagged | None = None, history: Jagged | None = None,
+                  seen_margin: int = 200) -> tuple[np.ndarray, str]:
     """Top-k article_idx per evaluation customer from an export, through the Retriever (trainer/retrieval/retriever.py):
     the index stage's IVF index when there is one (it must have been built from this export), else exact
-    search. ``seen``: each customer's articles left out; ``history`` (CSR, oldest first): read by the
+    search. ``seen``: each customer's articles left out; ``history`` (oldest first): read by the
     buying-again term when nothing is left out."""
     retriever = Retriever.from_export(export_dir, index_dir, seen_margin)
     users_url = join(output_of(export_dir), f"users_{period}.parquet")
@@ -80,8 +69,8 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
     out = np.empty((len(customers), k), np.int64)
     for lo in range(0, len(customers), 8192):
         rows = np.arange(lo, min(lo + 8192, len(customers)))
-        out[rows] = retriever.top_k(users[at[rows]], k, seen=subset(seen, rows) if seen is not None else None,
-                                    recent=subset(history, rows) if history is not None else None,
+        out[rows] = retriever.top_k(users[at[rows]], k, seen=seen.take(rows) if seen is not None else None,
+                                    recent=history.take(rows) if history is not None else None,
                                     levels=None if levels is None else levels[rows])
     return out, retriever.how
 
@@ -106,13 +95,13 @@ def exported_run(export_dir: str, prepared: str) -> dict:
     return report
 
 
-def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_neg: int, seed: int,
+def sampled_protocol(export_dir: str, customers: np.ndarray, targets: Jagged, n_neg: int, seed: int,
                      n_items: int, period: str = "val") -> dict:
     """Each positive ranked against n_neg random articles: HitRate@10 and NDCG@10 (optimistic)."""
     item_idx, item_emb = ix.read_embeddings(join(output_of(export_dir), "items.parquet"), "article_idx")
     user_idx, users = ix.read_embeddings(join(output_of(export_dir), f"users_{period}.parquet"), "customer_idx")
     pos_of = {c: i for i, c in enumerate(user_idx.tolist())}
-    rows = np.repeat(np.arange(len(customers)), np.diff(offsets))
+    rows, items = targets.owners(), targets.values
     u = users[[pos_of[c] for c in customers[rows].tolist()]]
     rng = np.random.default_rng(seed)
     negs = rng.integers(1, n_items, size=(len(items), n_neg))
@@ -127,7 +116,7 @@ def sampled_protocol(export_dir: str, customers: np.ndarray, offsets, items, n_n
 def run(cfg) -> dict:
     ec = cfg.evaluate
     prepared = cfg.prepare.out
-    customers, offsets, items, history = load_eval(prepared, str(ec.period))
+    customers, targets, history = load_eval(prepared, str(ec.period))
     manifest_n_items = int(pq.read_table(join(prepared, "item_freq.parquet")).num_rows)
     ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx", "day"])
     inter = bl.Interactions(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), ex["day"].to_numpy(),
@@ -136,7 +125,6 @@ def run(cfg) -> dict:
     k_max = max(ec.ks)
     width = k_max + (ec.seen_margin if ec.exclude_seen else 0)
     seen = training_purchases(prepared, customers) if ec.exclude_seen else None
-    history_csr = lists_to_csr(history)
     rankings: dict[str, np.ndarray] = {}
     notes: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -149,10 +137,10 @@ def run(cfg) -> dict:
         timings[name] = round(time.perf_counter() - t0, 3)
         log.info("%s: top-%d for %d customers in %.1fs", name, k_max if retrieved else width, len(customers),
                  timings[name], extra=FILE_ONLY)
-        rankings[name] = r if retrieved else drop_seen(r, *seen, k_max) if seen is not None else r[:, :k_max]
+        rankings[name] = r if retrieved else drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
 
     def model(export_dir: str, index_dir: str | None, note: str | None = None):
-        r, how = model_ranking(export_dir, customers, index_dir, k_max, str(ec.period), seen, history_csr,
+        r, how = model_ranking(export_dir, customers, index_dir, k_max, str(ec.period), seen, history,
                                ec.seen_margin)
         if note:
             notes[note] = how
@@ -172,22 +160,21 @@ def run(cfg) -> dict:
         if "desc_tokens" in pq.read_schema(join(prepared, "features", "articles.parquet")).names else None
     if art is not None:
         order = np.argsort(art["article_idx"].to_numpy())
-        tok = art["desc_tokens"].take(order).combine_chunks()
-        lengths = np.zeros(manifest_n_items, np.int64)
-        lengths[art["article_idx"].to_numpy()[order]] = np.diff(tok.offsets.to_numpy())
-        t_off = np.r_[0, np.cumsum(lengths)]
-        t_val = tok.values.to_numpy()[tok.offsets.to_numpy()[0]:tok.offsets.to_numpy()[-1]]
-        add("TF-IDF content", lambda: bl.tfidf(inter, history, t_off, t_val, width))
+        tok = Jagged.from_arrow(art["desc_tokens"].take(order))
+        lengths = np.zeros(manifest_n_items, np.int64)  # a row per article_idx, articles without tokens empty
+        lengths[art["article_idx"].to_numpy()[order]] = tok.lengths()
+        tokens = Jagged.from_lengths(lengths, tok.values)
+        add("TF-IDF content", lambda: bl.tfidf(inter, history, tokens, width))
 
-    results = {name: metrics(r, offsets, items, ks=tuple(ec.ks), catalog_size=manifest_n_items - 1)
+    results = {name: metrics(r, targets, ks=tuple(ec.ks), catalog_size=manifest_n_items - 1)
                for name, r in rankings.items()}
     report = {"period": ec.period, "customers": int(len(customers)), "exclude_seen": bool(ec.exclude_seen),
               "model_run": model_run,
               "full_catalogue": results, "retrieval": notes, "seconds": timings}
     if ec.sampled_negatives and "two-tower" in rankings:
-        report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, offsets, items,
+        report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, targets,
                                                         ec.sampled_negatives, ec.seed, manifest_n_items, str(ec.period))
-    report["pictures"] = pictures(cfg, rankings, offsets, items, model_run)
+    report["pictures"] = pictures(cfg, rankings, targets, model_run)
     write_json(report, join(cfg.run_dir, "evaluation.json"))
     md = markdown(report, ec.ks)
     with atomic_open(join(cfg.run_dir, "evaluation.md"), "w") as f:
@@ -195,11 +182,11 @@ def run(cfg) -> dict:
     return report
 
 
-def pictures(cfg, rankings: dict, offsets: np.ndarray, items: np.ndarray, model_run: dict | None) -> dict:
+def pictures(cfg, rankings: dict, targets: Jagged, model_run: dict | None) -> dict:
     """PNGs beside the report: Recall@K of every method; and, when they exist, the index's nprobe curve
     and the model's training curves (drawn again from the index and train runs' own records)."""
     out = {}
-    curves = {name: recall_curve(r, offsets, items) for name, r in rankings.items()}
+    curves = {name: recall_curve(r, targets) for name, r in rankings.items()}
     plots.recall_curves(curves, join(cfg.run_dir, "recall_at_k.png"),
                         f"Recall@K on the {cfg.evaluate.period} period, full catalogue")
     out["recall_at_k.png"] = "Recall@K, model and baselines"

@@ -34,7 +34,7 @@ from trainer.parallel import distributed as D
 from trainer.retrieval import ivf as ix
 from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.retriever import Retriever
-from trainer.retrieval.search import seen_lists, subset
+from trainer.retrieval.search import seen_lists
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     before = d < day  # what was known on the day
     c, a, d = c[before], a[before], d[before]
     log_ = features.EventLog(c, d, a)
-    h_off, h_val = log_.history(cust_idx, np.full(len(cust_idx), day, np.int32), embedder.manifest["history_len"])
-    h_len = np.diff(h_off)
+    history = log_.history(cust_idx, np.full(len(cust_idx), day, np.int32), embedder.manifest["history_len"])
+    h_len = history.lengths()
     last_week = d >= day - 7
     popular = np.argsort(-np.bincount(a[last_week], minlength=len(art_ids)), kind="stable")
     popular = popular[popular != 0][: rc.k]
@@ -79,9 +79,9 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     chunk = 4096
     for lo in range(0, len(warm), chunk):
         rows = warm[lo:lo + chunk]
-        recent = subset((h_off - h_off[0], h_val[h_off[0]:]), rows)
-        q = embedder.queries(cust_idx[rows], np.full(len(rows), day), np.diff(recent[0]), recent[1])
-        own = subset(seen, rows) if seen is not None else None
+        recent = history.take(rows)
+        q = embedder.queries(cust_idx[rows], np.full(len(rows), day), recent)
+        own = seen.take(rows) if seen is not None else None
         levels = embedder.repeat_level(q, retriever.items) if retriever.buys_again(own) else None
         idx = retriever.top_k(q, rc.k, seen=own, recent=recent, levels=levels)
         ranked[rows] = np.clip(idx, 0, None)

@@ -5,10 +5,9 @@
     python -m trainer.train experiment=debug                                # one process, seconds
 
 Reads ``prepare.out``; writes into the run directory its config, ``checkpoints/step-N`` (resumed when the
-fingerprint matches), ``tb/``, ``metrics.json``, and ``PREEMPTED`` when a stop signal ended it early.
-The loop counts global steps; the rest are parts built once (trainer/loop/builder.py) and components with
-their own state: validation, checkpoint choice and early stopping (validator), step lines (logs),
-checkpoints (checkpoint, state), stops (stops)."""
+fingerprint matches), ``tb/``, ``metrics.json``, and ``PREEMPTED`` when a stop signal ended it early. The
+loop counts global steps; everything else is built once (trainer/loop/builder.py) or is a component with its
+own state in trainer/loop/ (validator: validation, best checkpoint, early stopping; logs; checkpoint; stops)."""
 
 from __future__ import annotations
 
@@ -25,12 +24,12 @@ from data.lock import output_lock
 from data.runinfo import progress_bar, start_run
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer.evaluation import plots
+from trainer.loop import stops
 from trainer.loop.builder import build_training
 from trainer.loop.checkpoint import CheckpointManager
 from trainer.loop.fingerprint import fingerprint
 from trainer.loop.logs import Scalars, StepLogger, quiet_libraries
 from trainer.loop.state import TrainState
-from trainer.loop.stops import FiniteGuard, StopRequested, StopSignal, clear_marker, weights_finite, write_marker
 from trainer.loop.validator import Validator
 from trainer.model.negatives import refresh_due
 from trainer.model.towers import RENAMED
@@ -55,7 +54,7 @@ class Trainer:
                                              p.checkpoint_parts(self.state, self.dist.device, rank),
                                              fingerprint(cfg, self.manifest), loop.keep_checkpoints,
                                              config=OmegaConf.to_container(cfg, resolve=True), renamed=RENAMED)
-        self.stop, self.guard = StopSignal(), FiniteGuard(self.dist.device)
+        self.stop, self.guard = stops.StopSignal(), stops.FiniteGuard(self.dist.device)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
         self.validator = Validator(loop, self.embedder, self.state, self.scalars, self.stop.check, rank)
         self.logger = StepLogger(loop, self.state, self.scalars, world, rank)
@@ -65,7 +64,7 @@ class Trainer:
 
     def fit(self) -> dict:
         loop, st = self.cfg.trainer, self.state
-        clear_marker(self.run_dir)
+        stops.clear_marker(self.run_dir)
         self._resume()
         bar = progress_bar(None, loop.progress and self.dist.rank == 0, total=self.parts.total_steps,
                            initial=st.step, desc="train", mininterval=1.0)
@@ -87,19 +86,19 @@ class Trainer:
                     if loop.checkpoint_every > 0 and st.step % loop.checkpoint_every == 0:
                         self._save()
                     if st.step % max(1, loop.stop_check_every) == 0 and self.stop.requested():
-                        raise StopRequested()
+                        raise stops.StopRequested()
                 self.steps.detach()
                 if st.batch_in_epoch == 0:  # an epoch ended
                     if self.validator.enabled:
                         self._validate()
                     if self.stop.requested():
-                        raise StopRequested()
+                        raise stops.StopRequested()
                     if st.epoch < loop.epochs and not self._done():
                         self._save()
             if self.validator.unmeasured_end():  # max_steps ended the run mid-epoch: measure where it is
                 self._validate()
             return self._end(preempted=False)
-        except StopRequested:
+        except stops.StopRequested:
             return self._end(preempted=True)
         finally:  # after the final checkpoint: a stop signal until then is deferred, not fatal
             bar.close()
@@ -149,7 +148,7 @@ class Trainer:
     def _save(self) -> None:
         """A checkpoint, unless the run has gone non-finite (then the run stops with an error)."""
         self.guard.check()
-        if not weights_finite(self.built.model):
+        if not stops.weights_finite(self.built.model):
             raise RuntimeError(f"non-finite weights after step {self.state.step}; no checkpoint written")
         if self.state.step > 0:
             self.checkpoints.save(self.state.step, best=self.validator.best())
@@ -163,7 +162,7 @@ class Trainer:
         self._save()
         st, loop = self.state, self.cfg.trainer
         if preempted:
-            write_marker(self.run_dir, st.step)
+            stops.write_marker(self.run_dir, st.step)
             if self.dist.rank == 0:
                 log.warning("stop signal %d: checkpointed at step %d and stopped; run again to resume",
                             self.stop.signum or 15, st.step)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from data.jagged import Jagged
+
 POP_EPS = 1e-6  # popularity as a tie-breaker below every real score
 
 
@@ -43,14 +45,12 @@ class Interactions:
         self.popularity_rank = np.argsort(-self.popularity, kind="stable")
 
 
-def _history_matrix(history: list[np.ndarray], n_items: int, recency: bool = False) -> sp.csr_matrix:
+def _history_matrix(history: Jagged, n_items: int, recency: bool = False) -> sp.csr_matrix:
     """Eval customers x articles from their histories (oldest first); with ``recency`` later items
     weigh more (1, 2, 3, ...), else 1."""
-    lengths = np.array([len(h) for h in history])
-    cols = np.concatenate(history) if len(history) else np.zeros(0, np.int64)
-    rows = np.repeat(np.arange(len(history)), lengths)
-    vals = (np.concatenate([np.arange(1, n + 1) for n in lengths]).astype(np.float32) if recency
-            else np.ones(len(cols), np.float32))
+    cols, rows = history.values.astype(np.int64), history.owners()
+    place = np.arange(len(cols)) - np.repeat(history.offsets[:-1], history.lengths())  # 0, 1, ... per row
+    vals = (place + 1).astype(np.float32) if recency else np.ones(len(cols), np.float32)
     m = sp.csr_matrix((vals, (rows, cols)), shape=(len(history), n_items))
     m.sum_duplicates()
     return m
@@ -112,12 +112,12 @@ def popularity(inter: Interactions, n_queries: int, k: int) -> np.ndarray:
     return np.tile(inter.popularity_rank[inter.popularity_rank != 0][:k], (n_queries, 1))
 
 
-def repurchase(inter: Interactions, history: list[np.ndarray], k: int) -> np.ndarray:
+def repurchase(inter: Interactions, history: Jagged, k: int) -> np.ndarray:
     h = _history_matrix(history, inter.n_items, recency=True)
     return _rank_sparse(h, inter.popularity, inter.popularity_rank, k)
 
 
-def covisitation(inter: Interactions, history: list[np.ndarray], k: int, neighbours: int = 100) -> np.ndarray:
+def covisitation(inter: Interactions, history: Jagged, k: int, neighbours: int = 100) -> np.ndarray:
     co = (inter.basket_item.T @ inter.basket_item).tocsr()
     co.setdiag(0)
     co.eliminate_zeros()
@@ -127,7 +127,7 @@ def covisitation(inter: Interactions, history: list[np.ndarray], k: int, neighbo
     return _score_in_chunks(_history_matrix(history, inter.n_items), co, inter, k)
 
 
-def item_knn(inter: Interactions, history: list[np.ndarray], k: int, neighbours: int = 100,
+def item_knn(inter: Interactions, history: Jagged, k: int, neighbours: int = 100,
              block: int = 4096) -> np.ndarray:
     """Cosine of articles' buyer vectors, each article's ``neighbours`` most similar kept. Built in
     blocks of articles: the full co-purchase matrix has ~0.5 billion entries at H&M scale."""
@@ -159,13 +159,11 @@ def _keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
 
 
-def tfidf(inter: Interactions, history: list[np.ndarray], token_offsets: np.ndarray, token_values: np.ndarray,
-          k: int) -> np.ndarray:
-    """token_offsets/values: description tokens per article_idx (CSR over 0..n_items-1)."""
+def tfidf(inter: Interactions, history: Jagged, tokens: Jagged, k: int) -> np.ndarray:
+    """``tokens``: description tokens per article_idx (rows 0..n_items-1)."""
     n = inter.n_items
-    rows = np.repeat(np.arange(n), np.diff(token_offsets))
-    tf = sp.csr_matrix((np.ones(len(token_values), np.float32), (rows, token_values)),
-                       shape=(n, int(token_values.max(initial=0)) + 1))
+    tf = sp.csr_matrix((np.ones(len(tokens.values), np.float32), (tokens.owners(), tokens.values)),
+                       shape=(n, int(tokens.values.max(initial=0)) + 1))
     tf.sum_duplicates()
     df = np.asarray((tf > 0).sum(axis=0)).ravel()
     idf = np.log((1 + n) / (1 + df)).astype(np.float32) + 1.0

@@ -1,7 +1,7 @@
 """Ranking metrics over whole arrays: Recall@K, NDCG@K, MAP@K (H&M's MAP@12), MRR, HitRate@K, coverage.
 
-Inputs: ``ranked`` (queries, K) item ids in rank order (-1 pads a short list) and the ground truth as
-a CSR pair (``offsets`` (queries + 1,), ``items``). Relevance is binary. A repeated id in a ranked list
+Inputs: ``ranked`` (queries, K) item ids in rank order (-1 pads a short list) and the ground truth, a
+list of relevant items per query (data/jagged.py). Relevance is binary. A repeated id in a ranked list
 counts once (as in the competition's ``apk``). Queries with empty ground truth are skipped (and
 counted) since every metric here divides by the number of relevant items.
 """
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.jagged import Jagged
 
-def hits_matrix(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+
+def hits_matrix(ranked: np.ndarray, truth: Jagged) -> np.ndarray:
     """(queries, K) bool: whether ranked[q, k] is relevant for q (first occurrence of an id only)."""
     n, k = ranked.shape
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    rows, items = truth.owners(), truth.values
     width = int(max(ranked.max(initial=0), items.max(initial=0))) + 2
-    truth = np.unique(rows * width + items.astype(np.int64))
+    relevant = np.unique(rows * width + items.astype(np.int64))
     keys = np.arange(n, dtype=np.int64)[:, None] * width + ranked.astype(np.int64)
-    hit = np.isin(keys, truth) & (ranked >= 0)
+    hit = np.isin(keys, relevant) & (ranked >= 0)
     # Count an id once per row: later duplicates are not hits.
     order = np.argsort(ranked, axis=1, kind="stable")
     s = np.take_along_axis(ranked, order, axis=1)
@@ -29,14 +31,11 @@ def hits_matrix(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> n
     return hit & ~dup
 
 
-def evaluate(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray, ks=(12,), catalog_size: int | None = None,
-             map_k: int = 12) -> dict:
-    n_rel = np.diff(offsets)
+def evaluate(ranked: np.ndarray, truth: Jagged, ks=(12,), catalog_size: int | None = None, map_k: int = 12) -> dict:
+    n_rel = truth.lengths()
     keep = n_rel > 0
     ranked, n_rel = ranked[keep], n_rel[keep]
-    sub_offsets = np.r_[0, np.cumsum(n_rel)]
-    sub_items = items[np.repeat(keep, np.diff(offsets))]
-    hit = hits_matrix(ranked, sub_offsets, sub_items)
+    hit = hits_matrix(ranked, truth.take(np.flatnonzero(keep)))
     out: dict = {"queries": int(keep.sum()), "skipped_empty_truth": int((~keep).sum())}
     if not keep.any():
         return out
@@ -59,14 +58,13 @@ def evaluate(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray, ks=(12,
     return out
 
 
-def recall_curve(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+def recall_curve(ranked: np.ndarray, truth: Jagged) -> np.ndarray:
     """Recall@K for K = 1..ranked.shape[1] (queries with empty ground truth skipped)."""
-    n_rel = np.diff(offsets)
+    n_rel = truth.lengths()
     keep = n_rel > 0
     if not keep.any():
         return np.zeros(ranked.shape[1])
-    sub_offsets = np.r_[0, np.cumsum(n_rel[keep])]
-    hit = hits_matrix(ranked[keep], sub_offsets, items[np.repeat(keep, n_rel)])
+    hit = hits_matrix(ranked[keep], truth.take(np.flatnonzero(keep)))
     return np.mean(np.cumsum(hit, axis=1) / n_rel[keep][:, None], axis=0)
 
 

@@ -10,52 +10,50 @@ import pyarrow.parquet as pq
 import torch
 
 from data.io import join
+from data.jagged import Jagged
 from trainer.evaluation.metrics import evaluate
 from trainer.parallel import distributed as D
 from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.retriever import Retriever
-from trainer.retrieval.search import seen_lists, subset
+from trainer.retrieval.search import seen_lists
 
 
-def training_purchases(prepared: str, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (offsets, article_idx) of the distinct articles each of ``customers`` bought in the training
-    examples, in the order of ``customers``."""
+def training_purchases(prepared: str, customers: np.ndarray) -> Jagged:
+    """The distinct articles each of ``customers`` bought in the training examples, in the order of
+    ``customers``."""
     ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx"])
     return seen_lists(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), customers)
 
 
-def targets_csr(table, column: str = "targets") -> tuple[np.ndarray, np.ndarray]:
-    """A list column of an evaluation table (targets, history) as a CSR (offsets from 0, values)."""
-    t = table[column].combine_chunks()
-    off = t.offsets.to_numpy().astype(np.int64)
-    return off - off[0], t.values.to_numpy().astype(np.int64)[off[0]:off[-1]]
+def list_column(table, column: str = "targets") -> Jagged:
+    """A list column of an evaluation table (targets, history), int64."""
+    return Jagged.from_arrow(table[column]).astype(np.int64)
 
 
 @torch.no_grad()
 def validate(embedder: Embedder, ks, period: str = "val", check_stop: Callable[[], None] | None = None,
-             seen: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Metrics at each k of ``ks`` over the period's customers. ``seen``: a CSR of articles per customer
-    (rows of the period's table) left out of the ranking. ``check_stop`` is called (on every rank, at
+             seen: Jagged | None = None) -> dict:
+    """Metrics at each k of ``ks`` over the period's customers. ``seen``: articles per customer (rows of
+    the period's table) left out of the ranking. ``check_stop`` is called (on every rank, at
     the same points) between chunks, so a stop signal does not wait for the whole pass."""
     table = embedder.eval_rows(period)
     everyone = ranking(embedder, table, max(int(k) for k in ks), check_stop, seen)
-    off, vals = targets_csr(table)
-    return evaluate(everyone, off, vals, ks=tuple(int(k) for k in ks), catalog_size=embedder.n_items - 1)
+    return evaluate(everyone, list_column(table), ks=tuple(int(k) for k in ks), catalog_size=embedder.n_items - 1)
 
 
 @torch.no_grad()
 def ranking(embedder: Embedder, table, k_max: int, check_stop: Callable[[], None] | None = None,
-            seen: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+            seen: Jagged | None = None) -> np.ndarray:
     """(customers, k_max) article_idx of an evaluation table's rows by the Retriever, exact search, on
     every rank (each ranks its chunks, then all are gathered)."""
     retriever = Retriever.from_embedder(embedder)
     if check_stop:
         check_stop()
-    history = targets_csr(table, "history") if retriever.buys_again(seen) else None
+    history = list_column(table, "history") if retriever.buys_again(seen) else None
     ranked, done = [], []
     for rows, q in embedder.query_chunks(table):
-        own = subset(seen, rows) if seen is not None else None
-        recent = subset(history, rows) if history is not None else None
+        own = seen.take(rows) if seen is not None else None
+        recent = history.take(rows) if history is not None else None
         levels = embedder.repeat_level(q, retriever.items) if recent is not None else None
         top = retriever.top_k(q, k_max, seen=own, recent=recent, levels=levels)
         ranked.append(torch.from_numpy(top).reshape(len(rows), k_max))

@@ -23,6 +23,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from trainer.config import HistoryEncoder, RepeatMode
 from trainer.model.repeats import RepeatTerm
 from trainer.model.sales import SalesTerm
+
 ARTICLE_TABLE = "t_article"
 SHARED_WITH_ARTICLE = {"article_id", "history"}
 POSITION_PREFIX = "hist_"  # hist_0 .. hist_{P-1}: the history by position, newest first

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.batch import packed_from_arrays
 from data.io import fs_and_path, join, read_json
+from data.jagged import Jagged
 from data.tables import FeatureTables
 from trainer.config import TrainJob
 from trainer.loop.builder import build
@@ -182,10 +183,10 @@ class Embedder:
         return everyone
 
     @torch.no_grad()
-    def queries(self, customer, day, hist_lengths, hist_values) -> torch.Tensor:
+    def queries(self, customer: np.ndarray, day: np.ndarray, history: Jagged) -> torch.Tensor:
         """Query vectors of the given rows (no collective: the caller keeps the ranks in step), for scoring
-        against :meth:`items` (with recent sales: one more column, 1)."""
-        batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, hist_lengths, hist_values)
+        against :meth:`items` (with recent sales: one more column, 1). ``history``: oldest first."""
+        batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, history)
         q = self._forward(batch)[0]
         return self.sales.scoring_query(q) if self.sales is not None else q
 
@@ -199,10 +200,7 @@ class Embedder:
         yields an empty chunk)."""
         for rows in D.dealt_chunks(table.num_rows, chunk):
             sub = table.take(rows if len(rows) else np.zeros(1, np.int64))
-            hist = sub["history"].combine_chunks()
-            off = hist.offsets.to_numpy()
-            q = self.queries(sub["customer_idx"].to_numpy(), sub["day"].to_numpy(), np.diff(off),
-                             hist.values.to_numpy()[off[0]:off[-1]])
+            q = self.queries(sub["customer_idx"].to_numpy(), sub["day"].to_numpy(), Jagged.from_arrow(sub["history"]))
             yield rows, q[:len(rows)]
 
     @torch.no_grad()

@@ -24,12 +24,11 @@ import pyarrow.parquet as pq
 import torch
 
 from data.io import fs_and_path, join, read_json, read_table
+from data.jagged import Jagged
 from data.staging import output_of
 from trainer.model.repeats import boost_recent
 from trainer.retrieval import ivf as ix
 from trainer.retrieval.search import drop_seen, top_k
-
-CSR = tuple[np.ndarray, np.ndarray]  # (offsets, values): one list per query
 
 
 @dataclass
@@ -130,7 +129,7 @@ class Retriever:
 
     # ------------------------------------------------------------ ranking
 
-    def top_k(self, queries: torch.Tensor | np.ndarray, k: int, seen: CSR | None = None, recent: CSR | None = None,
+    def top_k(self, queries: torch.Tensor | np.ndarray, k: int, seen: Jagged | None = None, recent: Jagged | None = None,
               levels: np.ndarray | None = None) -> np.ndarray:
         """(n, k) article rows, best first (-1 past the catalogue). ``seen``: each query's articles to
         leave out; ``recent``: each query's history, oldest first (the buying-again term reads its
@@ -140,12 +139,12 @@ class Retriever:
         if self.index is not None:
             q = queries.float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
             ranked = self.index.search(q, width + (self.seen_margin if seen is not None else 0))
-            ranked = drop_seen(ranked, *seen, width) if seen is not None else ranked[:, :width]
+            ranked = drop_seen(ranked, seen, width) if seen is not None else ranked[:, :width]
         else:
             ranked = top_k(queries, self.items, width, exclude_items=self.exclude, seen=seen).cpu().numpy()
         if extra:
             q = queries.float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
-            ranked = boost_recent(ranked, q, self.items_np(), *recent, self.buying_again.bonus, k,
+            ranked = boost_recent(ranked, q, self.items_np(), recent, self.buying_again.bonus, k,
                                   None if self.buying_again.temperature is None else levels,
                                   self.buying_again.temperature)
         return ranked[:, :k]

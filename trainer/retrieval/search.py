@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.jagged import Jagged
+
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -21,12 +23,12 @@ def _as_tensor(x, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float32)
 
 
-def top_k(queries, items, k: int, exclude_items=None, seen: tuple[np.ndarray, np.ndarray] | None = None,
+def top_k(queries, items, k: int, exclude_items=None, seen: Jagged | None = None,
           device: torch.device | None = None, chunk: int = 4096) -> torch.Tensor:
     """(queries, k) int64 item rows by descending inner product (on the CPU).
 
-    ``exclude_items``: item rows never returned (ranked last). ``seen``: a CSR pair ``(offsets, items)``
-    of item rows to exclude per query. Rows past the catalogue (k > items) are -1.
+    ``exclude_items``: item rows never returned (ranked last). ``seen``: item rows to exclude, a list
+    per query. Rows past the catalogue (k > items) are -1.
     """
     device = device or (queries.device if isinstance(queries, torch.Tensor) else default_device())
     it = _as_tensor(items, device)
@@ -46,7 +48,7 @@ def top_k(queries, items, k: int, exclude_items=None, seen: tuple[np.ndarray, np
         if excl is not None:
             scores[:, excl] = -torch.inf
         if seen is not None:
-            off, vals = seen
+            off, vals = seen.offsets, seen.values
             rows = np.repeat(np.arange(hi - lo), np.diff(off[lo:hi + 1]))
             cols = vals[off[lo]:off[hi]]
             if len(cols):
@@ -58,36 +60,30 @@ def top_k(queries, items, k: int, exclude_items=None, seen: tuple[np.ndarray, np
     return out
 
 
-def drop_seen(ranked: np.ndarray, offsets: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """The first k entries of each row of ``ranked`` that are not in the row's CSR list (``offsets``,
-    ``items``), rank order kept: for rankings fetched with a margin from an approximate index."""
+def drop_seen(ranked: np.ndarray, seen: Jagged, k: int) -> np.ndarray:
+    """The first k entries of each row of ``ranked`` that are not in the row's list of ``seen``, rank order
+    kept: for rankings fetched with a margin from an approximate index."""
     n = ranked.shape[0]
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    items = seen.values.astype(np.int64)
     stride = int(max(ranked.max(initial=0), items.max(initial=0))) + 2
-    seen = np.isin(np.arange(n, dtype=np.int64)[:, None] * stride + ranked, rows * stride + items.astype(np.int64))
-    order = np.argsort(seen, axis=1, kind="stable")  # unseen first
+    hit = np.isin(np.arange(n, dtype=np.int64)[:, None] * stride + ranked, seen.owners() * stride + items)
+    order = np.argsort(hit, axis=1, kind="stable")  # unseen first
     return np.take_along_axis(ranked, order, axis=1)[:, :k]
 
 
-def seen_lists(customer: np.ndarray, article: np.ndarray, who: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (offsets, article ids) of the distinct articles each customer of ``who`` has in the
-    (customer, article) interaction arrays, in the order of ``who``."""
+def seen_lists(customer: np.ndarray, article: np.ndarray, who: np.ndarray) -> Jagged:
+    """The distinct articles each customer of ``who`` has in the (customer, article) interaction arrays,
+    in the order of ``who``."""
     width = int(article.max(initial=0)) + 1
     pairs = np.unique(customer.astype(np.int64) * width + article.astype(np.int64))
     owner, item = pairs // width, pairs % width
     lo = np.searchsorted(owner, who, side="left")
     hi = np.searchsorted(owner, who, side="right")
-    return _gather(lo, hi - lo, item)
+    return Jagged(np.r_[0, np.cumsum(hi - lo)].astype(np.int64), item[_ranges(lo, hi)])
 
 
-def subset(csr: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The lists of ``rows`` of a CSR, as a CSR."""
-    off, vals = csr
-    rows = np.asarray(rows, dtype=np.int64)
-    return _gather(off[rows], off[rows + 1] - off[rows], vals)
-
-
-def _gather(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(starts, lengths)
-    return offsets, values[pos]
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The concatenated index ranges lo[i]..hi[i]-1."""
+    lengths = hi - lo
+    out = np.r_[0, np.cumsum(lengths)]
+    return np.arange(out[-1], dtype=np.int64) - np.repeat(out[:-1], lengths) + np.repeat(lo, lengths)
