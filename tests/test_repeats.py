@@ -1,4 +1,5 @@
-"""Buying again: the repeat bonus in the loss and at scoring, against naive per-row references."""
+"""Buying again (trainer/model/repeats.py, trainer/retrieval/rerank.py): the repeat bonus in the loss and at
+scoring, against naive per-row references."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from trainer.model.repeats import (
     RepeatTerm,
     _dense_bonus,
     add_bonus,
-    boost_recent,
     logit_bonus,
     mix_recent,
-    newest_first,
 )
+from trainer.retrieval.rerank import boost_recent, newest_first
 
 
 def naive_position(history: list[int], item: int, positions: int) -> int | None:

@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.jagged import Jagged
-
 
 def logit_bonus(recent: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """bias[p] where the candidate is the row's p-th newest article (the newest position when bought
@@ -98,49 +96,6 @@ def _matches(recent: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tor
     first = torch.cumsum(n, 0) - n
     k = torch.arange(int(n.sum()), device=ids.device) - torch.repeat_interleave(first - lo, n)
     return torch.repeat_interleave(rows, n), order[k], torch.repeat_interleave(pos, n)
-
-
-def newest_first(history: Jagged, positions: int) -> np.ndarray:
-    """(n, positions) the last articles of each row (oldest first in ``history``), newest first, -1 past a
-    row's history; a repeat of a newer position is -1 too."""
-    offsets, values = history.offsets, history.values
-    n = len(history)
-    lengths = history.lengths()
-    p = np.arange(positions)
-    at = np.clip(offsets[1:, None] - 1 - p[None, :], 0, None)
-    padded = np.r_[np.asarray(values, np.int64), -1]  # the last: what an empty history points at
-    out = np.where(p[None, :] < lengths[:, None], padded[np.minimum(at, len(padded) - 1)], -1)
-    out[out <= 0] = -1  # the OOV article is no article
-    dup = (out[:, :, None] == out[:, None, :]) & np.tri(positions, k=-1, dtype=bool)[None]
-    out[dup.any(2)] = -1
-    return out.reshape(n, positions)
-
-
-def boost_recent(ranked: np.ndarray, queries: np.ndarray, items: np.ndarray, history: Jagged,
-                 bonus: np.ndarray, k: int, level: np.ndarray | None = None,
-                 temperature: float | None = None) -> np.ndarray:
-    """The best k of each row once its last articles carry their bonus (with ``level``, (n,) each row's
-    level: the mixture at ``temperature``). ``ranked``: (n, W) article rows by inner product (-1: none),
-    W >= k + len(bonus) for an exact answer; ``items`` indexed by article row; ``history``: each row's
-    articles, oldest first."""
-    recent = newest_first(history, len(bonus))
-    valid = recent >= 0
-    r_items = items[np.clip(recent, 0, None)]
-    r_score = np.einsum("nd,npd->np", queries, r_items)
-    if level is None:
-        r_score = r_score + bonus[None, :]
-    else:
-        r_score = temperature * np.logaddexp(r_score / temperature, (bonus[None, :] + level[:, None]) / temperature)
-    r_score = np.where(valid, r_score, -np.inf)
-    ok = ranked >= 0
-    a_score = np.einsum("nd,nwd->nw", queries, items[np.clip(ranked, 0, None)])
-    in_hist = (ranked[:, :, None] == np.where(valid, recent, -2)[:, None, :]).any(2)
-    a_score = np.where(ok & ~in_hist, a_score, -np.inf)
-    ids = np.concatenate([ranked, recent], axis=1)
-    score = np.concatenate([a_score, r_score], axis=1)
-    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
-    best = np.take_along_axis(ids, order, axis=1)
-    return np.where(np.take_along_axis(score, order, axis=1) > -np.inf, best, -1)
 
 
 class RepeatTerm(nn.Module):

@@ -26,8 +26,8 @@ import torch
 from data.io import fs_and_path, join, read_json, read_table
 from data.jagged import Jagged
 from data.staging import output_of
-from trainer.model.repeats import boost_recent
 from trainer.retrieval import ivf as ix
+from trainer.retrieval.rerank import boost_recent
 from trainer.retrieval.search import drop_seen, top_k
 
 
