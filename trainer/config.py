@@ -264,6 +264,26 @@ class RecommendJob(StageConfig):
     recommend: RecommendOptions = field(default_factory=RecommendOptions)
 
 
+@dataclass
+class BundleOptions:
+    int8: bool = True  # the query tower's tables row-wise INT8 (fp32 when false)
+    as_of: Optional[str] = None  # the day customers' histories are taken at (None: the day after training)
+    nlist: int = 0  # IVF lists (0: ~8 sqrt(catalogue), at most catalogue / 39)
+    nprobe: int = 0  # 0: the smallest meeting target_recall@12 against exact search on a sample of customers
+    target_recall: float = 0.95
+    sweep_queries: int = 2000
+    popular: int = 100  # the cold-start list: the most bought articles of the last week
+    gpu: Optional[bool] = None  # build the index on the GPU (None: when faiss can)
+    seed: int = 0
+
+
+@dataclass
+class BundleJob(StageConfig):
+    train_dir: str = "${paths.runs}/${data.name}/train"
+    checkpoint: Which = Which.selected
+    bundle: BundleOptions = field(default_factory=BundleOptions)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJob)
@@ -271,6 +291,7 @@ def register() -> None:
     cs.store(name="index_schema", node=IndexJob)
     cs.store(name="evaluate_schema", node=EvaluateJob)
     cs.store(name="recommend_schema", node=RecommendJob)
+    cs.store(name="bundle_schema", node=BundleJob)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="loss", name="loss_schema", node=LossConfig)
 

@@ -1,0 +1,187 @@
+"""The serving bundle (trainer/bundle.py writes it, trainer/serving/bundle.py answers from it): its answers
+against the naive full-catalogue reference of tests/test_retriever.py computed from the training code's
+own query and item vectors; the IVF index at nprobe = nlist against exact search; INT8 tables against
+fp32; a damaged bundle refused; and loading and answering without the training code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import CONF, train_in_process
+from omegaconf import OmegaConf
+from test_retriever import agree, naive_top_k
+
+K = 12
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def build_bundle(train_dir, out, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from trainer.bundle import bundle
+    from trainer.parallel import distributed as D
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="bundle", overrides=[f"train_dir={train_dir}", "checkpoint=latest",
+                                                       f"run_dir={out}", *overrides])
+    try:
+        return bundle(cfg, str(out))
+    finally:
+        D.shutdown()
+
+
+@pytest.fixture(scope="module")
+def built(tiny_prepared, tmp_path_factory):
+    from trainer.evaluation.validation import list_column
+    from trainer.parallel import distributed as D
+    from trainer.retrieval.embedder import Embedder
+
+    prepared, _ = tiny_prepared
+    base = tmp_path_factory.mktemp("bundle")
+    train_in_process(prepared, base / "train", "trainer.max_steps=40", "trainer.validate=false")
+    D.shutdown()
+    embedder, _ = Embedder.from_run(str(base / "train"), "latest")
+    table = embedder.eval_rows("val")
+    day = np.unique(table["day"].to_numpy())
+    assert len(day) == 1  # the week split: every validation customer as of the week's first day
+    customers, queries = embedder.eval_queries("val")
+    items = embedder.items()
+    history = list_column(table, "history")
+    level, bonus = embedder.repeat_level(queries, items), embedder.repeat_bonus()
+    D.shutdown()
+    as_of = f"bundle.as_of={np.datetime64(int(day[0]), 'D')}"
+    reports = {name: build_bundle(base / "train", base / name, as_of, f"bundle.int8={name == 'int8'}")
+               for name in ("fp32", "int8")}
+    return {"base": base, "prepared": prepared, "customers": customers, "queries": queries.numpy(),
+            "items": items.numpy(), "history": history, "level": level, "bonus": bonus,
+            "temperature": embedder.temperature, "reports": reports}
+
+
+def load(built, name="fp32"):
+    from trainer.serving.bundle import Bundle
+
+    return Bundle.load(str(built["base"] / name / "output"))
+
+
+def raw_customer_ids(built) -> list[str]:
+    from data import vocab
+
+    values = vocab.load(built["prepared"], "customer_id")["value"]
+    return [str(v) for v in values.take(pa.array(built["customers"] - 1)).to_pylist()]
+
+
+def test_the_bundle_holds_the_validation_customers_as_of_their_day(built):
+    b = load(built)
+    rows = b.customer_rows(raw_customer_ids(built))
+    assert np.array_equal(rows, built["customers"])  # raw id -> the prepared row
+    mine = b.history.take(rows)
+    want = built["history"]
+    assert [mine.row(i).tolist() for i in range(len(rows))] == [want.row(i).tolist() for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_answers_equal_the_naive_reference_from_the_training_code(built, exclude_seen):
+    """Known customers through the exported query tower and exact search = every article scored by the
+    training code's vectors (with the customer's own last articles rescored, or bought ones left out)."""
+    b = load(built)
+    rows = b.customer_rows(raw_customer_ids(built))
+    warm = np.flatnonzero(b.history.take(rows).lengths() > 0)
+    q, levels = b.queries(rows[warm], b.history.take(rows[warm]))
+    assert np.allclose(q, built["queries"][warm], atol=1e-5)  # the exported tower = the trained model
+    if not exclude_seen:
+        assert np.allclose(levels, built["level"][warm], atol=1e-4)
+    hist = [built["history"].row(i).tolist() for i in warm]
+    seen = [b.seen.row(r).tolist() for r in rows[warm]]
+    want = naive_top_k(built["items"], built["queries"][warm], K, seen=seen if exclude_seen else None,
+                       history=hist, bonus=None if exclude_seen else built["bonus"],
+                       level=None if exclude_seen else built["level"][warm], t=built["temperature"])
+    answer = b.recommend(customer_ids=[raw_customer_ids(built)[i] for i in warm], k=K, exclude_seen=exclude_seen,
+                         exact=True)
+    assert agree([b.article_rows(np.array(a)).tolist() for a in answer.article_ids], want) == 1.0
+    assert not any(answer.cold_start) and answer.fingerprint == built["reports"]["fp32"]["fingerprint"]
+
+
+def test_the_ivf_index_at_nprobe_nlist_is_exact_search(built):
+    b = load(built)
+    q = built["queries"]
+    b.index.nprobe = b.index.nlist
+    assert agree(b.top_k(q, K).tolist(), b.top_k(q, K, exact=True).tolist()) == 1.0
+
+
+def test_int8_tables_are_within_half_a_step_of_fp32_and_rank_alike(built):
+    from trainer.serving.tower import Table
+
+    w = torch.randn(50, 16)
+    t = Table(w, int8=True)
+    step = (w.max(1).values - w.min(1).values) / 255
+    assert ((t(torch.arange(50)) - w).abs() <= step[:, None] / 2 + 1e-6).all()  # by hand: round to nearest
+    fp32, int8 = load(built), load(built, "int8")
+    assert json.loads((built["base"] / "int8" / "output" / "manifest.json").read_text())["int8"]
+    ids = raw_customer_ids(built)
+    a, b = fp32.recommend(customer_ids=ids, k=K, exact=True), int8.recommend(customer_ids=ids, k=K, exact=True)
+    overlap = np.mean([len(set(x) & set(y)) / K for x, y in zip(a.article_ids, b.article_ids)])
+    assert overlap >= 0.9
+    sizes = {name: os.path.getsize(built["base"] / name / "output" / "query_tower.pt2") for name in ("fp32", "int8")}
+    assert sizes["int8"] < 0.5 * sizes["fp32"]
+
+
+def test_cold_starts_unknown_articles_and_bad_requests(built):
+    from trainer.serving.bundle import BundleError
+
+    b = load(built)
+    answer = b.recommend(customer_ids=["no-such-customer"], k=5)
+    assert answer.cold_start == [True] and answer.article_ids[0] == b.article_ids[b.popular[:5]].tolist()
+    known = int(b.article_ids[1])
+    answer = b.recommend(histories=[[known, 999_999_999_999, known], [123_456_789_012]], k=5, exclude_seen=False)
+    assert answer.unknown_articles == [1, 1] and answer.cold_start == [False, True]
+    with pytest.raises(BundleError, match="k=100000"):
+        b.recommend(customer_ids=["x"], k=100_000)
+    with pytest.raises(BundleError, match="not both"):
+        b.recommend(customer_ids=["x"], histories=[[known]])
+
+
+def test_a_damaged_bundle_is_refused_naming_the_file(built, tmp_path):
+    import shutil
+
+    from trainer.serving.bundle import Bundle, BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(built["base"] / "fp32" / "output", copy)
+    items = copy / "items.parquet"
+    data = bytearray(items.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    items.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="items.parquet: checksum"):
+        Bundle.load(str(copy))
+    items.write_bytes(bytes(data[:-10]))
+    with pytest.raises(BundleError, match="items.parquet: missing or not the size"):
+        Bundle.load(str(copy))
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no readable manifest.json"):
+        Bundle.load(str(copy))
+
+
+def test_loading_and_answering_needs_no_training_code(built):
+    """A fresh interpreter: after loading and answering, none of the training code, TorchRec or Hydra
+    has been imported."""
+    code = f"""
+import sys
+from trainer.serving.bundle import Bundle
+b = Bundle.load({str(built['base'] / 'int8' / 'output')!r})
+a = b.recommend(histories=[[int(b.article_ids[1])]], k=3, exclude_seen=False)
+assert len(a.article_ids[0]) == 3
+banned = ("torchrec", "fbgemm_gpu", "hydra", "omegaconf", "fsspec", "trainer.loop", "trainer.model",
+          "trainer.parallel", "trainer.evaluation", "trainer.retrieval.retriever", "trainer.retrieval.embedder",
+          "trainer.config", "data.stream", "data.prepare", "data.io")
+print(sorted(m for m in sys.modules if m.startswith(banned)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

@@ -1,0 +1,201 @@
+"""The serving bundle: a trained run as one self-contained, versioned directory (trainer/serving/bundle.py
+loads it and answers; trainer/serve.py serves it over HTTP).
+
+    python -m trainer.bundle data=small                    # the run's selected checkpoint, INT8 tables
+    python -m trainer.bundle data=small bundle.int8=false  # fp32 tables
+
+Written whole (data/staging.py) into ``<run dir>/output/``:
+  query_tower.pt2    the query tower as a ``torch.export`` program (dynamic batch), its tables row-wise
+                     INT8 or fp32, loadable with torch alone (trainer/serving/tower.py)
+  customers.parquet  per customer row: the raw id, the model's customer features, the last purchases as
+                     of the bundle's day (oldest first) and every article bought before it (``seen``)
+  items.parquet      per article row: raw id, title, scoring vector (with the recent-sales column)
+  index.faiss        FAISS IVF index over the articles' scoring vectors (row i = article row i + 1)
+  manifest.json      run, step, fingerprint, prepared-data digest, the day, the scoring terms, the
+                     popular articles for cold start, package versions, creation time, each file's
+                     size and SHA-256 (written last: the commit mark)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from importlib import metadata
+
+import faiss
+import hydra
+import numpy as np
+import pyarrow as pa
+import torch
+from omegaconf import DictConfig
+
+from data import features, vocab
+from data.io import join, read_articles, write_json, write_parquet
+from data.prepare import read_interactions
+from data.runinfo import start_run
+from data.staging import output_of, staged
+from trainer import config as _train_config  # noqa: F401  (registers the bundle schema)
+from trainer.model.towers import unwrap
+from trainer.parallel import distributed as D
+from trainer.retrieval import ivf
+from trainer.retrieval.embedder import Embedder
+from trainer.retrieval.search import seen_lists
+from trainer.serving.bundle import MANIFEST, padded
+from trainer.serving.tower import ServingQueryTower, export_program
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "faiss-cpu", "faiss-gpu", "pyarrow", "numpy")
+
+
+def full_tables(model) -> dict[str, torch.Tensor]:
+    """Every embedding table whole, from a model sharded on one process."""
+    out = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if parts[-1] != "weight" or "embedding_bags" not in parts:
+            continue
+        if hasattr(value, "local_shards"):  # a ShardedTensor: all its shards are here on one rank
+            whole = torch.zeros(tuple(value.size()), dtype=torch.float32)
+            for s in value.local_shards():
+                (r0, c0), (nr, nc) = s.metadata.shard_offsets, s.metadata.shard_sizes
+                whole[r0:r0 + nr, c0:c0 + nc] = s.tensor.detach().float().cpu()
+            value = whole
+        out[parts[-2]] = value.detach().float().cpu()
+    return out
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def customer_lists(root: str, vocabs: dict, day: int, history_len: int, n_customers: int):
+    """(history, seen) of every customer row as of ``day``: the last purchases, oldest first, and every
+    distinct article bought before the day."""
+    c, a, d, _ = read_interactions(root, vocabs, progress=False)
+    before = d < day
+    c, a, d = c[before], a[before], d[before]
+    rows = np.arange(n_customers, dtype=np.int64)
+    history = features.EventLog(c, d, a).history(rows, np.full(n_customers, day, np.int32), history_len)
+    return history, seen_lists(c, a, rows), (c, a, d)
+
+
+@torch.no_grad()
+def choose_nprobe(tower, index, items: np.ndarray, history, cust_feats: np.ndarray, time_features: list,
+                  width: int, bc) -> tuple[int, list]:
+    """``bundle.nprobe``, or the smallest that meets ``bundle.target_recall`` against exact search for a
+    sample of customers with a history (their queries from the tower just built)."""
+    if bc.nprobe:
+        return int(bc.nprobe), []
+    with_history = np.flatnonzero(history.lengths() > 0)
+    rows = np.random.default_rng(bc.seed).permutation(with_history)[:bc.sweep_queries]
+    if len(rows) == 0:
+        return int(index.nlist), []
+    hist, lengths = padded(history.take(rows), width)
+    q, _ = tower(torch.from_numpy(rows), torch.from_numpy(cust_feats[:, rows].T.astype(np.int64)),
+                 torch.from_numpy(hist), torch.from_numpy(lengths.astype(np.int64)),
+                 torch.tensor([time_features] * len(rows), dtype=torch.float32))
+    report = ivf.sweep(index, items[1:], q.numpy(), 12)
+    return ivf.choose_nprobe(report, float(bc.target_recall), 12), report
+
+
+def bundle(cfg: DictConfig, run_dir: str) -> dict:
+    if D.world_size() > 1:
+        raise RuntimeError("trainer.bundle runs in one process (python -m trainer.bundle)")
+    bc = cfg.bundle
+    embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint), device="cpu")
+    model = unwrap(embedder.model)
+    prepared, manifest = embedder.prepared, embedder.manifest
+    day = int(np.datetime64(bc.as_of, "D").astype(np.int64)) if bc.as_of else embedder.last_day + 1
+    vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
+    n_customers = int(manifest["cardinalities"]["customer_id"])
+    history, seen, (c, a, d) = customer_lists(manifest["root"], vocabs, day, int(manifest["history_len"]), n_customers)
+
+    items = embedder.items().float().cpu()  # the scoring vectors, with the recent-sales column
+    d_towers = items.shape[1] - (1 if model.sales is not None else 0)
+    mean_item = items[1:, :d_towers].mean(0)  # as the Embedder's level: the OOV row left out
+    tower = ServingQueryTower(model, full_tables(embedder.model), list(embedder.tables.customer_features),
+                              mean_item, bool(bc.int8))
+    width = int(manifest["history_len"]) if tower.sequence is None else max(tower.positions, 1)
+    program = export_program(tower, len(tower.feature_names), width)
+
+    art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]
+    arts = read_articles(manifest["root"])
+    titles = dict(zip(arts["article_id"].to_pylist(), arts["prod_name"].to_pylist()))
+    item_np = items.numpy()
+    index = ivf.build(item_np[1:], nlist=bc.nlist or None, use_gpu=None if bc.gpu is None else bool(bc.gpu),
+                      seed=bc.seed)
+    rank_feats = [list(embedder.tables.customer_features).index(f) for f in tower.feature_names]
+    cust_feats = embedder.tables.customer[rank_feats] if rank_feats else np.zeros((0, n_customers), np.int32)
+    time_features = [float(v[0]) for v in features.time_of_year(np.array([day]))]
+    nprobe, sweep = choose_nprobe(tower, index, item_np, history, cust_feats, time_features, width, bc)
+    last_week = d >= day - 7
+    popular = np.argsort(-np.bincount(a[last_week], minlength=len(art_ids)), kind="stable")
+    popular = popular[popular != 0][:bc.popular]
+
+    repeats = model.repeats
+    terms = {"recent_sales": model.sales is not None,
+             "buying_again": None if repeats is None else {
+                 "bonus": [float(x) for x in repeats.bonus()], "mixture": repeats.mixture,
+                 "temperature": float(embedder.temperature)}}
+    out_dir = output_of(run_dir)
+    with staged(out_dir, MANIFEST) as out:
+        torch.export.save(program, os.path.join(out, "query_tower.pt2"))
+        cust_vocab = vocabs["customer_id"]["value"].combine_chunks() if isinstance(
+            vocabs["customer_id"]["value"], pa.ChunkedArray) else vocabs["customer_id"]["value"]
+        columns = {"customer_id": pa.concat_arrays([pa.nulls(1, cust_vocab.type), cust_vocab]).cast(pa.string()),
+                   "history": features.list_array(history), "seen": features.list_array(seen)}
+        for j, name in enumerate(tower.feature_names):
+            columns[name] = pa.array(cust_feats[j], pa.int32())
+        write_parquet(pa.table(columns), join(out, "customers.parquet"))
+        write_parquet(pa.table({
+            "article_id": pa.array(art_ids, pa.int64()),
+            "title": pa.array([titles.get(int(x)) for x in art_ids], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(item_np.reshape(-1)), item_np.shape[1])}),
+            join(out, "items.parquet"))
+        faiss.write_index(index, os.path.join(out, "index.faiss"))
+        files = {name: {"bytes": os.path.getsize(os.path.join(out, name)), "sha256": sha256(os.path.join(out, name))}
+                 for name in sorted(os.listdir(out))}
+        report = {
+            "format": 1, "run": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
+            "fingerprint": run.fingerprint_id, "data_digest": run.data_digest, "as_of": str(np.datetime64(day, "D")),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
+            "int8": bool(bc.int8), "tower": {"features": tower.feature_names, "history_width": width,
+                                              "time": time_features},
+            "scoring": terms, "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep},
+            "popular": [int(x) for x in popular], "customers": n_customers, "articles": int(len(art_ids) - 1),
+            "files": files}
+        write_json(report, join(out, MANIFEST))
+    size = sum(f["bytes"] for f in files.values())
+    log.info("bundle of run %s step %d (fingerprint %s, %s tables) as of %s: %.1f MB in %s", run.train_dir,
+             run.step, run.fingerprint_id, "INT8" if bc.int8 else "fp32", report["as_of"], size / 1e6, out_dir)
+    return report
+
+
+@hydra.main(config_path="../conf", config_name="bundle", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    run_dir = start_run(cfg)
+    try:
+        return bundle(cfg, run_dir)
+    finally:
+        D.shutdown()
+
+
+if __name__ == "__main__":
+    main()

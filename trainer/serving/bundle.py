@@ -1,0 +1,205 @@
+"""A serving bundle loaded for answering (trainer/bundle.py writes one): torch, faiss, pyarrow and numpy
+only, no training code, no Hydra, no TorchRec.
+
+    bundle = Bundle.load("runs/small/bundle/output")
+    answer = bundle.recommend(customer_ids=["00a1..."], k=12)            # known customers
+    answer = bundle.recommend(histories=[[706016001, 372860001]], k=12)  # an ad-hoc history, oldest first
+
+Scoring is the Retriever's (trainer/retrieval/retriever.py): the query tower's vector against every
+article's scoring vector (exact, or the FAISS IVF index at the bundle's nprobe), the customer's bought
+articles left out (``exclude_seen``), else the customer's own last articles rescored by the buying-again
+term. A customer the bundle does not know, or one without purchases, gets the popular articles of the
+bundle's last week (``cold_start`` says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from data.jagged import Jagged
+from trainer.retrieval.rerank import boost_recent
+from trainer.retrieval.search import drop_seen
+
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that is not whole, or a request it cannot answer."""
+
+
+def padded(history: Jagged, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, width) each row's last entries, newest first, 0-padded, and how many are real."""
+    lengths = np.minimum(history.lengths(), width)
+    p = np.arange(width)
+    at = history.offsets[1:, None] - 1 - p[None, :]
+    values = np.r_[np.asarray(history.values, np.int64), 0]
+    out = np.where(p[None, :] < lengths[:, None], values[np.clip(at, 0, len(values) - 1)], 0)
+    return out.astype(np.int64), lengths.astype(np.int64)
+
+
+@dataclass
+class Answer:
+    """Recommendations for a batch of queries: article ids and scores per query, best first."""
+
+    article_ids: list[list[int]]
+    scores: list[list[float]]  # the inner product (NaN for a cold-start list)
+    cold_start: list[bool]  # the popular articles (unknown customer, or no history)
+    unknown_articles: list[int]  # per query: history entries the bundle does not know, ignored
+    fingerprint: str
+    extra: dict = field(default_factory=dict)
+
+
+class Bundle:
+    def __init__(self, path: str, manifest: dict, tower, customers: pa.Table, items: pa.Table, index):
+        self.path, self.manifest = path, manifest
+        self.tower = tower
+        self.fingerprint = manifest["fingerprint"]
+        self.customer_ids = customers["customer_id"]  # row 0: the unknown customer (null)
+        self.history = Jagged.from_arrow(customers["history"]).astype(np.int64)
+        self.seen = Jagged.from_arrow(customers["seen"]).astype(np.int64)
+        names = manifest["tower"]["features"]
+        self.features = (np.stack([customers[n].to_numpy() for n in names]).astype(np.int64) if names
+                         else np.zeros((0, customers.num_rows), np.int64))
+        emb = items["embedding"].combine_chunks()
+        self.items = emb.values.to_numpy().reshape(-1, emb.type.list_size).astype(np.float32)  # row 0: OOV
+        self.article_ids = items["article_id"].to_numpy()
+        self.titles = items["title"]
+        order = np.argsort(self.article_ids[1:], kind="stable")
+        self._sorted_articles, self._article_rows = self.article_ids[1:][order], order + 1
+        self.index = index
+        self.index.nprobe = int(manifest["index"]["nprobe"])
+        self.width = int(manifest["tower"]["history_width"])
+        self.time = np.asarray(manifest["tower"]["time"], np.float32)
+        again = manifest["scoring"]["buying_again"]
+        self.bonus = np.asarray(again["bonus"], np.float32) if again else None
+        self.temperature = again["temperature"] if again and again["mixture"] else None
+        self.popular = np.asarray(manifest["popular"], np.int64)
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: str, verify: bool = True) -> "Bundle":
+        """The bundle in directory ``path``; with ``verify`` every file's size and SHA-256 are checked
+        against the manifest first (a partial or altered bundle is refused, naming the file)."""
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise BundleError(f"{path}: no readable {MANIFEST}; not a bundle, or not a whole one ({e})") from e
+        if manifest.get("format") != 1:
+            raise BundleError(f"{path}: bundle format {manifest.get('format')!r}; this code reads format 1")
+        for name, want in manifest["files"].items():
+            file = os.path.join(path, name)
+            if not os.path.exists(file) or os.path.getsize(file) != want["bytes"]:
+                raise BundleError(f"{file}: missing or not the size the manifest records ({want['bytes']} bytes)")
+            if verify and _sha256(file) != want["sha256"]:
+                raise BundleError(f"{file}: checksum differs from the manifest's; the bundle is damaged")
+        tower = torch.export.load(os.path.join(path, "query_tower.pt2")).module()
+        customers = pq.read_table(os.path.join(path, "customers.parquet"))
+        items = pq.read_table(os.path.join(path, "items.parquet"))
+        index = faiss.read_index(os.path.join(path, "index.faiss"))
+        return cls(path, manifest, tower, customers, items, index)
+
+    # ------------------------------------------------------------ answering
+
+    def customer_rows(self, customer_ids) -> np.ndarray:
+        """Rows of raw customer ids (0: unknown)."""
+        ids = pa.array([str(c) for c in customer_ids], pa.string())
+        at = pc.index_in(ids, value_set=self.customer_ids).to_numpy(zero_copy_only=False)
+        return np.nan_to_num(at.astype(np.float64), nan=0).astype(np.int64)
+
+    def article_rows(self, article_ids: np.ndarray) -> np.ndarray:
+        """Rows of raw article ids (0: unknown)."""
+        article_ids = np.asarray(article_ids, np.int64)
+        at = np.clip(np.searchsorted(self._sorted_articles, article_ids), 0, max(len(self._sorted_articles) - 1, 0))
+        known = len(self._sorted_articles) > 0
+        hit = (self._sorted_articles[at] == article_ids) if known else np.zeros(len(article_ids), bool)
+        return np.where(hit, self._article_rows[at] if known else 0, 0)
+
+    @torch.no_grad()
+    def queries(self, rows: np.ndarray, history: Jagged) -> tuple[np.ndarray, np.ndarray]:
+        """(scoring vectors, buying-again levels) of customer rows with these histories (oldest first)."""
+        hist, lengths = padded(history, self.width)
+        feats = self.features[:, rows].T if len(self.features) else np.zeros((len(rows), 0), np.int64)
+        q, level = self.tower(torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(feats)),
+                              torch.from_numpy(hist), torch.from_numpy(lengths),
+                              torch.from_numpy(np.tile(self.time, (len(rows), 1))))
+        return q.numpy(), level.numpy()
+
+    def recommend(self, customer_ids=None, histories=None, k: int = 12, exclude_seen: bool = True,
+                  exact: bool = False) -> Answer:
+        """Top-k articles for known customers (``customer_ids``: their history and bought articles as of
+        the bundle's day) or for ad-hoc ``histories`` (lists of raw article ids, oldest first; unknown ones
+        are ignored and counted). ``exact``: score every article instead of searching the IVF index."""
+        if (customer_ids is None) == (histories is None):
+            raise BundleError("give customer_ids or histories, not both")
+        n_articles = len(self.article_ids) - 1
+        if not 1 <= k <= n_articles:
+            raise BundleError(f"k={k}: must be between 1 and the catalogue's {n_articles} articles")
+        if customer_ids is not None:
+            rows = self.customer_rows(customer_ids)
+            history, seen = self.history.take(rows), self.seen.take(rows)
+            unknown = [0] * len(rows)
+            cold = (rows == 0) | (history.lengths() == 0)
+        else:
+            raw = Jagged.from_lists(histories)
+            mapped = self.article_rows(raw.values)
+            known = mapped > 0
+            unknown = np.bincount(raw.owners()[~known], minlength=len(raw)).tolist()
+            history = Jagged.from_lengths(np.bincount(raw.owners()[known], minlength=len(raw)), mapped[known])
+            seen, rows = history, np.zeros(len(raw), np.int64)
+            cold = history.lengths() == 0
+        ranked = np.tile(self.popular[:k], (len(rows), 1)) if len(self.popular) >= k else None
+        scores = np.full((len(rows), k), np.nan, np.float32)
+        warm = np.flatnonzero(~cold)
+        if ranked is None:
+            ranked = np.zeros((len(rows), k), np.int64)
+            warm = np.arange(len(rows))
+            cold = np.zeros(len(rows), bool)
+        if len(warm):
+            q, levels = self.queries(rows[warm], history.take(warm))
+            top = self.top_k(q, k, seen.take(warm) if exclude_seen else None,
+                             None if exclude_seen else history.take(warm), levels, exact)
+            ranked[warm] = np.clip(top, 0, None)
+            scores[warm] = np.where(top >= 0, np.einsum("nd,nkd->nk", q, self.items[np.clip(top, 0, None)]), np.nan)
+        return Answer([self.article_ids[r].tolist() for r in ranked], [s.tolist() for s in scores],
+                      cold.tolist(), unknown, self.fingerprint)
+
+    def top_k(self, q: np.ndarray, k: int, seen: Jagged | None = None, recent: Jagged | None = None,
+              levels: np.ndarray | None = None, exact: bool = False) -> np.ndarray:
+        """(n, k) article rows (-1: none) for scoring vectors ``q``: the Retriever's ranking
+        (trainer/retrieval/retriever.py). ``seen``: rows left out; else ``recent`` (oldest first) is
+        rescored by the buying-again term with the queries' ``levels``."""
+        extra = len(self.bonus) if self.bonus is not None and seen is None and recent is not None else 0
+        width = k + extra
+        margin = int(seen.lengths().max(initial=0)) if seen is not None else 0
+        fetch = min(width + margin, len(self.article_ids) - 1)
+        if exact:
+            scores = q @ self.items[1:].T
+            found = np.argsort(-scores, axis=1, kind="stable")[:, :fetch]
+        else:
+            found = self.index.search(np.ascontiguousarray(q, np.float32), fetch)[1]
+        ranked = np.where(found >= 0, found + 1, -1)  # index row i is article row i + 1
+        ranked = drop_seen(ranked, seen, width) if seen is not None else ranked[:, :width]
+        if extra:
+            ranked = boost_recent(ranked, q, self.items, recent, self.bonus, k,
+                                  None if self.temperature is None else levels, self.temperature)
+        return ranked[:, :k]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
