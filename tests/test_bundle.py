@@ -7,75 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from conftest import CONF, train_in_process
-from omegaconf import OmegaConf
+from conftest import ROOT, load, raw_customer_ids
 from test_retriever import agree, naive_top_k
 
 K = 12
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def build_bundle(train_dir, out, *overrides):
-    from hydra import compose, initialize_config_dir
-
-    from trainer.bundle import bundle
-    from trainer.parallel import distributed as D
-
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="bundle", overrides=[f"train_dir={train_dir}", "checkpoint=latest",
-                                                       f"run_dir={out}", *overrides])
-    try:
-        return bundle(cfg, str(out))
-    finally:
-        D.shutdown()
-
-
-@pytest.fixture(scope="module")
-def built(tiny_prepared, tmp_path_factory):
-    from trainer.evaluation.validation import list_column
-    from trainer.parallel import distributed as D
-    from trainer.retrieval.embedder import Embedder
-
-    prepared, _ = tiny_prepared
-    base = tmp_path_factory.mktemp("bundle")
-    train_in_process(prepared, base / "train", "trainer.max_steps=40", "trainer.validate=false")
-    D.shutdown()
-    embedder, _ = Embedder.from_run(str(base / "train"), "latest")
-    table = embedder.eval_rows("val")
-    day = np.unique(table["day"].to_numpy())
-    assert len(day) == 1  # the week split: every validation customer as of the week's first day
-    customers, queries = embedder.eval_queries("val")
-    items = embedder.items()
-    history = list_column(table, "history")
-    level, bonus = embedder.repeat_level(queries, items), embedder.repeat_bonus()
-    D.shutdown()
-    as_of = f"bundle.as_of={np.datetime64(int(day[0]), 'D')}"
-    reports = {name: build_bundle(base / "train", base / name, as_of, f"bundle.int8={name == 'int8'}")
-               for name in ("fp32", "int8")}
-    return {"base": base, "prepared": prepared, "customers": customers, "queries": queries.numpy(),
-            "items": items.numpy(), "history": history, "level": level, "bonus": bonus,
-            "temperature": embedder.temperature, "reports": reports}
-
-
-def load(built, name="fp32"):
-    from trainer.serving.bundle import Bundle
-
-    return Bundle.load(str(built["base"] / name / "output"))
-
-
-def raw_customer_ids(built) -> list[str]:
-    from data import vocab
-
-    values = vocab.load(built["prepared"], "customer_id")["value"]
-    return [str(v) for v in values.take(pa.array(built["customers"] - 1)).to_pylist()]
 
 
 def test_the_bundle_holds_the_validation_customers_as_of_their_day(built):

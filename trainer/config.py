@@ -284,6 +284,20 @@ class BundleJob(StageConfig):
     bundle: BundleOptions = field(default_factory=BundleOptions)
 
 
+@dataclass
+class ServeOptions:
+    bundle: str = "${paths.runs}/${data.name}/bundle/output"  # a bundle directory (trainer.bundle's output)
+    host: str = "127.0.0.1"  # localhost only unless told otherwise
+    port: int = 8000
+    max_batch: int = 256  # queries per request; more is a 413
+    reload_poll_s: float = 2.0  # how often a newly published bundle is looked for
+
+
+@dataclass
+class ServeJob(StageConfig):
+    serve: ServeOptions = field(default_factory=ServeOptions)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJob)
@@ -292,6 +306,7 @@ def register() -> None:
     cs.store(name="evaluate_schema", node=EvaluateJob)
     cs.store(name="recommend_schema", node=RecommendJob)
     cs.store(name="bundle_schema", node=BundleJob)
+    cs.store(name="serve_schema", node=ServeJob)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="loss", name="loss_schema", node=LossConfig)
 

@@ -73,7 +73,7 @@ class Bundle:
         emb = items["embedding"].combine_chunks()
         self.items = emb.values.to_numpy().reshape(-1, emb.type.list_size).astype(np.float32)  # row 0: OOV
         self.article_ids = items["article_id"].to_numpy()
-        self.titles = items["title"]
+        self.titles = items["title"].to_pylist()  # by article row
         order = np.argsort(self.article_ids[1:], kind="stable")
         self._sorted_articles, self._article_rows = self.article_ids[1:][order], order + 1
         self.index = index
@@ -125,6 +125,10 @@ class Bundle:
         known = len(self._sorted_articles) > 0
         hit = (self._sorted_articles[at] == article_ids) if known else np.zeros(len(article_ids), bool)
         return np.where(hit, self._article_rows[at] if known else 0, 0)
+
+    def title(self, article_id: int) -> str | None:
+        row = int(self.article_rows(np.array([article_id]))[0])
+        return self.titles[row] if row else None
 
     @torch.no_grad()
     def queries(self, rows: np.ndarray, history: Jagged) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,179 @@
+"""Serve a bundle (trainer/bundle.py) over HTTP: a FastAPI app under uvicorn, on localhost by default.
+
+    python -m trainer.serve data=small                          # runs/small/bundle/output on 127.0.0.1:8000
+    python -m trainer.serve serve.bundle=/srv/bundle serve.port=9000
+
+    POST /recommend  {"customer_id": "...", "k": 12, "exclude_seen": true}
+                     {"history": [706016001, 372860001], "k": 12}          (raw article ids, oldest first)
+                     {"queries": [{"customer_id": "..."}, {"history": [...]}], "k": 12}   (a batch)
+      -> {"results": [{"articles": [{"article_id", "title", "score"}], "cold_start", "reason",
+                        "unknown_articles"}], "fingerprint", "bundle"}
+    GET /health, GET /version
+
+A bundle published later at the same path (trainer.bundle publishes whole, by rename) is picked up
+by a watcher thread: loaded and verified aside, then swapped in one assignment. A request reads the
+bundle once, so it is answered wholly by the old one or wholly by the new one; a bundle that fails to
+load (caught mid-publish, damaged) is logged and the current one keeps serving.
+
+Bad input: a malformed body or k outside 1..catalogue is a 422; more than ``serve.max_batch`` queries a
+413; an unknown customer gets the cold-start list (``cold_start``, ``reason``); unknown articles in a
+history are ignored and counted (``unknown_articles``).
+"""
+
+import logging
+import os
+import threading
+from typing import Optional
+
+import hydra
+from fastapi import FastAPI, HTTPException
+from omegaconf import DictConfig
+from pydantic import BaseModel, Field
+
+from data.runinfo import start_run
+from trainer import config as _train_config  # noqa: F401  (registers the serve schema)
+from trainer.serving.bundle import MANIFEST, Bundle, BundleError
+
+log = logging.getLogger(__name__)
+
+
+class LiveBundle:
+    """The bundle being served, swapped whole when a newer one is published at ``path``."""
+
+    def __init__(self, path: str, poll_s: float = 2.0):
+        self.path, self.poll_s = path, poll_s
+        self.current = Bundle.load(path)
+        self.stamp = self._stamp()
+        self.loads = 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bundle-watcher", daemon=True)
+
+    def start(self) -> "LiveBundle":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _stamp(self):
+        try:
+            st = os.stat(os.path.join(self.path, MANIFEST))
+            return st.st_ino, st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.check()
+
+    def check(self) -> bool:
+        """Loads the bundle at ``path`` if it changed since the current one; True when swapped."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self.stamp:
+            return False
+        try:
+            fresh = Bundle.load(self.path)
+        except (BundleError, OSError, RuntimeError) as e:  # mid-publish or damaged: keep serving
+            log.warning("bundle at %s not loaded (%s); still serving %s", self.path, e, self.current.fingerprint)
+            return False
+        if self._stamp() != stamp:  # replaced again while loading: load that one next time
+            return False
+        self.current, self.stamp = fresh, stamp
+        self.loads += 1
+        log.info("serving the bundle published at %s (run %s step %s, as of %s)", self.path,
+                 fresh.manifest["run"], fresh.manifest["step"], fresh.manifest["as_of"])
+        return True
+
+
+class Query(BaseModel):
+    customer_id: Optional[str] = None
+    history: Optional[list[int]] = None  # raw article ids, oldest first
+
+
+class RecommendRequest(BaseModel):
+    customer_id: Optional[str] = None
+    history: Optional[list[int]] = None
+    queries: Optional[list[Query]] = None  # a batch, instead of one customer_id or history
+    k: int = Field(12, ge=1)
+    exclude_seen: bool = True
+
+
+def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
+    app = FastAPI(title="two-tower retrieval", version="1")
+
+    def about(b: Bundle) -> dict:
+        m = b.manifest
+        return {"run": m["run"], "step": m["step"], "fingerprint": m["fingerprint"], "as_of": m["as_of"],
+                "created": m["created"], "int8": m["int8"], "data_digest": m["data_digest"]}
+
+    @app.get("/health")
+    def health() -> dict:
+        b = live.current
+        return {"status": "ok", "fingerprint": b.fingerprint, "as_of": b.manifest["as_of"]}
+
+    @app.get("/version")
+    def version() -> dict:
+        b = live.current
+        return {**about(b), "versions": b.manifest["versions"], "articles": b.manifest["articles"],
+                "customers": b.manifest["customers"], "loads": live.loads}
+
+    @app.post("/recommend")
+    def recommend(req: RecommendRequest) -> dict:
+        b = live.current  # one bundle for the whole request, whatever a reload does meanwhile
+        queries = req.queries if req.queries is not None else [Query(customer_id=req.customer_id, history=req.history)]
+        if req.queries is not None and (req.customer_id is not None or req.history is not None):
+            raise HTTPException(422, "give queries, or one customer_id or history, not both")
+        if len(queries) > max_batch:
+            raise HTTPException(413, f"{len(queries)} queries: at most {max_batch} per request")
+        n_articles = len(b.article_ids) - 1
+        if req.k > n_articles:
+            raise HTTPException(422, f"k={req.k}: the catalogue has {n_articles} articles")
+        for i, q in enumerate(queries):
+            if (q.customer_id is None) == (q.history is None):
+                raise HTTPException(422, f"query {i}: give a customer_id or a history")
+        results = [None] * len(queries)
+        for kind in ("customer_id", "history"):
+            at = [i for i, q in enumerate(queries) if getattr(q, kind) is not None]
+            if not at:
+                continue
+            args = {"customer_ids": [queries[i].customer_id for i in at]} if kind == "customer_id" else {
+                "histories": [queries[i].history for i in at]}
+            try:
+                answer = b.recommend(**args, k=req.k, exclude_seen=req.exclude_seen)
+            except BundleError as e:
+                raise HTTPException(422, str(e)) from e
+            known = b.customer_rows(args["customer_ids"]) > 0 if kind == "customer_id" else None
+            for j, i in enumerate(at):
+                cold = answer.cold_start[j]
+                reason = None
+                if cold:
+                    reason = ("unknown customer" if known is not None and not known[j]
+                              else "no purchases before the bundle's day" if kind == "customer_id"
+                              else "no known article in the history")
+                results[i] = {
+                    "articles": [{"article_id": int(a), "title": b.title(a), "score": None if s != s else float(s)}
+                                 for a, s in zip(answer.article_ids[j], answer.scores[j])],
+                    "cold_start": cold, "reason": reason, "unknown_articles": answer.unknown_articles[j]}
+        return {"results": results, "fingerprint": b.fingerprint, "bundle": about(b)}
+
+    return app
+
+
+@hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import uvicorn
+
+    start_run(cfg)
+    sc = cfg.serve
+    live = LiveBundle(str(sc.bundle), sc.reload_poll_s).start()
+    log.info("serving %s (run %s step %s, fingerprint %s) on http://%s:%d", sc.bundle, live.current.manifest["run"],
+             live.current.manifest["step"], live.current.fingerprint, sc.host, sc.port)
+    try:
+        uvicorn.run(create_app(live, sc.max_batch), host=str(sc.host), port=int(sc.port), log_level="warning",
+                    workers=1)
+    finally:
+        live.stop()
+
+
+if __name__ == "__main__":
+    main()
