@@ -19,17 +19,19 @@ NPROC="${NPROC:-$(( GPUS > 0 ? GPUS : 2 ))}"  # one process per GPU, else 2 CPU 
 # trainer.epochs); a CPU demo trains one epoch (about 7 minutes on 2 cores).
 if [[ -n "${EPOCHS:-}" ]]; then BUDGET="trainer.epochs=$EPOCHS"; elif (( GPUS == 0 )); then BUDGET="trainer.epochs=1"; else BUDGET=""; fi
 step() { echo "[run] $*" >&2; }
-step "1/6 synthesise data=$DATA"
+step "1/7 synthesise data=$DATA"
 "$PY" -m data.synth "data=$DATA" "$@"
-step "2/6 prepare (vocabularies, week split, example shards)"
+step "2/7 prepare (vocabularies, week split, example shards)"
 "$PY" -m data.prepare "data=$DATA" "$@"
-step "3/6 train on $NPROC process(es)"
+step "3/7 train on $NPROC process(es)"
 # OMP_NUM_THREADS: torchrun's own default (1 per process), set here so it prints no banner about it.
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m trainer.train "data=$DATA" \
   trainer.resume=false ${BUDGET} "$@" ${TRAIN_ARGS:-}
-step "4/6 export embeddings"
+step "4/7 export embeddings"
 "$PY" -m trainer.export "data=$DATA" "$@"
-step "5/6 build the FAISS index"
+step "5/7 build the FAISS index"
 "$PY" -m trainer.index "data=$DATA" "$@"
-step "6/6 evaluate against baselines"
+step "6/7 evaluate against baselines"
 "$PY" -m trainer.evaluate "data=$DATA" "$@"
+step "7/7 the serving bundle (query tower, customers, item vectors, FAISS index)"
+"$PY" -m trainer.bundle "data=$DATA" "$@"

@@ -19,8 +19,12 @@ def test_run_sh_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "datasets" / "tiny" / "prepared" / "manifest.json").read_text())
     assert manifest["examples"]["rows"] > 40_000 and manifest["eval"]["val"]["customers"] > 100
-    for stage in ("synth", "prepare", "train", "export", "index", "evaluate"):
+    for stage in ("synth", "prepare", "train", "export", "index", "evaluate", "bundle"):
         assert (tmp_path / "runs" / "tiny" / stage / "config.yaml").exists(), stage
+    bundle = json.loads((tmp_path / "runs" / "tiny" / "bundle" / "output" / "manifest.json").read_text())
+    assert bundle["int8"] and set(bundle["files"]) == {"query_tower.pt2", "customers.parquet", "items.parquet",
+                                                       "index.faiss"}
+    assert "python -m trainer.serve data=tiny serve.bundle=" in proc.stdout and "curl -s localhost:8000" in proc.stdout
     table = (tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.md").read_text()
     assert "| two-tower |" in table and "| repurchase + popularity |" in table
     assert "| two-tower |" in proc.stdout  # the table is printed at the end

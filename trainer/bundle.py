@@ -183,6 +183,8 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
             "files": files}
         write_json(report, join(out, MANIFEST))
     size = sum(f["bytes"] for f in files.values())
+    warm = np.flatnonzero(history.lengths() > 0)
+    report["example_customer"] = str(columns["customer_id"][int(warm[0])]) if len(warm) else None
     log.info("bundle of run %s step %d (fingerprint %s, %s tables) as of %s: %.1f MB in %s", run.train_dir,
              run.step, run.fingerprint_id, "INT8" if bc.int8 else "fp32", report["as_of"], size / 1e6, out_dir)
     return report
@@ -192,9 +194,13 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
 def main(cfg: DictConfig) -> dict:
     run_dir = start_run(cfg)
     try:
-        return bundle(cfg, run_dir)
+        report = bundle(cfg, run_dir)
     finally:
         D.shutdown()
+    log.info("serve it:  python -m trainer.serve data=%s serve.bundle=%s", cfg.data.name, output_of(run_dir))
+    log.info("ask it:    curl -s localhost:8000/recommend -H 'Content-Type: application/json' "
+             "-d '{\"customer_id\": \"%s\", \"k\": 12}'", report["example_customer"])
+    return report
 
 
 if __name__ == "__main__":
