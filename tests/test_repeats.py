@@ -17,6 +17,7 @@ from trainer.model.repeats import (
     logit_bonus,
     mix_recent,
 )
+from trainer.model.sales import SalesTerm
 from trainer.retrieval.rerank import boost_recent, newest_first
 
 
@@ -240,7 +241,8 @@ def test_the_scoring_level_reads_the_towers_columns_and_the_catalogue_mean():
     head = torch.nn.Linear(d, 1)  # a one-layer head, so the reference is written by hand
     term.level = head
     emb = Embedder.__new__(Embedder)
-    emb.device, emb.sales, emb.repeats = torch.device("cpu"), object(), term  # with recent sales: D + 1
+    emb.device, emb.repeats = torch.device("cpu"), term
+    emb.columns = [SalesTerm(4)]  # with recent sales: the scoring vectors have D + 1 columns
     q = torch.from_numpy(np.c_[rng.normal(size=(6, d)), np.ones(6)].astype(np.float32))
     items = torch.from_numpy(rng.normal(size=(9, d + 1)).astype(np.float32))
     items[0] = 100.0  # the OOV row must not count

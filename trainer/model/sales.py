@@ -81,7 +81,10 @@ class RecentSales:
 
 class SalesTerm(nn.Module):
     """The model's recent-sales term: a learned score bonus per bucket of sales (``bias``) and the table
-    of buckets it reads (:meth:`attach`: data of the prepared run, not a parameter, not checkpointed)."""
+    of buckets it reads (:meth:`attach`: data of the prepared run, not a parameter, not checkpointed).
+    For scoring it is one column of the scoring vectors (``scoring_query`` / ``scoring_item``)."""
+
+    scoring_columns = 1
 
     def __init__(self, n_buckets: int):
         super().__init__()

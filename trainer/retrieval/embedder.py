@@ -92,8 +92,10 @@ class Embedder:
         self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
         self.tables = tables or FeatureTables(prepared, manifest)
         terms = unwrap(model)
-        self.sales = terms.sales  # scoring vectors carry the recent-sales bonus (trainer/model/sales.py)
-        self.repeats = terms.repeats  # buying again (trainer/model/repeats.py)
+        # terms that are columns of the scoring vectors (recent sales: trainer/model/sales.py), and buying
+        # again, which the Retriever applies apart (trainer/model/repeats.py)
+        self.columns = [t for t in terms.scoring_terms() if getattr(t, "scoring_columns", 0)]
+        self.repeats = terms.repeats
         self.n_items = int(manifest["cardinalities"]["article_id"])
         self.last_day = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
 
@@ -145,7 +147,7 @@ class Embedder:
         vector and the catalogue's (:meth:`items`); None when the model scores repeats by the bonus."""
         if not self.repeat_mixture():
             return None
-        d = q.shape[1] - (1 if self.sales is not None else 0)  # the towers' dimensions, not the sales column
+        d = q.shape[1] - sum(t.scoring_columns for t in self.columns)  # the towers' dimensions only
         q = q[:, :d].to(self.device).float()
         mean_item = items[1:, :d].to(self.device).float().mean(0)  # row 0: the OOV bucket, never drawn
         return self.repeats.scoring_level(q, mean_item)
@@ -178,8 +180,8 @@ class Embedder:
             if check_stop:
                 check_stop()
         everyone = D.gather_in_order(torch.cat(out), np.concatenate(rows), n)
-        if scoring and self.sales is not None:
-            everyone = self.sales.scoring_item(everyone, torch.arange(n, device=everyone.device))
+        for term in self.columns if scoring else []:
+            everyone = term.scoring_item(everyone, torch.arange(n, device=everyone.device))
         return everyone
 
     @torch.no_grad()
@@ -188,7 +190,9 @@ class Embedder:
         against :meth:`items` (with recent sales: one more column, 1). ``history``: oldest first."""
         batch = packed_from_arrays(self.tables, customer, np.zeros(len(customer)), day, history)
         q = self._forward(batch)[0]
-        return self.sales.scoring_query(q) if self.sales is not None else q
+        for term in self.columns:
+            q = term.scoring_query(q)
+        return q
 
     def eval_rows(self, period: str):
         """The evaluation table of a period (``val`` or ``test``)."""
