@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 CHECK_ENV = "TWOTOWER_CHECK_COLLECTIVES"
-_PROJECT = pathlib.Path(__file__).resolve().parents[1]
+_PROJECT = pathlib.Path(__file__).resolve().parents[2]  # the repository (this file is trainer/parallel/distributed.py)
 _THIS = pathlib.Path(__file__).resolve()
 
 
