@@ -29,6 +29,11 @@ class Source(Choice):
     movielens = "movielens"
 
 
+# MovieLens releases data.ingest reads: the GroupLens .dat/u.* formats and the CSV releases
+MovieLensVariant = Choice("MovieLensVariant", [(v, v) for v in (
+    "ml-100k", "ml-1m", "ml-latest", "ml-latest-small", "ml-20m", "ml-25m", "ml-32m")])
+
+
 class Protocol(Choice):
     week = "week"
     leave_last_n = "leave_last_n"
@@ -65,7 +70,7 @@ class DataConfig:
     source: Source = Source.synth
     root: str = "${paths.datasets}/${data.name}"  # canonical tables (any fsspec URL)
     raw_dir: Optional[str] = None  # hm: folder with articles.csv, customers.csv, transactions_train.csv
-    movielens_variant: str = "ml-100k"  # ml-100k | ml-1m
+    movielens_variant: MovieLensVariant = MovieLensVariant["ml-100k"]
     movielens_min_rating: int = 0  # keep ratings >= this as interactions (0 keeps all)
     # Nobody buys an item twice (MovieLens: a film is rated once): validation, evaluation and
     # recommendations rank only articles the customer has not bought (their options default to this).

@@ -156,3 +156,19 @@ def test_recommend_leaves_out_bought_articles(tiny_prepared, tmp_path):
     overlap = lambda recs: sum(len(set(r) & bought.get(c, set())) for c, r in recs.items())  # noqa: E731
     assert overlap(got[False]) > 0  # the model does rank bought articles high ...
     assert overlap(got[True]) == 0  # ... and exclude_seen leaves every one of them out
+
+
+def test_a_select_metric_validation_does_not_report_fails_before_training():
+    """The names Validator accepts are the names validation's metrics carry (trainer/evaluation/metrics.py
+    at trainer.recall_k); any other fails when the run starts, not after its first epoch."""
+    from types import SimpleNamespace
+
+    from trainer.evaluation.metrics import evaluate
+    from trainer.loop.validator import Validator, validation_metrics
+
+    reported = evaluate(np.array([[1, 2, 3]]), Jagged.from_lists([[2]]), ks=(12, 100), catalog_size=10)
+    assert set(validation_metrics([12, 100])) == set(reported) - {"queries", "skipped_empty_truth"}
+    loop = SimpleNamespace(validate=True, recall_k=[12, 100], select_metric="recal@12")
+    with pytest.raises(ValueError, match="'recal@12' is not a validation metric"):
+        Validator(loop, None, None, None, None, 0)
+    Validator(SimpleNamespace(validate=True, recall_k=[12, 100], select_metric="ndcg@100"), None, None, None, None, 0)

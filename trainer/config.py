@@ -10,6 +10,11 @@ from hydra.core.config_store import ConfigStore
 from data.config import Choice, PrepareOptions, SplitConfig, StageConfig
 
 
+class ModelName(Choice):
+    two_tower = "two_tower"
+    mf = "mf"  # matrix factorisation (conf/model/mf.yaml): id embeddings only
+
+
 class HistoryEncoder(Choice):
     bag = "bag"  # the mean of the history's article embeddings
     transformer = "transformer"  # the ordered history, with positions, through a small transformer
@@ -89,7 +94,7 @@ class Period(Choice):
 class ModelConfig:
     """Towers. An id-only config with no MLP (query: customer_id; item: article_id) is matrix factorisation."""
 
-    name: str = "two_tower"
+    name: ModelName = ModelName.two_tower
     id_dim: int = 64  # customer and article tables (the article table also embeds the history bag)
     feature_dim: int = 16  # categorical feature tables
     query_features: list = field(default_factory=lambda: [

@@ -13,11 +13,20 @@ from trainer.loop.schedule import stalls
 log = logging.getLogger(__name__)
 
 
+def validation_metrics(recall_k) -> list[str]:
+    """The metrics validation reports (trainer/evaluation/metrics.py at ``trainer.recall_k``)."""
+    return [f"{m}@{int(k)}" for m in ("recall", "ndcg", "hitrate") for k in recall_k] + ["map@12", "mrr", "coverage"]
+
+
 class Validator:
     def __init__(self, loop_cfg, embedder, state, scalars, check_stop, rank: int):
         self.cfg, self.embedder, self.state, self.scalars = loop_cfg, embedder, state, scalars
         self.check_stop, self.rank = check_stop, rank
         self._seen = None  # validation customers' training purchases (trainer.validate_exclude_seen)
+        known = validation_metrics(loop_cfg.recall_k)
+        if loop_cfg.validate and loop_cfg.select_metric not in known:  # now, not after the first epoch
+            raise ValueError(f"trainer.select_metric={loop_cfg.select_metric!r} is not a validation metric; choose "
+                             f"one of {known} (the @K ones follow trainer.recall_k)")
 
     @property
     def enabled(self) -> bool:
