@@ -59,10 +59,11 @@ def timed(fn, batches: list) -> list[float]:
     return out
 
 
-def peak_rss_mb(bundle: pathlib.Path, ids: list[str]) -> float:
+def peak_rss_mb(bundle: pathlib.Path, ids: list[str], scratch: pathlib.Path) -> float:
     """Peak resident memory of a fresh process that loads the bundle and answers every query once."""
+    (scratch / "ids.json").write_text(json.dumps(ids))
     code = (f"import resource, json; from trainer.serving.bundle import Bundle; b = Bundle.load({str(bundle)!r}); "
-            f"ids = json.loads({json.dumps(json.dumps(ids))}); "
+            f"ids = json.load(open({str(scratch / 'ids.json')!r})); "
             "[b.recommend(customer_ids=ids[i:i + 256], k=12) for i in range(0, len(ids), 256)]; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -83,14 +84,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="where the bundles go (default runs/<data>/bench-serve)")
     ap.add_argument("--queries", type=int, default=500, help="batch-1 queries timed")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the server's serve.threads)")
     args = ap.parse_args()
     train = pathlib.Path(args.train or ROOT / "runs" / args.data / "train").resolve()
     out = pathlib.Path(args.out or ROOT / "runs" / args.data / "bench-serve").resolve()
-    for name, int8 in (("fp32", "false"), ("int8", "true")):
-        run(["-m", "trainer.bundle", f"data={args.data}", f"train_dir={train}", f"bundle.int8={int8}",
-             f"hydra.run.dir={out / name}"])
-    bundles = {name: out / name / "output" for name in ("fp32", "int8")}
-
     import torch
 
     from data import vocab
@@ -101,9 +98,16 @@ def main() -> None:
     from trainer.retrieval.retriever import Retriever
     from trainer.serving.bundle import Bundle
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     embedder, info = Embedder.from_run(str(train), "selected", device="cpu")
     table = embedder.eval_rows("val")
+    val_day = np.unique(table["day"].to_numpy())
+    assert len(val_day) == 1, "the bench compares on a week split's validation customers (one day)"
+    # bundles as of the validation day: the customers' histories the Retriever is given below
+    for name, int8 in (("fp32", "false"), ("int8", "true")):
+        run(["-m", "trainer.bundle", f"data={args.data}", f"train_dir={train}", f"bundle.int8={int8}",
+             f"bundle.as_of={np.datetime64(int(val_day[0]), 'D')}", f"hydra.run.dir={out / name}"])
+    bundles = {name: out / name / "output" for name in ("fp32", "int8")}
     customers = table["customer_idx"].to_numpy()
     raw = vocab.load(embedder.prepared, "customer_id")["value"].take(customers - 1).to_pylist()
     raw = [str(x) for x in raw]
@@ -140,12 +144,12 @@ def main() -> None:
             search = "exact" if exact else f"IVF nprobe {b.index.nprobe}"
             rows[f"bundle {name}, in-process ({search})"] = {
                 "p50/p99": percentiles(timed(answer, one)), "qps": len(raw) / sum(timed(answer, full)),
-                **quality(evaluate, ranked, targets), "peak_mb": peak_rss_mb(path, raw) if not exact else None}
+                **quality(evaluate, ranked, targets), "peak_mb": peak_rss_mb(path, raw, out) if not exact else None}
 
     port = free_port()
     log = open(out / "serve.log", "w")
     proc = subprocess.Popen([PY, "-m", "trainer.serve", f"data={args.data}", f"serve.bundle={bundles['int8']}",
-                             f"serve.port={port}", f"serve.max_batch={args.batch}", f"hydra.run.dir={out / 'serve'}"],
+                             f"serve.port={port}", f"serve.max_batch={args.batch}", f"serve.threads={args.threads}", f"hydra.run.dir={out / 'serve'}"],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_up(port, proc)

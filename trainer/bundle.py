@@ -85,15 +85,17 @@ def versions() -> dict:
     return out
 
 
-def customer_lists(root: str, vocabs: dict, day: int, history_len: int, n_customers: int):
-    """(history, seen) of every customer row as of ``day``: the last purchases, oldest first, and every
-    distinct article bought before the day."""
+def customer_lists(root: str, vocabs: dict, as_of: str | None, history_len: int, n_customers: int):
+    """(day, history, seen, interactions) of every customer row as of ``as_of`` (default: the day after the
+    data's last transaction, as trainer.recommend): the last purchases, oldest first, and every distinct
+    article bought before the day."""
     c, a, d, _ = read_interactions(root, vocabs, progress=False)
+    day = int(np.datetime64(as_of, "D").astype(np.int64)) if as_of else int(d.max()) + 1
     before = d < day
     c, a, d = c[before], a[before], d[before]
     rows = np.arange(n_customers, dtype=np.int64)
     history = features.EventLog(c, d, a).history(rows, np.full(n_customers, day, np.int32), history_len)
-    return history, seen_lists(c, a, rows), (c, a, d)
+    return day, history, seen_lists(c, a, rows), (c, a, d)
 
 
 @torch.no_grad()
@@ -122,10 +124,10 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint), device="cpu")
     model = unwrap(embedder.model)
     prepared, manifest = embedder.prepared, embedder.manifest
-    day = int(np.datetime64(bc.as_of, "D").astype(np.int64)) if bc.as_of else embedder.last_day + 1
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
     n_customers = int(manifest["cardinalities"]["customer_id"])
-    history, seen, (c, a, d) = customer_lists(manifest["root"], vocabs, day, int(manifest["history_len"]), n_customers)
+    day, history, seen, (c, a, d) = customer_lists(manifest["root"], vocabs, bc.as_of, int(manifest["history_len"]),
+                                                   n_customers)
 
     items = embedder.items().float().cpu()  # the scoring vectors, with the recent-sales column
     d_towers = items.shape[1] - (1 if model.sales is not None else 0)

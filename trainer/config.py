@@ -272,7 +272,7 @@ class RecommendJob(StageConfig):
 @dataclass
 class BundleOptions:
     int8: bool = True  # the query tower's tables row-wise INT8 (fp32 when false)
-    as_of: Optional[str] = None  # the day customers' histories are taken at (None: the day after training)
+    as_of: Optional[str] = None  # the day customers' histories are taken at (None: after the data's last day)
     nlist: int = 0  # IVF lists (0: ~8 sqrt(catalogue), at most catalogue / 39)
     nprobe: int = 0  # 0: the smallest meeting target_recall@12 against exact search on a sample of customers
     target_recall: float = 0.95
@@ -296,6 +296,7 @@ class ServeOptions:
     port: int = 8000
     max_batch: int = 256  # queries per request; more is a 413
     reload_poll_s: float = 2.0  # how often a newly published bundle is looked for
+    threads: int = 1  # torch threads: one query's small ops gain nothing from more, and lose under load
 
 
 @dataclass

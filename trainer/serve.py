@@ -163,8 +163,11 @@ def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
 def main(cfg: DictConfig) -> None:
     import uvicorn
 
+    import torch
+
     start_run(cfg)
     sc = cfg.serve
+    torch.set_num_threads(int(sc.threads))
     live = LiveBundle(str(sc.bundle), sc.reload_poll_s).start()
     log.info("serving %s (run %s step %s, fingerprint %s) on http://%s:%d", sc.bundle, live.current.manifest["run"],
              live.current.manifest["step"], live.current.fingerprint, sc.host, sc.port)

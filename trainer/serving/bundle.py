@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -65,6 +64,9 @@ class Bundle:
         self.tower = tower
         self.fingerprint = manifest["fingerprint"]
         self.customer_ids = customers["customer_id"]  # row 0: the unknown customer (null)
+        ids = np.array(self.customer_ids.to_pylist()[1:], dtype=object).astype(str)  # raw id -> row: sorted
+        self._id_order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._id_order]
         self.history = Jagged.from_arrow(customers["history"]).astype(np.int64)
         self.seen = Jagged.from_arrow(customers["seen"]).astype(np.int64)
         names = manifest["tower"]["features"]
@@ -72,6 +74,7 @@ class Bundle:
                          else np.zeros((0, customers.num_rows), np.int64))
         emb = items["embedding"].combine_chunks()
         self.items = emb.values.to_numpy().reshape(-1, emb.type.list_size).astype(np.float32)  # row 0: OOV
+        self._catalogue_t = np.ascontiguousarray(self.items[1:].T)  # exact search: (D, articles)
         self.article_ids = items["article_id"].to_numpy()
         self.titles = items["title"].to_pylist()  # by article row
         order = np.argsort(self.article_ids[1:], kind="stable")
@@ -113,10 +116,13 @@ class Bundle:
     # ------------------------------------------------------------ answering
 
     def customer_rows(self, customer_ids) -> np.ndarray:
-        """Rows of raw customer ids (0: unknown)."""
-        ids = pa.array([str(c) for c in customer_ids], pa.string())
-        at = pc.index_in(ids, value_set=self.customer_ids).to_numpy(zero_copy_only=False)
-        return np.nan_to_num(at.astype(np.float64), nan=0).astype(np.int64)
+        """Rows of raw customer ids (0: unknown): a binary search over the sorted ids (no per-call hashing
+        of the whole vocabulary)."""
+        ids = np.asarray([str(c) for c in customer_ids], dtype=str)
+        if not len(self._sorted_ids):
+            return np.zeros(len(ids), np.int64)
+        at = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
+        return np.where(self._sorted_ids[at] == ids, self._id_order[at] + 1, 0).astype(np.int64)
 
     def article_rows(self, article_ids: np.ndarray) -> np.ndarray:
         """Rows of raw article ids (0: unknown)."""
@@ -188,9 +194,12 @@ class Bundle:
         width = k + extra
         margin = int(seen.lengths().max(initial=0)) if seen is not None else 0
         fetch = min(width + margin, len(self.article_ids) - 1)
-        if exact:
-            scores = q @ self.items[1:].T
-            found = np.argsort(-scores, axis=1, kind="stable")[:, :fetch]
+        if exact:  # the best ``fetch`` by a partial sort, ties in article order (as a stable full sort)
+            scores = q @ self._catalogue_t
+            part = np.argpartition(-scores, fetch - 1, axis=1)[:, :fetch] if fetch < scores.shape[1] else \
+                np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+            top = np.take_along_axis(scores, part, axis=1)
+            found = np.take_along_axis(part, np.lexsort((part, -top), axis=1), axis=1)
         else:
             found = self.index.search(np.ascontiguousarray(q, np.float32), fetch)[1]
         ranked = np.where(found >= 0, found + 1, -1)  # index row i is article row i + 1
