@@ -18,7 +18,6 @@ Written whole (data/staging.py) into ``<run dir>/output/``:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -42,7 +41,7 @@ from trainer.parallel import distributed as D
 from trainer.retrieval import ivf
 from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.search import seen_lists
-from trainer.serving.bundle import MANIFEST, padded
+from trainer.serving.bundle import MANIFEST, file_sha256, padded
 from trainer.serving.tower import ServingQueryTower, export_program
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,6 @@ def full_tables(model) -> dict[str, torch.Tensor]:
             value = whole
         out[parts[-2]] = value.detach().float().cpu()
     return out
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict:
@@ -172,7 +163,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(item_np.reshape(-1)), item_np.shape[1])}),
             join(out, "items.parquet"))
         faiss.write_index(index, os.path.join(out, "index.faiss"))
-        files = {name: {"bytes": os.path.getsize(os.path.join(out, name)), "sha256": sha256(os.path.join(out, name))}
+        files = {name: {"bytes": os.path.getsize(os.path.join(out, name)), "sha256": file_sha256(os.path.join(out, name))}
                  for name in sorted(os.listdir(out))}
         report = {
             "format": 1, "run": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,

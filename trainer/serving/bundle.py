@@ -105,7 +105,7 @@ class Bundle:
             file = os.path.join(path, name)
             if not os.path.exists(file) or os.path.getsize(file) != want["bytes"]:
                 raise BundleError(f"{file}: missing or not the size the manifest records ({want['bytes']} bytes)")
-            if verify and _sha256(file) != want["sha256"]:
+            if verify and file_sha256(file) != want["sha256"]:
                 raise BundleError(f"{file}: checksum differs from the manifest's; the bundle is damaged")
         tower = torch.export.load(os.path.join(path, "query_tower.pt2")).module()
         customers = pq.read_table(os.path.join(path, "customers.parquet"))
@@ -210,9 +210,6 @@ class Bundle:
         return ranked[:, :k]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
