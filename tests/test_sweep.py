@@ -87,3 +87,19 @@ def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(tiny_pr
     rows = trials(sweep)
     assert [r["state"] for r in rows].count("COMPLETE") == 2
     assert rows[0]["state"] == "KILLED (run again)" and rows[1]["run_dir"] == str(victim)
+
+
+def test_the_preset_keeps_what_a_trial_trained_not_where_or_how_it_ran(tmp_path):
+    import yaml
+
+    from trainer.sweep import write_preset
+
+    path = write_preset(["experiment=debug", "model=mf", "loss.temperature=0.1", "trainer.global_batch_size=512",
+                         "trainer.progress=false", "trainer.resume=false", "paths.runs=/x", "prepare.out=/y",
+                         "hydra.run.dir=/z"], str(tmp_path))
+    text = open(path).read()
+    assert text.startswith("# @package _global_")
+    preset = yaml.safe_load(text)
+    assert preset["defaults"] == ["debug", {"override /model": "mf"}, "_self_"]
+    assert preset["loss"] == {"temperature": 0.1} and preset["trainer"] == {"global_batch_size": 512}
+    assert "paths" not in preset and "prepare" not in preset and "hydra" not in preset

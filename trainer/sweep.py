@@ -37,7 +37,9 @@ from omegaconf import OmegaConf  # noqa: E402
 log = logging.getLogger(__name__)
 
 GROUPS = ("data", "split", "model", "loss")  # config groups an override can choose (``experiment``: a preset)
-NOT_IN_PRESET = ("hydra.", "hydra/", "paths.", "prepare.out", "run_dir", "checkpoint_dir")  # where, not what
+# where and how a trial ran, not what it trained: left out of the preset
+NOT_IN_PRESET = ("hydra.", "hydra/", "paths.", "prepare.out", "run_dir", "checkpoint_dir", "trainer.progress",
+                 "trainer.resume", "trainer.console_every_s", "trainer.log_every")
 
 
 class TuningSweep(OptunaSweeperImpl):
