@@ -27,7 +27,7 @@ import torch
 
 from data.jagged import Jagged
 from trainer.retrieval.rerank import boost_recent
-from trainer.retrieval.search import drop_seen
+from trainer.retrieval.search import drop_seen, top_k
 
 MANIFEST = "manifest.json"
 
@@ -74,7 +74,7 @@ class Bundle:
                          else np.zeros((0, customers.num_rows), np.int64))
         emb = items["embedding"].combine_chunks()
         self.items = emb.values.to_numpy().reshape(-1, emb.type.list_size).astype(np.float32)  # row 0: OOV
-        self._catalogue_t = np.ascontiguousarray(self.items[1:].T)  # exact search: (D, articles)
+        self._items_t = torch.from_numpy(self.items)  # exact search
         self.article_ids = items["article_id"].to_numpy()
         self.titles = items["title"].to_pylist()  # by article row
         order = np.argsort(self.article_ids[1:], kind="stable")
@@ -192,18 +192,14 @@ class Bundle:
         rescored by the buying-again term with the queries' ``levels``."""
         extra = len(self.bonus) if self.bonus is not None and seen is None and recent is not None else 0
         width = k + extra
-        margin = int(seen.lengths().max(initial=0)) if seen is not None else 0
-        fetch = min(width + margin, len(self.article_ids) - 1)
-        if exact:  # the best ``fetch`` by a partial sort, ties in article order (as a stable full sort)
-            scores = q @ self._catalogue_t
-            part = np.argpartition(-scores, fetch - 1, axis=1)[:, :fetch] if fetch < scores.shape[1] else \
-                np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-            top = np.take_along_axis(scores, part, axis=1)
-            found = np.take_along_axis(part, np.lexsort((part, -top), axis=1), axis=1)
-        else:
-            found = self.index.search(np.ascontiguousarray(q, np.float32), fetch)[1]
-        ranked = np.where(found >= 0, found + 1, -1)  # index row i is article row i + 1
-        ranked = drop_seen(ranked, seen, width) if seen is not None else ranked[:, :width]
+        if exact:  # the Retriever's exact search: every article scored, the OOV row and bought ones at -inf
+            ranked = top_k(q, self._items_t, width, exclude_items=np.array([0]), seen=seen,
+                           device=torch.device("cpu")).numpy()
+        else:  # the index, with enough extra candidates that k remain once bought ones are dropped
+            margin = int(seen.lengths().max(initial=0)) if seen is not None else 0
+            found = self.index.search(np.ascontiguousarray(q, np.float32), min(width + margin, len(self.items) - 1))[1]
+            ranked = np.where(found >= 0, found + 1, -1)  # index row i is article row i + 1
+            ranked = drop_seen(ranked, seen, width) if seen is not None else ranked[:, :width]
         if extra:
             ranked = boost_recent(ranked, q, self.items, recent, self.bonus, k,
                                   None if self.temperature is None else levels, self.temperature)
