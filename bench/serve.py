@@ -90,7 +90,6 @@ def main() -> None:
     import torch
 
     from data import vocab
-    from trainer.evaluation.metrics import evaluate
     from trainer.evaluation.validation import list_column
     from trainer.parallel import distributed as D
     from trainer.retrieval.embedder import Embedder
@@ -130,7 +129,7 @@ def main() -> None:
     ranked = np.concatenate([training_code(b) for b in full])
     rows["Retriever in the training code (exact)"] = {
         "p50/p99": percentiles(timed(training_code, one)),
-        "qps": len(raw) / sum(timed(training_code, full)), **quality(evaluate, ranked, targets)}
+        "qps": len(raw) / sum(timed(training_code, full)), **quality(ranked, targets)}
     D.shutdown()
 
     for name, path in bundles.items():
@@ -143,7 +142,7 @@ def main() -> None:
             search = "exact" if exact else f"IVF nprobe {b.index.nprobe}"
             rows[f"bundle {name}, in-process ({search})"] = {
                 "p50/p99": percentiles(timed(answer, one)), "qps": len(raw) / sum(timed(answer, full)),
-                **quality(evaluate, ranked, targets), "peak_mb": peak_rss_mb(path, raw, out) if not exact else None}
+                **quality(ranked, targets), "peak_mb": peak_rss_mb(path, raw, out) if not exact else None}
 
     port = free_port()
     log = open(out / "serve.log", "w")
@@ -177,7 +176,9 @@ def main() -> None:
     (out / "serve.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
-def quality(evaluate, ranked: np.ndarray, targets) -> dict:
+def quality(ranked: np.ndarray, targets) -> dict:
+    from trainer.evaluation.metrics import evaluate
+
     m = evaluate(ranked, targets, ks=(12,))
     return {"recall@12": m["recall@12"], "map@12": m["map@12"]}
 

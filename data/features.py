@@ -137,6 +137,15 @@ class EventLog:
         return Jagged(offsets, self.article[pos])
 
 
+def best_sellers(article: np.ndarray, day: np.ndarray, before: int, n_articles: int, k: int,
+                 days: int = 7) -> np.ndarray:
+    """The ``k`` most bought article rows in the ``days`` before day ``before`` (ties by row; never the OOV
+    row 0): the cold-start list of recommend and of the serving bundle."""
+    recent = (day >= before - days) & (day < before)
+    order = np.argsort(-np.bincount(article[recent], minlength=n_articles), kind="stable")
+    return order[order != 0][:k]
+
+
 def _key(customer: np.ndarray, day: np.ndarray) -> np.ndarray:
     return (customer.astype(np.int64) << 32) | day.astype(np.int64)
 

@@ -138,9 +138,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     cust_feats = embedder.tables.customer[rank_feats] if rank_feats else np.zeros((0, n_customers), np.int32)
     time_features = [float(v[0]) for v in features.time_of_year(np.array([day]))]
     nprobe, sweep = choose_nprobe(tower, index, item_np, history, cust_feats, time_features, width, bc)
-    last_week = d >= day - 7
-    popular = np.argsort(-np.bincount(a[last_week], minlength=len(art_ids)), kind="stable")
-    popular = popular[popular != 0][:bc.popular]
+    popular = features.best_sellers(a, d, day, len(art_ids), bc.popular)
 
     repeats = model.repeats
     terms = {"recent_sales": model.sales is not None,

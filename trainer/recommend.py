@@ -61,9 +61,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     log_ = features.EventLog(c, d, a)
     history = log_.history(cust_idx, np.full(len(cust_idx), day, np.int32), embedder.manifest["history_len"])
     h_len = history.lengths()
-    last_week = d >= day - 7
-    popular = np.argsort(-np.bincount(a[last_week], minlength=len(art_ids)), kind="stable")
-    popular = popular[popular != 0][: rc.k]
+    popular = features.best_sellers(a, d, day, len(art_ids), rc.k)
 
     unknown = cust_idx == vocab.OOV
     no_history = ~unknown & (h_len == 0)
