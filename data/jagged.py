@@ -69,5 +69,13 @@ class Jagged:
     def concat(self, other: "Jagged") -> "Jagged":
         return Jagged(np.r_[self.offsets, other.offsets[1:] + self.offsets[-1]], np.r_[self.values, other.values])
 
+    def append_rows(self, other: "Jagged") -> "Jagged":
+        """Row i: this row i, then ``other``'s row i (both of the same rows)."""
+        if len(other) != len(self):
+            raise ValueError(f"{len(self)} rows and {len(other)} rows cannot be appended row by row")
+        owners = np.r_[self.owners(), other.owners()]
+        order = np.argsort(owners, kind="stable")
+        return Jagged.from_lengths(self.lengths() + other.lengths(), np.r_[self.values, other.values][order])
+
     def astype(self, dtype) -> "Jagged":
         return Jagged(self.offsets, np.asarray(self.values, dtype))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -40,7 +41,8 @@ def test_answers_equal_the_naive_reference_from_the_training_code(built, exclude
     if not exclude_seen:
         assert np.allclose(levels, built["level"][warm], atol=1e-4)
     hist = [built["history"].row(i).tolist() for i in warm]
-    seen = [b.seen.row(r).tolist() for r in rows[warm]]
+    bought = b.seen(rows[warm])
+    seen = [bought.row(i).tolist() for i in range(len(warm))]
     want = naive_top_k(built["items"], built["queries"][warm], K, seen=seen if exclude_seen else None,
                        history=hist, bonus=None if exclude_seen else built["bonus"],
                        level=None if exclude_seen else built["level"][warm], t=built["temperature"])
@@ -48,6 +50,25 @@ def test_answers_equal_the_naive_reference_from_the_training_code(built, exclude
                          exact=True)
     assert agree([b.article_rows(np.array(a)).tolist() for a in answer.article_ids], want) == 1.0
     assert not any(answer.cold_start) and answer.fingerprint == built["reports"]["fp32"]["fingerprint"]
+
+
+def test_bought_articles_are_every_article_bought_before_the_day(built):
+    """The bundle's bought articles (its history and older lists together) against sets built from the raw
+    transaction files with pyarrow, raw ids on both sides."""
+    import pyarrow.dataset as ds
+
+    b = load(built)
+    root = json.loads((pathlib.Path(built["prepared"]) / "manifest.json").read_text())["root"]
+    tx = ds.dataset(os.path.join(root, "transactions")).to_table(columns=["customer_id", "article_id", "t_dat"])
+    before = np.asarray(tx["t_dat"].to_numpy(), "datetime64[D]") < np.datetime64(b.manifest["as_of"], "D")
+    want: dict[str, set] = {}
+    for c, a in zip(np.asarray(tx["customer_id"].to_pylist())[before], tx["article_id"].to_numpy()[before]):
+        want.setdefault(c, set()).add(int(a))
+    ids = sorted(want)[::7] + ["no-such-customer"]
+    bought = b.seen(b.customer_rows(ids))
+    got = [set(b.article_ids[bought.row(i)].tolist()) for i in range(len(ids))]
+    assert got == [want.get(c, set()) for c in ids]
+    assert len(b.older.values) < sum(len(x) for x in want.values())  # the history's articles are not stored twice
 
 
 def test_the_ivf_index_at_nprobe_nlist_is_exact_search(built):
@@ -126,3 +147,77 @@ print(sorted(m for m in sys.modules if m.startswith(banned)))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+class _Mkdir:
+    """A pickle that makes a directory when unpickled without weights_only: a stand-in for any code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def _forge(src, dst, replace):
+    """A copy of the archive ``src`` with entries rewritten by ``replace(entry, data) -> data``, and a
+    manifest whose checksums match (a forger controls the whole directory)."""
+    import shutil
+    import zipfile
+
+    from trainer.serving.bundle import MANIFEST, file_sha256
+
+    shutil.copytree(src, dst)
+    program = dst / "query_tower.pt2"
+    with zipfile.ZipFile(src / "query_tower.pt2") as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    with zipfile.ZipFile(program, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries:
+            z.writestr(name, replace(name.split("/", 1)[1], data))
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["files"]["query_tower.pt2"] = {"bytes": program.stat().st_size, "sha256": file_sha256(str(program))}
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("forgery", ["sample_inputs", "pickled_weight", "extra_entry"])
+def test_a_program_that_would_unpickle_code_is_refused_before_torch_loads_it(built, tmp_path, forgery):
+    """torch.export.load runs a forged archive's pickles (shown below for the sample inputs); Bundle.load
+    refuses the archive before torch reads it, even with checksums that match."""
+    import io
+
+    from trainer.serving.bundle import Bundle, BundleError
+
+    marker = tmp_path / "ran"
+
+    def replace(entry, data):
+        if forgery == "sample_inputs" and entry.startswith("data/sample_inputs/"):
+            buf = io.BytesIO()
+            torch.save((_Mkdir(str(marker)),), buf)
+            return buf.getvalue()
+        if forgery == "pickled_weight" and entry.endswith("_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        return data
+
+    forged = tmp_path / "forged"
+    _forge(built["base"] / "fp32" / "output", forged, replace)
+    if forgery == "extra_entry":
+        import zipfile
+
+        with zipfile.ZipFile(forged / "query_tower.pt2", "a") as z:
+            z.writestr("query_tower/data/aotinductor/model/model.so", b"\x7fELF")
+        _forge(forged, tmp_path / "forged2", lambda entry, data: data)
+        forged = tmp_path / "forged2"
+    if forgery == "sample_inputs":  # the threat is real: torch alone runs the forged pickle
+        try:
+            torch.export.load(str(forged / "query_tower.pt2"))
+        except Exception:  # noqa: BLE001  (what happens after the pickle ran does not matter)
+            pass
+        assert marker.exists()
+        marker.rmdir()
+    want = {"sample_inputs": "sample_inputs.*not plain tensors", "pickled_weight": "pickled object",
+            "extra_entry": "aotinductor.*not part of"}[forgery]
+    with pytest.raises(BundleError, match=want):
+        Bundle.load(str(forged))
+    assert not marker.exists()

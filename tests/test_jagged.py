@@ -31,6 +31,8 @@ def test_every_operation_against_python_lists():
     more = random_lists(rng, 5)
     assert lists_of(j.concat(Jagged.from_lists(more))) == lists + more
     assert lists_of(Jagged.empty(3)) == [[], [], []]
+    other = random_lists(rng, 30)
+    assert lists_of(j.append_rows(Jagged.from_lists(other))) == [x + y for x, y in zip(lists, other)]
 
 
 def test_from_arrow_reads_a_sliced_chunked_list_column():

@@ -73,6 +73,7 @@ def test_every_endpoint(server, built):
     code, got = call(port, "/recommend", {"customer_id": ids[0], "k": 5})
     want = b.recommend(customer_ids=[ids[0]], k=5)
     assert code == 200 and got["fingerprint"] == b.fingerprint
+    assert got["exclude_seen"] is False and b.manifest["exclude_seen"] is False  # tiny's data.exclude_seen
     assert [a["article_id"] for a in got["results"][0]["articles"]] == want.article_ids[0]
     assert got["results"][0]["articles"][0]["title"] == b.title(want.article_ids[0][0])
     code, got = call(port, "/recommend", {"queries": [{"customer_id": i} for i in ids], "k": 4, "exclude_seen": False})

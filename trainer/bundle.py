@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from data import features, vocab
+from data.jagged import Jagged
 from data.io import join, read_articles, write_json, write_parquet
 from data.prepare import read_interactions
 from data.runinfo import start_run
@@ -41,7 +42,7 @@ from trainer.parallel import distributed as D
 from trainer.retrieval import ivf
 from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.search import seen_lists
-from trainer.serving.bundle import MANIFEST, file_sha256, padded
+from trainer.serving.bundle import FORMAT, MANIFEST, file_sha256, item_vectors, padded
 from trainer.serving.tower import ServingQueryTower, export_program
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,22 @@ def versions() -> dict:
 
 
 def customer_lists(root: str, vocabs: dict, as_of: str | None, history_len: int, n_customers: int):
-    """(day, history, seen, interactions) of every customer row as of ``as_of`` (default: the day after the
-    data's last transaction, as trainer.recommend): the last purchases, oldest first, and every distinct
-    article bought before the day."""
+    """(day, history, older, interactions) of every customer row as of ``as_of`` (default: the day after the
+    data's last transaction, as trainer.recommend): the last purchases, oldest first, and the other distinct
+    articles bought before the day (a customer's bought articles are both lists together: kept apart,
+    an article is stored once)."""
     c, a, d, _ = read_interactions(root, vocabs, progress=False)
     day = int(np.datetime64(as_of, "D").astype(np.int64)) if as_of else int(d.max()) + 1
     before = d < day
     c, a, d = c[before], a[before], d[before]
     rows = np.arange(n_customers, dtype=np.int64)
     history = features.EventLog(c, d, a).history(rows, np.full(n_customers, day, np.int32), history_len)
-    return day, history, seen_lists(c, a, rows), (c, a, d)
+    seen = seen_lists(c, a, rows)
+    width = int(max(seen.values.max(initial=0), history.values.max(initial=0))) + 1
+    in_history = np.isin(seen.owners() * width + seen.values, history.owners() * width + history.values)
+    older = Jagged.from_lengths(np.bincount(seen.owners()[~in_history], minlength=n_customers),
+                                seen.values[~in_history])
+    return day, history, older, (c, a, d)
 
 
 @torch.no_grad()
@@ -117,7 +124,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     prepared, manifest = embedder.prepared, embedder.manifest
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
     n_customers = int(manifest["cardinalities"]["customer_id"])
-    day, history, seen, (c, a, d) = customer_lists(manifest["root"], vocabs, bc.as_of, int(manifest["history_len"]),
+    day, history, older, (c, a, d) = customer_lists(manifest["root"], vocabs, bc.as_of, int(manifest["history_len"]),
                                                    n_customers)
 
     items = embedder.items().float().cpu()  # the scoring vectors, with the recent-sales column
@@ -134,6 +141,8 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     item_np = items.numpy()
     index = ivf.build(item_np[1:], nlist=bc.nlist or None, use_gpu=None if bc.gpu is None else bool(bc.gpu),
                       seed=bc.seed)
+    if not np.array_equal(item_vectors(index)[1:], item_np[1:]):  # the bundle keeps the vectors there only
+        raise RuntimeError("the IVF index does not hold the item vectors exactly")
     rank_feats = [list(embedder.tables.customer_features).index(f) for f in tower.feature_names]
     cust_feats = embedder.tables.customer[rank_feats] if rank_feats else np.zeros((0, n_customers), np.int32)
     time_features = [float(v[0]) for v in features.time_of_year(np.array([day]))]
@@ -151,25 +160,24 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
         cust_vocab = vocabs["customer_id"]["value"].combine_chunks() if isinstance(
             vocabs["customer_id"]["value"], pa.ChunkedArray) else vocabs["customer_id"]["value"]
         columns = {"customer_id": pa.concat_arrays([pa.nulls(1, cust_vocab.type), cust_vocab]).cast(pa.string()),
-                   "history": features.list_array(history), "seen": features.list_array(seen)}
+                   "history": features.list_array(history), "older": features.list_array(older)}
         for j, name in enumerate(tower.feature_names):
             columns[name] = pa.array(cust_feats[j], pa.int32())
         write_parquet(pa.table(columns), join(out, "customers.parquet"))
         write_parquet(pa.table({
             "article_id": pa.array(art_ids, pa.int64()),
-            "title": pa.array([titles.get(int(x)) for x in art_ids], pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(item_np.reshape(-1)), item_np.shape[1])}),
+            "title": pa.array([titles.get(int(x)) for x in art_ids], pa.string())}),  # vectors: in the index
             join(out, "items.parquet"))
         faiss.write_index(index, os.path.join(out, "index.faiss"))
         files = {name: {"bytes": os.path.getsize(os.path.join(out, name)), "sha256": file_sha256(os.path.join(out, name))}
                  for name in sorted(os.listdir(out))}
         report = {
-            "format": 1, "run": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
+            "format": FORMAT, "run": run.train_dir, "checkpoint": run.checkpoint, "step": run.step,
             "fingerprint": run.fingerprint_id, "data_digest": run.data_digest, "as_of": str(np.datetime64(day, "D")),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
             "int8": bool(bc.int8), "tower": {"features": tower.feature_names, "history_width": width,
                                               "time": time_features},
-            "scoring": terms, "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep},
+            "scoring": terms, "exclude_seen": bool(bc.exclude_seen), "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep},
             "popular": [int(x) for x in popular], "customers": n_customers, "articles": int(len(art_ids) - 1),
             "files": files}
         write_json(report, join(out, MANIFEST))

@@ -278,6 +278,7 @@ class BundleOptions:
     target_recall: float = 0.95
     sweep_queries: int = 2000
     popular: int = 100  # the cold-start list: the most bought articles of the last week
+    exclude_seen: bool = "${data.exclude_seen}"  # what a request that does not say gets: leave bought articles out
     gpu: Optional[bool] = None  # build the index on the GPU (None: when faiss can)
     seed: int = 0
 

@@ -3,11 +3,11 @@
     python -m trainer.serve data=small                          # runs/small/bundle/output on 127.0.0.1:8000
     python -m trainer.serve serve.bundle=/srv/bundle serve.port=9000
 
-    POST /recommend  {"customer_id": "...", "k": 12, "exclude_seen": true}
+    POST /recommend  {"customer_id": "...", "k": 12, "exclude_seen": true}  (exclude_seen: the bundle's default)
                      {"history": [706016001, 372860001], "k": 12}          (raw article ids, oldest first)
                      {"queries": [{"customer_id": "..."}, {"history": [...]}], "k": 12}   (a batch)
       -> {"results": [{"articles": [{"article_id", "title", "score"}], "cold_start", "reason",
-                        "unknown_articles"}], "fingerprint", "bundle"}
+                        "unknown_articles"}], "exclude_seen", "fingerprint", "bundle"}
     GET /health, GET /version
 
 A bundle published later at the same path (trainer.bundle publishes whole, by rename) is picked up
@@ -95,7 +95,7 @@ class RecommendRequest(BaseModel):
     history: Optional[list[int]] = None
     queries: Optional[list[Query]] = None  # a batch, instead of one customer_id or history
     k: int = Field(12, ge=1)
-    exclude_seen: bool = True
+    exclude_seen: Optional[bool] = None  # None: the bundle's default (the run's data.exclude_seen)
 
 
 def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
@@ -154,7 +154,8 @@ def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
                     "articles": [{"article_id": int(a), "title": b.title(a), "score": None if s != s else float(s)}
                                  for a, s in zip(answer.article_ids[j], answer.scores[j])],
                     "cold_start": cold, "reason": reason, "unknown_articles": answer.unknown_articles[j]}
-        return {"results": results, "fingerprint": b.fingerprint, "bundle": about(b)}
+        return {"results": results, "exclude_seen": b.exclude_seen if req.exclude_seen is None else req.exclude_seen,
+                "fingerprint": b.fingerprint, "bundle": about(b)}
 
     return app
 

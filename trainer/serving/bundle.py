@@ -15,8 +15,11 @@ bundle's last week (``cold_start`` says so).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
+import zipfile
 from dataclasses import dataclass, field
 
 import faiss
@@ -30,10 +33,33 @@ from trainer.retrieval.rerank import boost_recent
 from trainer.retrieval.search import drop_seen, top_k
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # 2: item vectors held by the index only; bought articles as ``older`` beside ``history``
 
 
 class BundleError(ValueError):
     """A bundle that is not whole, or a request it cannot answer."""
+
+
+def id_bytes(ids: pa.Array) -> np.ndarray:
+    """Raw ids as numpy fixed-width bytes, for sorting and binary search: a view of Arrow's buffer when
+    every id has one width (H&M's hex ids), else one pass through Python."""
+    ids = ids.cast(pa.binary())
+    if ids.null_count:
+        raise BundleError(f"{ids.null_count} customer ids are null")
+    offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
+    widths = np.diff(offsets)
+    if len(ids) and (widths == widths[0]).all() and widths[0] > 0:
+        return np.frombuffer(ids.buffers()[2], f"S{widths[0]}", count=len(ids), offset=int(offsets[0]))
+    return np.array(ids.to_pylist(), dtype=bytes)
+
+
+def item_vectors(index) -> np.ndarray:
+    """(articles + 1, d) the articles' scoring vectors, as the IVF-Flat index stores them (exactly), with
+    row 0, the OOV row, zero: a bundle keeps them once."""
+    if not isinstance(index, faiss.IndexIVFFlat):
+        raise BundleError(f"the bundle's index is {type(index).__name__}; the item vectors need an IVF-Flat index")
+    index.make_direct_map()
+    return np.r_[np.zeros((1, index.d), np.float32), index.reconstruct_n(0, index.ntotal)]
 
 
 def padded(history: Jagged, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,16 +90,16 @@ class Bundle:
         self.tower = tower
         self.fingerprint = manifest["fingerprint"]
         self.customer_ids = customers["customer_id"]  # row 0: the unknown customer (null)
-        ids = np.array(self.customer_ids.to_pylist()[1:], dtype=object).astype(str)  # raw id -> row: sorted
+        ids = id_bytes(self.customer_ids.combine_chunks()[1:])  # raw id -> row: a binary search over them sorted
         self._id_order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_order]
-        self.history = Jagged.from_arrow(customers["history"]).astype(np.int64)
-        self.seen = Jagged.from_arrow(customers["seen"]).astype(np.int64)
+        del ids
+        self.history = Jagged.from_arrow(customers["history"])  # int32 as stored: half the memory of int64
+        self.older = Jagged.from_arrow(customers["older"])  # bought before the day, not in ``history``
         names = manifest["tower"]["features"]
-        self.features = (np.stack([customers[n].to_numpy() for n in names]).astype(np.int64) if names
-                         else np.zeros((0, customers.num_rows), np.int64))
-        emb = items["embedding"].combine_chunks()
-        self.items = emb.values.to_numpy().reshape(-1, emb.type.list_size).astype(np.float32)  # row 0: OOV
+        self.features = (np.stack([customers[n].to_numpy() for n in names]) if names
+                         else np.zeros((0, customers.num_rows), np.int32))
+        self.items = item_vectors(index)  # row 0 (the OOV row, never returned): zeros
         self._items_t = torch.from_numpy(self.items)  # exact search
         self.article_ids = items["article_id"].to_numpy()
         self.titles = items["title"].to_pylist()  # by article row
@@ -87,6 +113,7 @@ class Bundle:
         self.bonus = np.asarray(again["bonus"], np.float32) if again else None
         self.temperature = again["temperature"] if again and again["mixture"] else None
         self.popular = np.asarray(manifest["popular"], np.int64)
+        self.exclude_seen = bool(manifest["exclude_seen"])  # what a request that does not say gets
 
     # ------------------------------------------------------------ loading
 
@@ -99,15 +126,18 @@ class Bundle:
                 manifest = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise BundleError(f"{path}: no readable {MANIFEST}; not a bundle, or not a whole one ({e})") from e
-        if manifest.get("format") != 1:
-            raise BundleError(f"{path}: bundle format {manifest.get('format')!r}; this code reads format 1")
+        if manifest.get("format") != FORMAT:
+            raise BundleError(f"{path}: bundle format {manifest.get('format')!r}; this code reads format {FORMAT} "
+                              "(rebuild it with python -m trainer.bundle)")
         for name, want in manifest["files"].items():
             file = os.path.join(path, name)
             if not os.path.exists(file) or os.path.getsize(file) != want["bytes"]:
                 raise BundleError(f"{file}: missing or not the size the manifest records ({want['bytes']} bytes)")
             if verify and file_sha256(file) != want["sha256"]:
                 raise BundleError(f"{file}: checksum differs from the manifest's; the bundle is damaged")
-        tower = torch.export.load(os.path.join(path, "query_tower.pt2")).module()
+        program = os.path.join(path, "query_tower.pt2")
+        check_program(program)
+        tower = torch.export.load(program).module()
         customers = pq.read_table(os.path.join(path, "customers.parquet"))
         items = pq.read_table(os.path.join(path, "items.parquet"))
         index = faiss.read_index(os.path.join(path, "index.faiss"))
@@ -118,7 +148,7 @@ class Bundle:
     def customer_rows(self, customer_ids) -> np.ndarray:
         """Rows of raw customer ids (0: unknown): a binary search over the sorted ids (no per-call hashing
         of the whole vocabulary)."""
-        ids = np.asarray([str(c) for c in customer_ids], dtype=str)
+        ids = np.asarray([str(c).encode() for c in customer_ids], dtype=bytes)
         if not len(self._sorted_ids):
             return np.zeros(len(ids), np.int64)
         at = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
@@ -140,17 +170,24 @@ class Bundle:
     def queries(self, rows: np.ndarray, history: Jagged) -> tuple[np.ndarray, np.ndarray]:
         """(scoring vectors, buying-again levels) of customer rows with these histories (oldest first)."""
         hist, lengths = padded(history, self.width)
-        feats = self.features[:, rows].T if len(self.features) else np.zeros((len(rows), 0), np.int64)
+        feats = (self.features[:, rows].T if len(self.features) else np.zeros((len(rows), 0))).astype(np.int64)
         q, level = self.tower(torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(feats)),
                               torch.from_numpy(hist), torch.from_numpy(lengths),
                               torch.from_numpy(np.tile(self.time, (len(rows), 1))))
         return q.numpy(), level.numpy()
 
-    def recommend(self, customer_ids=None, histories=None, k: int = 12, exclude_seen: bool = True,
+    def seen(self, rows: np.ndarray) -> Jagged:
+        """Every article the customers of ``rows`` bought before the bundle's day (their history's too)."""
+        return self.history.take(rows).append_rows(self.older.take(rows))
+
+    def recommend(self, customer_ids=None, histories=None, k: int = 12, exclude_seen: bool | None = None,
                   exact: bool = False) -> Answer:
         """Top-k articles for known customers (``customer_ids``: their history and bought articles as of
         the bundle's day) or for ad-hoc ``histories`` (lists of raw article ids, oldest first; unknown ones
-        are ignored and counted). ``exact``: score every article instead of searching the IVF index."""
+        are ignored and counted). ``exclude_seen``: leave bought articles out (None: the bundle's default,
+        the run's ``data.exclude_seen``). ``exact``: score every article instead of searching the IVF index."""
+        if exclude_seen is None:
+            exclude_seen = self.exclude_seen
         if (customer_ids is None) == (histories is None):
             raise BundleError("give customer_ids or histories, not both")
         n_articles = len(self.article_ids) - 1
@@ -158,7 +195,7 @@ class Bundle:
             raise BundleError(f"k={k}: must be between 1 and the catalogue's {n_articles} articles")
         if customer_ids is not None:
             rows = self.customer_rows(customer_ids)
-            history, seen = self.history.take(rows), self.seen.take(rows)
+            history, seen = self.history.take(rows), self.seen(rows)
             unknown = [0] * len(rows)
             cold = (rows == 0) | (history.lengths() == 0)
         else:
@@ -204,6 +241,43 @@ class Bundle:
             ranked = boost_recent(ranked, q, self.items, recent, self.bonus, k,
                                   None if self.temperature is None else levels, self.temperature)
         return ranked[:, :k]
+
+
+# What a query tower archive may hold (below its top folder): plain tensors, JSON, and sample inputs
+# that load with weights_only. Anything else (tensor subclasses, custom or opaque objects, compiled
+# AOTInductor code) torch.export.load would unpickle or run.
+PROGRAM_ENTRIES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                             r"|models/\w+\.json|data/weights/(weight_\d+|\w+_weights_config\.json)"
+                             r"|data/constants/(tensor_\d+|\w+_constants_config\.json)|data/sample_inputs/\w+\.pt)")
+
+
+def check_program(path: str) -> None:
+    """Refuses a ``torch.export`` archive that loading would unpickle anything from.
+
+    torch.export.load unpickles tensor subclasses and custom objects, and retries sample inputs with an
+    unrestricted unpickler; a bundle's own program holds none of them (its tables are plain tensors), so
+    one that does was not written by trainer.bundle and is refused before torch sees it."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise BundleError(f"{path}: not a torch.export archive ({e})") from e
+    with archive:
+        for name in archive.namelist():
+            entry = name.split("/", 1)[1] if "/" in name else name
+            if name.endswith("/") or not entry:
+                continue
+            if not PROGRAM_ENTRIES.fullmatch(entry):
+                raise BundleError(f"{path}: entry {name!r} is not part of a bundle's query tower; refused unloaded")
+            if entry.endswith("_config.json"):
+                for key, meta in json.loads(archive.read(name)).get("config", {}).items():
+                    if meta.get("use_pickle") or not re.fullmatch(r"(weight|tensor)_\d+", meta.get("path_name", "")):
+                        raise BundleError(f"{path}: {key!r} in {name} is a pickled object; refused unloaded")
+            elif entry.startswith("data/sample_inputs/"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception as e:  # noqa: BLE001  (any failure: not plain tensors)
+                    raise BundleError(f"{path}: {name} is not plain tensors ({type(e).__name__}); refused unloaded") \
+                        from e
 
 
 def file_sha256(path: str) -> str:
