@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500, help="batch-1 queries timed")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the server's serve.threads)")
+    ap.add_argument("--customers", type=int, default=0, help="validation customers sampled (0: all)")
     args = ap.parse_args()
     train = pathlib.Path(args.train or ROOT / "runs" / args.data / "train").resolve()
     out = pathlib.Path(args.out or ROOT / "runs" / args.data / "bench-serve").resolve()
@@ -99,6 +100,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     embedder, info = Embedder.from_run(str(train), "selected", device="cpu")
     table = embedder.eval_rows("val")
+    if args.customers and table.num_rows > args.customers:  # a sample, for hm_scale's 93k
+        table = table.take(np.sort(np.random.default_rng(1).choice(table.num_rows, args.customers, replace=False)))
     val_day = np.unique(table["day"].to_numpy())
     assert len(val_day) == 1, "the bench compares on a week split's validation customers (one day)"
     # bundles as of the validation day: the customers' histories the Retriever is given below
@@ -133,7 +136,9 @@ def main() -> None:
     D.shutdown()
 
     for name, path in bundles.items():
+        t0 = time.perf_counter()
         b = Bundle.load(str(path))
+        load_s = time.perf_counter() - t0
         for exact in (True, False):
             def answer(at, b=b, exact=exact):
                 return b.recommend(customer_ids=[raw[i] for i in at], k=12, exclude_seen=False, exact=exact)
@@ -142,7 +147,8 @@ def main() -> None:
             search = "exact" if exact else f"IVF nprobe {b.index.nprobe}"
             rows[f"bundle {name}, in-process ({search})"] = {
                 "p50/p99": percentiles(timed(answer, one)), "qps": len(raw) / sum(timed(answer, full)),
-                **quality(ranked, targets), "peak_mb": peak_rss_mb(path, raw, out) if not exact else None}
+                **quality(ranked, targets), "peak_mb": peak_rss_mb(path, raw, out) if not exact else None,
+                "load_s": load_s if not exact else None}
 
     port = free_port()
     log = open(out / "serve.log", "w")
@@ -164,16 +170,44 @@ def main() -> None:
     print(f"\nServing `{args.data}`: {len(raw):,} validation customers, {len(b.article_ids) - 1:,} articles, "
           f"{torch.get_num_threads()} torch threads; batch-1 latency over {len(one)} queries, queries/s at "
           f"batch {args.batch} over all")
-    print("| path | p50 ms | p99 ms | queries/s | Recall@12 | MAP@12 | peak MB |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| path | p50 ms | p99 ms | queries/s | Recall@12 | MAP@12 | peak MB | load s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         p50, p99 = r["p50/p99"]
         print(f"| {name} | {p50:.2f} | {p99:.2f} | {r['qps']:,.0f} | {fmt(r.get('recall@12'))} | "
-              f"{fmt(r.get('map@12'))} | {fmt(r.get('peak_mb'), '.0f')} |")
+              f"{fmt(r.get('map@12'))} | {fmt(r.get('peak_mb'), '.0f')} | {fmt(r.get('load_s'), '.1f')} |")
     ck = du(checkpoint)
-    print(f"\nSize on disk: checkpoint {checkpoint.name} {ck / 1e6:.1f} MB; " + "; ".join(
-        f"bundle {n} {du(p) / 1e6:.1f} MB ({du(p) / ck:.2f}x the checkpoint; query tower "
-        f"{(p / 'query_tower.pt2').stat().st_size / 1e6:.1f} MB)" for n, p in bundles.items()))
+    parts = {name: parts_mb(path) for name, path in bundles.items()}
+    print(f"\nSize on disk against the checkpoint ({checkpoint.name}, {ck / 1e6:.1f} MB, fp32 tables and the "
+          "optimisers' state):\n| part | " + " | ".join(f"{n} MB | {n} x ckpt" for n in parts) + " |\n|---|" +
+          "---:|---:|" * len(parts))
+    for part in parts["int8"]:
+        print(f"| {part} | " + " | ".join(f"{p[part]:.1f} | {p[part] * 1e6 / ck:.3f}" for p in parts.values()) + " |")
     (out / "serve.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def parts_mb(bundle: pathlib.Path) -> dict[str, float]:
+    """MB on disk per part of a bundle: the query tower, the customers' ids, histories, older bought
+    articles and features (Parquet column chunks), the item side, and the whole."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(bundle / "customers.parquet").metadata
+    cols: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            chunk = meta.row_group(g).column(c)
+            top = chunk.path_in_schema.split(".")[0]
+            key = top if top in ("customer_id", "history", "older") else "customer features"
+            cols[key] = cols.get(key, 0) + chunk.total_compressed_size
+    size = {f.name: f.stat().st_size for f in bundle.iterdir()}
+    out = {"query tower (tables, layers)": size["query_tower.pt2"]}
+    out.update({f"customers: {k}": v for k, v in cols.items()})
+    out["customers: Parquet framing"] = size["customers.parquet"] - sum(cols.values())
+    out["items: ids, titles"] = size["items.parquet"]
+    out["items: vectors in the IVF index"] = size["index.faiss"]
+    out["manifest"] = size["manifest.json"]
+    out["whole bundle"] = sum(size.values())
+    return {k: v / 1e6 for k, v in out.items()}
 
 
 def quality(ranked: np.ndarray, targets) -> dict:

@@ -221,3 +221,23 @@ def test_a_program_that_would_unpickle_code_is_refused_before_torch_loads_it(bui
     with pytest.raises(BundleError, match=want):
         Bundle.load(str(forged))
     assert not marker.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_bundle_whose_index_is_built_on_the_gpu_answers_as_the_cpu_one(built, tmp_path):
+    """bundle.gpu=true: FAISS trains and fills the index on the GPU, the bundle saves it for the CPU; its item
+    vectors are the exported ones and at nprobe = nlist it answers as exact search."""
+    from conftest import build_bundle
+
+    from trainer.retrieval import ivf
+
+    if not ivf.gpu_available():
+        pytest.skip("faiss has no GPU support here")
+    as_of = f"bundle.as_of={load(built).manifest['as_of']}"
+    build_bundle(built["base"] / "train", tmp_path / "gpu", as_of, "bundle.gpu=true", "bundle.int8=false")
+    gpu, cpu = load({"base": tmp_path}, "gpu"), load(built)
+    assert np.array_equal(gpu.items, cpu.items)
+    gpu.index.nprobe = gpu.index.nlist
+    q = built["queries"]
+    assert agree(gpu.top_k(q, K).tolist(), cpu.top_k(q, K, exact=True).tolist()) == 1.0

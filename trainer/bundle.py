@@ -8,12 +8,15 @@ Written whole (data/staging.py) into ``<run dir>/output/``:
   query_tower.pt2    the query tower as a ``torch.export`` program (dynamic batch), its tables row-wise
                      INT8 or fp32, loadable with torch alone (trainer/serving/tower.py)
   customers.parquet  per customer row: the raw id, the model's customer features, the last purchases as
-                     of the bundle's day (oldest first) and every article bought before it (``seen``)
-  items.parquet      per article row: raw id, title, scoring vector (with the recent-sales column)
-  index.faiss        FAISS IVF index over the articles' scoring vectors (row i = article row i + 1)
+                     of the bundle's day (``history``, oldest first) and the other articles bought before
+                     it (``older``: the two together are what ``exclude_seen`` leaves out)
+  items.parquet      per article row: raw id, title
+  index.faiss        FAISS IVF-Flat index over the articles' scoring vectors (with the recent-sales
+                     column; row i = article row i + 1): the one copy of the vectors, exact search too
   manifest.json      run, step, fingerprint, prepared-data digest, the day, the scoring terms, the
-                     popular articles for cold start, package versions, creation time, each file's
-                     size and SHA-256 (written last: the commit mark)
+                     popular articles for cold start, the run's exclude_seen (a request's default),
+                     package versions, creation time, each file's size and SHA-256 (written last: the
+                     commit mark)
 """
 
 from __future__ import annotations
