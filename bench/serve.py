@@ -61,10 +61,11 @@ def timed(fn, batches: list) -> list[float]:
 def peak_rss_mb(bundle: pathlib.Path, ids: list[str], scratch: pathlib.Path) -> float:
     """Peak resident memory of a fresh process that loads the bundle and answers every query once."""
     (scratch / "ids.json").write_text(json.dumps(ids))
-    code = (f"import resource, json; from trainer.serving.bundle import Bundle; b = Bundle.load({str(bundle)!r}); "
+    # VmHWM: this process image's own peak (ru_maxrss keeps the peak from before exec, the parent's size)
+    code = (f"import json; from trainer.serving.bundle import Bundle; b = Bundle.load({str(bundle)!r}); "
             f"ids = json.load(open({str(scratch / 'ids.json')!r})); "
             "[b.recommend(customer_ids=ids[i:i + 256], k=12) for i in range(0, len(ids), 256)]; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024)")
     out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -7,8 +7,8 @@ only, no training code, no Hydra, no TorchRec.
 
 Scoring is the Retriever's (trainer/retrieval/retriever.py): the query tower's vector against every
 article's scoring vector (exact, or the FAISS IVF index at the bundle's nprobe), the customer's bought
-articles left out (``exclude_seen``), else the customer's own last articles rescored by the buying-again
-term. A customer the bundle does not know, or one without purchases, gets the popular articles of the
+articles left out (``exclude_seen``; by default the run's ``data.exclude_seen``), else the customer's own
+last articles rescored by the buying-again term. A customer the bundle does not know, or one without purchases, gets the popular articles of the
 bundle's last week (``cold_start`` says so).
 """
 
