@@ -99,8 +99,25 @@ def test_resume_on_another_world_size_continues_the_same_training(tiny_prepared,
     moved = json.loads((tmp_path / "moved" / "metrics.json").read_text())
     after = [t["loss"] for t in moved["train"] if t["step"] > 30]
     assert len(after) == 20
+    # Measured: 2.5e-4 in a loss and 0.0077 of the weights' norm (the 2-rank steps' sums in another order,
+    # grown by 20 more steps at constant rates). A part of the state not carried over to the new world
+    # size: the fused optimiser's 0.25 and 0.45, the dense optimiser's 0.09 and 0.11, logQ's 0.12 and 0.058.
     assert np.abs(losses(straight)[30:] - np.array(after)).max() < 1e-3
-    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "moved"), 1e-2, False)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "moved"), 3e-2, False)
+
+
+@pytest.mark.slow
+def test_one_rank_repeats_itself_bit_for_bit(tiny_prepared, tmp_path):
+    """The same command twice, one process with 2 threads: the same losses and weights, bit for bit (before
+    trainer/parallel/device.py's deterministic CPU kernels, 6 runs gave 3 different models). Without
+    it, the tolerances above would hold run-to-run noise besides world-size noise."""
+    prepared, _ = tiny_prepared
+    common = ["trainer.epochs=1", "trainer.validate=false", "optim.decay=none", "trainer.max_steps=50"]
+    first = train(prepared, tmp_path / "first", 1, 29721, *common)
+    again = train(prepared, tmp_path / "again", 1, 29722, *common)
+    assert losses(first).tolist() == losses(again).tolist()
+    a, b = final_weights(tmp_path / "first"), final_weights(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_settings_that_are_not_invariant_are_named():

@@ -116,7 +116,7 @@ def build_training(cfg, manifest: dict, dist) -> Training:
     from trainer.loop.task import TrainTask
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, UniformNegatives
-    from trainer.parallel.device import loader_workers, set_precision
+    from trainer.parallel.device import loader_workers, set_determinism, set_precision
     from trainer.retrieval.embedder import Embedder
 
     loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
@@ -124,6 +124,7 @@ def build_training(cfg, manifest: dict, dist) -> Training:
         raise ValueError(f"trainer.global_batch_size={loop.global_batch_size} does not divide over {dist.world} "
                          f"rank(s): choose a multiple of {dist.world}")
     n_items = int(manifest["cardinalities"]["article_id"])
+    set_determinism(dev)
     built = build(cfg, manifest, dev)
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
     stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
