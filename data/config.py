@@ -134,6 +134,10 @@ class PrepareOptions:
     # whose day holds an ordered session (MovieLens ratings); an H&M day is one basket, so not there.
     history_within_day: Optional[bool] = None  # None: as data.sessions
     train_days: int = 0  # > 0: training examples from the last N training days only (0: all)
+    # A prepared dataset to grow from: its vocabularies keep every row, new customers, articles and feature
+    # values are appended, and the manifest records the lineage, so a run on the parent can be continued here
+    # (trainer.init_from). None: every vocabulary afresh, in sorted order.
+    parent: Optional[str] = None
     age_edges: list = field(default_factory=lambda: [20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70])
     postal_buckets: int = 65_536  # postal codes are hashed into this many buckets
     desc_tokens: bool = True  # hashed tokens of detail_desc as an article feature

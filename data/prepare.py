@@ -3,10 +3,12 @@
     python -m data.prepare                              # tiny, H&M week split
     python -m data.prepare data=small split=leave_last_n
     python -m data.prepare data=hm_scale split.test_days=7
+    python -m data.prepare data=small prepare.out=datasets/small/week-2 prepare.parent=datasets/small/week-1
 
 Writes under ``prepare.out`` (default ``<data.root>/prepared``):
 
-    vocab/<feature>.parquet       raw value -> index (0 = OOV), with counts
+    vocab/<feature>.parquet       raw value -> index (0 = OOV), with counts; grown from prepare.parent's
+                                  when given (its rows kept, new values appended)
     features/customers.parquet    customer_idx + categorical feature indices
     features/articles.parquet     article_idx + categorical feature indices (+ hashed description tokens)
     examples/part-*.parquet       one row per training purchase: customer_idx, article_idx, day,
@@ -15,7 +17,8 @@ Writes under ``prepare.out`` (default ``<data.root>/prepared``):
     item_freq.parquet             training purchases per article_idx (for logQ correction)
     item_week_sales.parquet       training purchases per (week before the end of training, article_idx)
     eval/<val|test>.parquet       per evaluation customer: query day, history, target articles
-    manifest.json                 sizes, cardinalities, split bounds, counts, time and peak RSS
+    manifest.json                 sizes, cardinalities, split bounds, lineage of vocabulary versions,
+                                  parent, counts, time and peak RSS (read as data/prepared.py's Prepared)
 
 Memory: transactions are read as three int32 columns (12 bytes a row), so hm_scale's 31.8M rows need
 well under 8 GB; examples are built and written one shard at a time.
@@ -23,6 +26,7 @@ well under 8 GB; examples are built and written one shard at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -34,8 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data import features, split, vocab
-from data.io import iter_transactions, join, read_articles, read_customers, write_json, write_parquet
+from data.io import iter_transactions, join, read_articles, read_customers, read_table, write_json, write_parquet
 from data.jagged import Jagged
+from data.prepared import Lineage, Prepared
 from data.runinfo import peak_rss_mb, progress_bar, start_run
 from data.staging import staged
 
@@ -43,14 +48,63 @@ log = logging.getLogger(__name__)
 EPOCH = np.datetime64("1970-01-01", "D")
 
 
-def build_vocabs(customers: pa.Table, articles: pa.Table) -> dict[str, pa.Table]:
-    vocabs = {"customer_id": vocab.build(customers["customer_id"]),
-              "article_id": vocab.build(articles["article_id"])}
+def build_vocabs(customers: pa.Table, articles: pa.Table, parent: str | None = None) -> dict[str, pa.Table]:
+    """Every vocabulary: built afresh in sorted order, or grown from the ``parent`` prepared dataset's
+    (its rows kept, new values appended)."""
+    values = {"customer_id": customers["customer_id"], "article_id": articles["article_id"]}
     for feat, col in features.CUSTOMER_VOCAB_COLUMNS.items():
-        vocabs[feat] = vocab.build(customers[col])
+        values[feat] = customers[col]
     for feat in features.ARTICLE_FEATURES:
-        vocabs[feat] = vocab.build(features.article_column(articles, feat))
-    return vocabs
+        values[feat] = features.article_column(articles, feat)
+    if parent is None:
+        return {name: vocab.build(v) for name, v in values.items()}
+    return {name: vocab.grow(vocab.load(parent, name), v) for name, v in values.items()}
+
+
+# Options that fix what a feature index means: a grown dataset must share them with its parent.
+FEATURE_OPTIONS = ("age_edges", "postal_buckets", "desc_tokens", "desc_buckets", "desc_max_tokens")
+
+
+def check_parent(parent: Prepared, cfg) -> None:
+    """A parent whose feature indices would mean something else here is refused, naming the option."""
+    saved = (parent.get("config") or {})
+    for name in FEATURE_OPTIONS:
+        mine = OmegaConf.to_container(cfg[name]) if OmegaConf.is_config(cfg[name]) else cfg[name]
+        if name in saved and saved[name] != mine:
+            raise ValueError(f"prepare.parent={parent.url} was prepared with prepare.{name}={saved[name]!r}, "
+                             f"this run has {mine!r}: a grown dataset keeps its parent's feature options")
+
+
+def lineage(vocabs: dict[str, pa.Table], parent: Prepared | None) -> Lineage:
+    """The parent's lineage (or its version, for a parent prepared before lineages were recorded) and
+    this dataset's vocabulary version: a digest of every vocabulary in index order."""
+    h = hashlib.sha256()
+    for name in sorted(vocabs):
+        h.update(f"{name}:{vocab.digest(vocabs[name])};".encode())
+    sizes = {name: vocab.size(v) for name, v in sorted(vocabs.items())}
+    before = Lineage()
+    if parent is not None:
+        before = parent.lineage if parent.version else Lineage(
+            (version_of(parent.url),), (dict(parent.cardinalities),))
+    return Lineage(before.versions + (h.hexdigest()[:16],), before.sizes + (sizes,))
+
+
+def version_of(url: str) -> str:
+    """The vocabulary version of a prepared dataset, recomputed from its vocabulary files."""
+    return lineage({name: vocab.load(url, name) for name in vocab_names()}, None).version
+
+
+def vocab_names() -> list[str]:
+    return ["customer_id", "article_id", *features.CUSTOMER_VOCAB_COLUMNS, *features.ARTICLE_FEATURES]
+
+
+def keep_parent_rows(table: pa.Table, parent_url: str, name: str, key: str) -> tuple[pa.Table, int]:
+    """``table`` plus the parent's feature rows of ids absent from it now (an article gone from the
+    catalogue keeps its features, and its row its meaning); how many were carried."""
+    old = read_table(join(parent_url, "features", f"{name}.parquet"))
+    missing = pc.invert(pc.is_in(old[key], value_set=table[key].combine_chunks()))
+    carried = old.filter(missing).select(table.column_names).cast(table.schema)
+    return pa.concat_tables([table, carried]).sort_by(key), carried.num_rows
 
 
 def read_interactions(root: str, vocabs: dict, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -164,12 +218,21 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     same_day = within_day(data_cfg, cfg)
     root = data_cfg.root
+    parent = Prepared.read(cfg.parent) if cfg.parent else None
+    if parent is not None:
+        check_parent(parent, cfg)
     customers, articles = read_customers(root), read_articles(root)
-    vocabs = build_vocabs(customers, articles)
+    vocabs = build_vocabs(customers, articles, parent.url if parent else None)
     for name, v in vocabs.items():
         vocab.save(v, out, name)
     cust_table, cust_cards = features.customer_table(customers, vocabs, cfg)
     art_table, art_cards = features.article_table(articles, vocabs, cfg)
+    grown = {}
+    if parent is not None:
+        cust_table, grown["customers_carried"] = keep_parent_rows(cust_table, parent.url, "customers", "customer_idx")
+        art_table, grown["articles_carried"] = keep_parent_rows(art_table, parent.url, "articles", "article_idx")
+        grown.update({f"new_{name}": vocab.size(v) - parent.cardinalities[name]
+                      for name, v in vocabs.items() if name in ("customer_id", "article_id")})
     write_parquet(cust_table, join(out, "features", "customers.parquet"))
     write_parquet(art_table, join(out, "features", "articles.parquet"))
     del customers, articles
@@ -224,6 +287,9 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
         "customer_features": list(features.CUSTOMER_FEATURES),
         "article_features": list(features.ARTICLE_FEATURES) + (["desc_tokens"] if cfg.desc_tokens else []),
         "recent_sales": sales,
+        "lineage": lineage(vocabs, parent).to_json(),
+        "parent": ({"prepared": parent.url, "version": parent.version or version_of(parent.url), **grown}
+                   if parent is not None else None),
         "history_len": cfg.history_len,
         "history_within_day": same_day,
         "row_group_rows": cfg.row_group_rows,

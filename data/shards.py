@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.io import fs_and_path, join, read_json
+from data.io import fs_and_path, join
+from data.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class Window:
     rows: int
 
 
-def discover_units(prepared: str) -> tuple[list[Unit], dict]:
+def discover_units(prepared: str) -> tuple[list[Unit], Prepared]:
     """All (file, row group) units of the example shards, with checks: a shard that is not Parquet or
     has another schema is an error naming it; an empty shard is skipped and counted."""
-    manifest = read_json(join(prepared, "manifest.json"))
+    manifest = Prepared.read(prepared)
     fs, _ = fs_and_path(prepared)
     units, skipped = [], []
     for shard in manifest["examples"]["shards"]:
@@ -83,7 +84,7 @@ def discover_units(prepared: str) -> tuple[list[Unit], dict]:
         log.warning("skipping %d empty example shard(s): %s", len(skipped), skipped)
     if not units:
         raise StreamError(f"{prepared}: no example rows")
-    manifest["skipped_empty_shards"] = skipped
+    manifest.raw["skipped_empty_shards"] = skipped
     return units, manifest
 
 

@@ -60,8 +60,8 @@ class ExampleStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.extra_rows = extra_rows  # (epoch, global batch) -> this rank's extra catalogue articles
         self.units, self.manifest = discover_units(prepared)
-        self.tables = FeatureTables(prepared, self.manifest)
-        self.history_len = self.manifest["history_len"]
+        self.tables = FeatureTables(self.manifest)
+        self.history_len = self.manifest.history_len
         self.epoch, self.start = 0, 0
         self.oov = {"customer_idx": 0, "article_idx": 0, "history": 0}
         self._files: dict[tuple[int, str], pq.ParquetFile] = {}  # per (thread, file): readers aren't thread-safe

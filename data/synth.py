@@ -467,11 +467,12 @@ def _generate(cfg: SynthConfig, out: str, progress: bool) -> dict:
     write_parquet(pa.table({"customer_id": customers["customer_id"],
                             "primary_style": cust_state["primary"],
                             "secondary_style": cust_state["secondary"]}), join(out, "_truth", "customers.parquet"))
-    write_parquet(pa.table({"article_id": articles["article_id"], "style": art_state["style"],
-                            "age_mu": styles.age_mu[art_state["style"]]}),
-                  join(out, "_truth", "articles.parquet"))
-
     gen = Generator(cfg, cust_state, art_state, styles, customers["customer_id"].combine_chunks())
+    first_day = (gen.start - dt.date(1970, 1, 1)).days  # an article sells from its launch week on (data/drops.py)
+    write_parquet(pa.table({"article_id": articles["article_id"], "style": art_state["style"],
+                            "age_mu": styles.age_mu[art_state["style"]],
+                            "launch_day": pa.array(first_day + 7 * art_state["launch"], pa.int32())}),
+                  join(out, "_truth", "articles.parquet"))
     article_ids = articles["article_id"].combine_chunks()
     writer = ShardWriter(table_url(out, "transactions"), TRANSACTIONS.schema, cfg.shard_rows)
     volume = weekly_volume(cfg, gen.start)

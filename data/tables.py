@@ -9,25 +9,26 @@ import pyarrow.compute as pc
 
 from data import features
 from data.io import fs_and_path, join, read_table
+from data.prepared import Prepared
 from data.shards import StreamError
 
 
 class FeatureTables:
     """Per-id feature lookups held as numpy arrays (dense by index): 22 MB for H&M's customers."""
 
-    def __init__(self, prepared: str, manifest: dict):
-        self.cards = manifest["cardinalities"]
-        self.customer_features = manifest["customer_features"]
-        self.article_features = [f for f in manifest["article_features"] if f != "desc_tokens"]
-        self.has_desc = "desc_tokens" in manifest["article_features"]
+    def __init__(self, ds: Prepared):
+        prepared = ds.url
+        self.cards = ds.cardinalities
+        self.customer_features = list(ds.customer_features)
+        self.article_features = [f for f in ds.article_features if f != "desc_tokens"]
+        self.has_desc = ds.has_desc
         for name in ("customers", "articles"):
             url = join(prepared, "features", f"{name}.parquet")
             if not fs_and_path(url)[0].exists(fs_and_path(url)[1]):
                 raise StreamError(f"{url}: feature table missing; run data.prepare")
         cust = read_table(join(prepared, "features", "customers.parquet"))
         art = read_table(join(prepared, "features", "articles.parquet"))
-        first = int(np.datetime64(manifest["split"]["first_day"], "D").astype(np.int64))
-        last = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
+        first, last = ds.first_day, ds.last_day
         days = np.arange(first - 1, last + 400)
         self._tod = (first - 1, np.stack(features.time_of_year(days), axis=1))
         self.customer = self._dense(cust, "customer_idx", self.customer_features, self.cards["customer_id"])

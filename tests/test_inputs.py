@@ -64,11 +64,12 @@ def test_item_features_on_the_device_match_the_packed_host_path(tiny_prepared):
     """The mined hard negatives' model input, built by gathers on the device, equals what the stream's
     packed host path builds for the same articles (item keys; query keys are empty bags)."""
     from data.batch import packed_from_arrays
+    from data.prepared import Prepared
     from data.tables import FeatureTables
     from trainer.model.inputs import ItemFeatures, model_input
 
     prepared, m = tiny_prepared
-    tables = FeatureTables(prepared, m)
+    tables = FeatureTables(Prepared.read(prepared))
     keys = ["customer_id", "history", "article_id", "section", "colour_group", "desc_tokens"]
     ids = np.array([3, 1, 3, 250, 7, 0, 499])
     got = ItemFeatures(tables, keys, torch.device("cpu")).model_input(torch.from_numpy(ids))

@@ -49,7 +49,7 @@ def test_a_rows_bonus_is_its_candidates_sales_in_the_week_before(sales_setup):
     root, manifest, a, d, train = sales_setup
     end = int(np.datetime64(manifest["recent_sales"]["train_end"], "D").astype(np.int64))
     assert end == int(d[train].max()) + 1
-    sales = RecentSales(str(root), manifest, 8)
+    sales = RecentSales(str(root), manifest["recent_sales"], manifest["cardinalities"]["article_id"], 8)
     bias = torch.linspace(-1.0, 2.5, 8)
     days = np.array([int(d[train].min()), end - 8, end - 7, end - 1, end, end + 9])
     week = sales.week_of(torch.from_numpy(days))
@@ -85,10 +85,10 @@ def test_a_rows_bonus_is_its_candidates_sales_in_the_week_before(sales_setup):
 
 def test_missing_recent_sales_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="recent_sales_buckets=0"):
-        RecentSales(str(tmp_path), {"cardinalities": {"article_id": 3}}, 8)
+        RecentSales(str(tmp_path), None, 3, 8)
     with pytest.raises(ValueError, match="2..256"):
         (tmp_path / "item_week_sales.parquet").write_bytes(b"")
-        RecentSales(str(tmp_path), {"recent_sales": {"weeks": 1}, "cardinalities": {"article_id": 3}}, 1)
+        RecentSales(str(tmp_path), {"weeks": 1}, 3, 1)
 
 
 def test_weeks_are_counted_back_from_the_end_of_training():

@@ -124,22 +124,20 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     bc = cfg.bundle
     embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint), device="cpu")
     model = unwrap(embedder.model)
-    prepared, manifest = embedder.prepared, embedder.manifest
+    prepared, ds = embedder.prepared, embedder.ds
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
-    n_customers = int(manifest["cardinalities"]["customer_id"])
-    day, history, older, (c, a, d) = customer_lists(manifest["root"], vocabs, bc.as_of, int(manifest["history_len"]),
-                                                   n_customers)
+    day, history, older, (c, a, d) = customer_lists(ds.root, vocabs, bc.as_of, ds.history_len, ds.n_customers)
 
     items = embedder.items().float().cpu()  # the scoring vectors, with the recent-sales column
     d_towers = items.shape[1] - (1 if model.sales is not None else 0)
     mean_item = items[1:, :d_towers].mean(0)  # as the Embedder's level: the OOV row left out
     tower = ServingQueryTower(model, full_tables(embedder.model), list(embedder.tables.customer_features),
                               mean_item, bool(bc.int8))
-    width = int(manifest["history_len"]) if tower.sequence is None else max(tower.positions, 1)
+    width = ds.history_len if tower.sequence is None else max(tower.positions, 1)
     program = export_program(tower, len(tower.feature_names), width)
 
     art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]
-    arts = read_articles(manifest["root"])
+    arts = read_articles(ds.root)
     titles = dict(zip(arts["article_id"].to_pylist(), arts["prod_name"].to_pylist()))
     item_np = items.numpy()
     index = ivf.build(item_np[1:], nlist=bc.nlist or None, use_gpu=None if bc.gpu is None else bool(bc.gpu),
@@ -147,7 +145,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     if not np.array_equal(item_vectors(index)[1:], item_np[1:]):  # the bundle keeps the vectors there only
         raise RuntimeError("the IVF index does not hold the item vectors exactly")
     rank_feats = [list(embedder.tables.customer_features).index(f) for f in tower.feature_names]
-    cust_feats = embedder.tables.customer[rank_feats] if rank_feats else np.zeros((0, n_customers), np.int32)
+    cust_feats = embedder.tables.customer[rank_feats] if rank_feats else np.zeros((0, ds.n_customers), np.int32)
     time_features = [float(v[0]) for v in features.time_of_year(np.array([day]))]
     nprobe, sweep = choose_nprobe(tower, index, item_np, history, cust_feats, time_features, width, bc)
     popular = features.best_sellers(a, d, day, len(art_ids), bc.popular)
@@ -181,7 +179,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
             "int8": bool(bc.int8), "tower": {"features": tower.feature_names, "history_width": width,
                                               "time": time_features},
             "scoring": terms, "exclude_seen": bool(bc.exclude_seen), "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep},
-            "popular": [int(x) for x in popular], "customers": n_customers, "articles": int(len(art_ids) - 1),
+            "popular": [int(x) for x in popular], "customers": ds.n_customers, "articles": int(len(art_ids) - 1),
             "files": files}
         write_json(report, join(out, MANIFEST))
     size = sum(f["bytes"] for f in files.values())

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from data.io import atomic_open, fs_and_path, join, read_json, read_table, write_json
 from data.jagged import Jagged
+from data.prepared import Prepared
 from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
@@ -86,7 +87,7 @@ def _repeat_level(users_url: str, rows: np.ndarray) -> np.ndarray | None:
 def exported_run(export_dir: str, prepared: str) -> dict:
     """Which train run, step and fingerprint an export holds; refuses one made from other prepared data."""
     report = read_json(join(output_of(export_dir), "export_report.json"))
-    now = data_digest(read_json(join(prepared, "manifest.json")))
+    now = data_digest(Prepared.read(prepared))
     if report.get("data_digest") != now:
         raise RuntimeError(f"{export_dir} holds embeddings of a model trained on other prepared data (digest "
                            f"{report.get('data_digest')}) than {prepared} (digest {now}); export again")

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 def recommend(cfg: DictConfig, run_dir: str) -> dict:
     rc = cfg.recommend
     embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint))
-    prepared, root = embedder.prepared, embedder.manifest["root"]  # the tables the model was prepared from
+    prepared, root = embedder.prepared, embedder.ds.root  # the tables the model was prepared from
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
     art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]  # article_idx -> article_id
 
@@ -59,7 +59,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     before = d < day  # what was known on the day
     c, a, d = c[before], a[before], d[before]
     log_ = features.EventLog(c, d, a)
-    history = log_.history(cust_idx, np.full(len(cust_idx), day, np.int32), embedder.manifest["history_len"])
+    history = log_.history(cust_idx, np.full(len(cust_idx), day, np.int32), embedder.ds.history_len)
     h_len = history.lengths()
     popular = features.best_sellers(a, d, day, len(art_ids), rc.k)
 

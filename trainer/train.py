@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import config as _data_config  # noqa: F401  (registers the data configs)
 from data.io import join, write_json
 from data.lock import output_lock
+from data.prepared import Prepared
 from data.runinfo import progress_bar, start_run
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
 from trainer.evaluation import plots
@@ -34,7 +35,6 @@ from trainer.loop.validator import Validator
 from trainer.model.negatives import refresh_due
 from trainer.model.towers import RENAMED
 from trainer.parallel import distributed as D
-from trainer.retrieval.embedder import prepared_manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,15 @@ class Trainer:
         self.cfg, self.run_dir, loop = cfg, run_dir, cfg.trainer
         quiet_libraries()
         self.dist = D.init(loop.device, loop.backend)
-        self.manifest = prepared_manifest(cfg.prepare.out)
-        self.parts = p = build_training(cfg, self.manifest, self.dist)
+        self.ds = Prepared.read(cfg.prepare.out)
+        self.parts = p = build_training(cfg, self.ds, self.dist)
         self.built, self.stream, self.loader, self.embedder = p.built, p.stream, p.loader, p.embedder
         self.task, self.steps, self.miner = p.task, p.steps, p.miner
         rank, world = self.dist.rank, self.dist.world
         self.state = TrainState(global_batch_size=loop.global_batch_size, world_size=world)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                              p.checkpoint_parts(self.state, self.dist.device, rank),
-                                             fingerprint(cfg, self.manifest), loop.keep_checkpoints,
+                                             fingerprint(cfg, self.ds), loop.keep_checkpoints,
                                              config=OmegaConf.to_container(cfg, resolve=True), renamed=RENAMED)
         self.stop, self.guard = stops.StopSignal(), stops.FiniteGuard(self.dist.device)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)

@@ -11,6 +11,7 @@ import torch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from data.prepared import Prepared
 from trainer.model.sales import RecentSales
 from trainer.model.towers import TwoTower
 from trainer.parallel.sharding import init_tables, shard
@@ -41,14 +42,15 @@ class Built:
         return self.model.fused_optimizer
 
 
-def build(cfg, manifest: dict, device: torch.device, print_plan: bool | None = None) -> Built:
-    """Plans and shards the model for the prepared data of ``manifest`` over the process group, its
-    scoring terms given the data they read. The dense init is drawn before sharding and the tables'
-    after it from the seed alone: the same model at any world size."""
+def build(cfg, ds: Prepared, device: torch.device, print_plan: bool | None = None) -> Built:
+    """Plans and shards the model for the prepared dataset ``ds`` over the process group, its scoring
+    terms given the data they read. The dense init is drawn before sharding and the tables' after it from
+    the seed alone: the same model at any world size."""
     torch.manual_seed(cfg.trainer.seed)
-    model = TwoTower(cfg.model, manifest["cardinalities"], device="meta")
+    model = TwoTower(cfg.model, ds.cardinalities, device="meta")
     if model.sales is not None:  # the recent-sales table: data of the prepared run, not a parameter
-        model.sales.attach(RecentSales(cfg.prepare.out, manifest, int(cfg.model.recent_sales_buckets), device))
+        model.sales.attach(RecentSales(ds.url, ds.get("recent_sales"), ds.n_articles,
+                                       int(cfg.model.recent_sales_buckets), device))
     sharding = cfg.sharding
     dmp = shard(model, sharding, device, print_plan=sharding.print_plan if print_plan is None else print_plan)
     init_tables(dmp, model.tables, cfg.trainer.seed)
@@ -102,7 +104,7 @@ class Training:
         return parts
 
 
-def build_training(cfg, manifest: dict, dist) -> Training:
+def build_training(cfg, ds: Prepared, dist) -> Training:
     """The model and optimisers, the stream and its loader, logQ, the miner, the train task, the step
     runner and the learning-rate schedule, for this rank of ``dist``."""
     import numpy as np
@@ -123,14 +125,14 @@ def build_training(cfg, manifest: dict, dist) -> Training:
     if loop.global_batch_size <= 0 or loop.global_batch_size % dist.world:
         raise ValueError(f"trainer.global_batch_size={loop.global_batch_size} does not divide over {dist.world} "
                          f"rank(s): choose a multiple of {dist.world}")
-    n_items = int(manifest["cardinalities"]["article_id"])
+    n_items = ds.n_articles
     set_determinism(dev)
-    built = build(cfg, manifest, dev)
+    built = build(cfg, ds, dev)
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
     stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
                            shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
                            extra_rows=uniform if lc.mixed_negatives > 0 else None)
-    embedder = Embedder(built.model, built.keys, prepared, manifest, dev, stream.tables, lc.temperature)
+    embedder = Embedder(built.model, built.keys, ds, dev, stream.tables, lc.temperature)
     counts = torch.from_numpy(np.array(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy()))
     logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)
     miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, built.output_dim, dev,

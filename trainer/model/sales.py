@@ -32,8 +32,9 @@ def buckets_of(counts: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 class RecentSales:
-    def __init__(self, prepared: str, manifest: dict, n_buckets: int, device: torch.device | str = "cpu"):
-        info = manifest.get("recent_sales")
+    def __init__(self, prepared: str, info: dict | None, n_items: int, n_buckets: int,
+                 device: torch.device | str = "cpu"):
+        """``info``: the prepared dataset's ``recent_sales`` entry; ``n_items``: its article rows."""
         url = join(prepared, "item_week_sales.parquet")
         if info is None or not fs_and_path(url)[0].exists(fs_and_path(url)[1]):
             raise FileNotFoundError(f"{prepared}: the prepared data has no recent sales (item_week_sales.parquet); "
@@ -42,7 +43,6 @@ class RecentSales:
             raise ValueError(f"model.recent_sales_buckets={n_buckets}: expected 2..256 (or 0: off)")
         self.weeks, self.n_buckets = int(info["weeks"]), n_buckets
         self.end = int(np.datetime64(info["train_end"], "D").astype(np.int64))  # the first day after training
-        n_items = int(manifest["cardinalities"]["article_id"])
         t = pq.read_table(url)
         counts = np.zeros((self.weeks + 1, n_items), np.int64)
         # row L is read by rows of week L - weeks and holds the sales of the week before: L - weeks - 1

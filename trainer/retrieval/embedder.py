@@ -19,8 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.batch import packed_from_arrays
-from data.io import fs_and_path, join, read_json
+from data.io import fs_and_path, join
 from data.jagged import Jagged
+from data.prepared import Prepared
 from data.tables import FeatureTables
 from trainer.config import TrainJob
 from trainer.loop.builder import build
@@ -81,23 +82,20 @@ def checkpoint_folder(train_dir: str) -> str:
     return saved.get("checkpoint_dir") or join(train_dir, "checkpoints")
 
 
-def prepared_manifest(prepared: str) -> dict:
-    return read_json(join(prepared, "manifest.json"))
-
-
 class Embedder:
-    def __init__(self, model, keys: list[str], prepared: str, manifest: dict, device: torch.device,
+    def __init__(self, model, keys: list[str], ds: Prepared, device: torch.device,
                  tables: FeatureTables | None = None, temperature: float = 0.05):
         self.temperature = temperature  # the loss's: the buying-again mixture scores in its units
-        self.model, self.keys, self.prepared, self.manifest, self.device = model, keys, prepared, manifest, device
-        self.tables = tables or FeatureTables(prepared, manifest)
+        self.model, self.keys, self.ds, self.device = model, keys, ds, device
+        self.prepared = ds.url
+        self.tables = tables or FeatureTables(ds)
         terms = unwrap(model)
         # terms that are columns of the scoring vectors (recent sales: trainer/model/sales.py), and buying
         # again, which the Retriever applies apart (trainer/model/repeats.py)
         self.columns = [t for t in terms.scoring_terms() if getattr(t, "scoring_columns", 0)]
         self.repeats = terms.repeats
-        self.n_items = int(manifest["cardinalities"]["article_id"])
-        self.last_day = int(np.datetime64(manifest["split"]["last_day"], "D").astype(np.int64))
+        self.n_items = ds.n_articles
+        self.last_day = ds.last_day
 
     # ------------------------------------------------------------ loading a trained run
 
@@ -114,7 +112,7 @@ class Embedder:
                 "" if which == "latest" else " as best (did the run validate?); use checkpoint=latest"))
         cfg = typed(found.info["config"], int(found.info.get("world_size", 1)))
         dist_ = D.init(device)
-        manifest = prepared_manifest(cfg.prepare.out)
+        manifest = Prepared.read(cfg.prepare.out)
         built = build(cfg, manifest, dist_.device, print_plan=False)
         saved = found.info.get("fingerprint", {})
         if saved.get("data.digest") != data_digest(manifest):
@@ -131,8 +129,7 @@ class Embedder:
         if dist_.rank == 0:
             log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
                      loaded.step, loaded.path, manager.fp_id)
-        return cls(built.model, built.keys, cfg.prepare.out, manifest, dist_.device,
-                   temperature=cfg.loss.temperature), info
+        return cls(built.model, built.keys, manifest, dist_.device, temperature=cfg.loss.temperature), info
 
     def repeat_bonus(self) -> np.ndarray | None:
         """The learned bonus per history position, newest first (trainer/model/repeats.py), or None."""

@@ -1,0 +1,135 @@
+"""The prepared dataset as one typed contract: what ``data.prepare`` wrote (``manifest.json``), read in one
+place and handed to every part that trains on it, embeds from it or serves it.
+
+    ds = Prepared.read("datasets/small/prepared")
+    ds.n_articles, ds.cardinalities["postal_code"], ds.first_day, ds.version, ds.lineage
+
+A dataset's vocabularies carry a version (a digest of every vocabulary's values in index order) and a
+lineage: the versions of the datasets it grew from, oldest first, then its own. A prepared dataset grown
+from a parent (``prepare.parent``) keeps every row of the parent's vocabularies, so a model trained on any
+dataset of the lineage can be continued on it (``trainer.init_from``).
+
+The manifest's other entries stay readable by key (``ds["eval"]``): the contract names what the trainer
+relies on, the report keeps the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from data.io import fs_and_path, join, read_json
+
+MANIFEST = "manifest.json"
+
+
+class PreparedError(FileNotFoundError):
+    pass
+
+
+def day_number(text: str) -> int:
+    """Days since 1970-01-01 of an ISO date."""
+    return int(np.datetime64(text, "D").astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Vocabulary versions oldest first, this dataset's last (empty: prepared before lineages existed)."""
+
+    versions: tuple[str, ...] = ()
+    sizes: tuple[dict, ...] = ()  # each version's vocabulary sizes (rows, the OOV row included)
+
+    @classmethod
+    def from_manifest(cls, entries: list | None) -> "Lineage":
+        entries = entries or []
+        return cls(tuple(e["version"] for e in entries), tuple(dict(e.get("sizes", {})) for e in entries))
+
+    @property
+    def version(self) -> str | None:
+        return self.versions[-1] if self.versions else None
+
+    def contains(self, version: str | None) -> bool:
+        return version is not None and version in self.versions
+
+    def to_json(self) -> list[dict]:
+        return [{"version": v, "sizes": s} for v, s in zip(self.versions, self.sizes)]
+
+
+@dataclass(frozen=True)
+class Prepared(Mapping):
+    """See the module docstring. ``raw`` is the manifest as written; the fields are what the code reads."""
+
+    url: str
+    root: str  # the canonical tables it was prepared from
+    cardinalities: dict[str, int]  # embedding rows per feature (OOV row included)
+    customer_features: tuple[str, ...]
+    article_features: tuple[str, ...]  # with "desc_tokens" when descriptions are tokenised
+    history_len: int
+    history_within_day: bool
+    first_day: int  # days since 1970-01-01 of the first and last transaction kept
+    last_day: int
+    protocol: str
+    lineage: Lineage
+    parent: dict | None  # {"prepared": url, "version": ...} when grown from a parent
+    raw: dict = field(repr=False)
+
+    @classmethod
+    def read(cls, url: str) -> "Prepared":
+        path = join(url, MANIFEST)
+        fs, p = fs_and_path(path)
+        if not fs.exists(p):
+            raise PreparedError(f"{path}: no prepared dataset here; run data.prepare first")
+        return cls.from_manifest(url, read_json(path))
+
+    @classmethod
+    def from_manifest(cls, url: str, manifest: dict) -> "Prepared":
+        if isinstance(manifest, Prepared):
+            return manifest
+        try:
+            split = manifest["split"]
+            return cls(
+                url=url, root=manifest["root"],
+                cardinalities={k: int(v) for k, v in manifest["cardinalities"].items()},
+                customer_features=tuple(manifest["customer_features"]),
+                article_features=tuple(manifest["article_features"]),
+                history_len=int(manifest["history_len"]),
+                history_within_day=bool(manifest.get("history_within_day", False)),
+                first_day=day_number(split["first_day"]), last_day=day_number(split["last_day"]),
+                protocol=str(split.get("protocol", "week")),
+                lineage=Lineage.from_manifest(manifest.get("lineage")),
+                parent=manifest.get("parent"), raw=manifest)
+        except KeyError as e:
+            raise PreparedError(f"{join(url, MANIFEST)}: missing entry {e}; prepare the data again") from None
+
+    # ------------------------------------------------------------ what the parts read
+
+    @property
+    def n_articles(self) -> int:
+        """Rows of the article table (row 0 the OOV bucket)."""
+        return self.cardinalities["article_id"]
+
+    @property
+    def n_customers(self) -> int:
+        return self.cardinalities["customer_id"]
+
+    @property
+    def version(self) -> str | None:
+        return self.lineage.version
+
+    @property
+    def has_desc(self) -> bool:
+        return "desc_tokens" in self.article_features
+
+    # ------------------------------------------------------------ the rest of the manifest, by key
+
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)

@@ -1,0 +1,85 @@
+"""Weekly drops and the prepared datasets grown from each other (data/drops.py, prepare.parent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from conftest import prepare_options
+from omegaconf import OmegaConf
+
+from data import drops, vocab
+from data.config import DataConfig, SplitConfig
+from data.io import read_articles, read_customers, read_table
+from data.prepare import prepare
+from data.prepared import Prepared
+
+
+def prepare_drop(root: str, parent: str | None = None, out: str | None = None, **kw) -> Prepared:
+    out = out or f"{root}/prepared"
+    prepare(OmegaConf.structured(DataConfig(name="drop", root=root)), OmegaConf.structured(SplitConfig()),
+            prepare_options(out, parent=parent, **kw), progress=False)
+    return Prepared.read(out)
+
+
+@pytest.fixture(scope="module")
+def two_drops(tiny_synth, tmp_path_factory):
+    root, _ = tiny_synth
+    out = str(tmp_path_factory.mktemp("drops"))
+    summaries = drops.weekly(root, out, 2)
+    first = prepare_drop(f"{out}/week-01")
+    second = prepare_drop(f"{out}/week-02", parent=first.url)
+    return root, out, summaries, first, second
+
+
+def test_a_drop_holds_what_was_known_before_its_day(two_drops):
+    root, out, summaries, _, _ = two_drops
+    tx = read_table(f"{root}/transactions")
+    until = np.datetime64(summaries[0]["until"], "D")
+    days = tx["t_dat"].to_numpy().astype("datetime64[D]")
+    first = read_table(f"{out}/week-01/transactions")
+    assert first.num_rows == int((days < until).sum()) and summaries[1]["transactions"] == tx.num_rows
+    before = tx.filter(days < until)
+    assert set(read_customers(f"{out}/week-01")["customer_id"].to_pylist()) == set(before["customer_id"].to_pylist())
+    truth = read_table(f"{root}/_truth/articles.parquet")
+    launched = set(truth.filter(pc.less(truth["launch_day"], int(until.astype(np.int64))))["article_id"].to_pylist())
+    want = set(before["article_id"].to_pylist()) | launched
+    assert set(read_articles(f"{out}/week-01")["article_id"].to_pylist()) == want
+    assert summaries[0]["articles_not_sold_yet"] == len(want - set(before["article_id"].to_pylist())) > 0
+
+
+def test_a_grown_dataset_keeps_every_row_of_its_parent_and_records_the_lineage(two_drops):
+    _, _, _, first, second = two_drops
+    for name in ("customer_id", "article_id", "product_type", "section"):
+        old, new = vocab.load(first.url, name), vocab.load(second.url, name)
+        assert new.slice(0, old.num_rows)["value"].combine_chunks().equals(old["value"].combine_chunks()), name
+    assert second.n_articles > first.n_articles and second.n_customers > first.n_customers
+    assert second.lineage.versions == (first.version, second.version) and first.lineage.versions == (first.version,)
+    assert second.parent["version"] == first.version and second.parent["new_article_id"] == \
+        second.n_articles - first.n_articles
+    # the feature rows of the parent's ids are the parent's
+    for name, key in (("customers", "customer_idx"), ("articles", "article_idx")):
+        a = read_table(f"{first.url}/features/{name}.parquet")
+        b = read_table(f"{second.url}/features/{name}.parquet")
+        b = b.filter(pc.is_in(b[key], value_set=a[key].combine_chunks()))
+        assert b.select(a.column_names).equals(a), name
+
+
+def test_a_version_names_the_rows_not_the_run(two_drops, tmp_path):
+    """The same drop prepared again elsewhere has the same version; grown by nothing new, it has its parent's
+    version (no row changed); the second drop built afresh numbers some ids otherwise, so another version."""
+    _, out, _, first, second = two_drops
+    again = prepare_drop(f"{out}/week-01", out=str(tmp_path / "again"))
+    assert again.version == first.version
+    grown_by_nothing = prepare_drop(f"{out}/week-01", parent=first.url, out=str(tmp_path / "same"))
+    assert grown_by_nothing.lineage.versions == (first.version, first.version)
+    afresh = prepare_drop(f"{out}/week-02", out=str(tmp_path / "afresh"))
+    assert afresh.version != second.version and afresh.n_articles == second.n_articles
+
+
+def test_a_parent_with_other_feature_options_is_refused_by_name(two_drops, tmp_path):
+    _, out, _, first, _ = two_drops
+    with pytest.raises(ValueError, match="prepare.postal_buckets=65536.*this run has 1024"):
+        prepare(OmegaConf.structured(DataConfig(name="drop", root=f"{out}/week-02")),
+                OmegaConf.structured(SplitConfig()),
+                prepare_options(str(tmp_path / "p"), parent=first.url, postal_buckets=1024), progress=False)
