@@ -114,6 +114,33 @@ def tiny_prepared(tiny_synth, tmp_path_factory) -> tuple[str, dict]:
     return out, manifest
 
 
+def prepare_drop(root: str, parent: str | None = None, out: str | None = None, **kw):
+    """A drop (data/drops.py) prepared with the week split, grown from ``parent`` when given."""
+    from omegaconf import OmegaConf
+
+    from data.config import DataConfig, SplitConfig
+    from data.prepare import prepare
+    from data.prepared import Prepared
+
+    out = out or f"{root}/prepared"
+    prepare(OmegaConf.structured(DataConfig(name="drop", root=root)), OmegaConf.structured(SplitConfig()),
+            prepare_options(out, parent=parent, **kw), progress=False)
+    return Prepared.read(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_drops(tiny_synth, tmp_path_factory):
+    """The tiny dataset's last two weeks as two drops, the second prepared grown from the first."""
+    from data import drops
+
+    root, _ = tiny_synth
+    out = str(tmp_path_factory.mktemp("drops"))
+    summaries = drops.weekly(root, out, 2)
+    first = prepare_drop(f"{out}/week-01")
+    second = prepare_drop(f"{out}/week-02", parent=first.url)
+    return {"root": root, "out": out, "summaries": summaries, "first": first, "second": second}
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A real single-node Slurm on localhost (installed if missing), stopped at the end. A set-up

@@ -5,31 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-from conftest import prepare_options
+from conftest import prepare_drop, prepare_options
 from omegaconf import OmegaConf
 
-from data import drops, vocab
+from data import vocab
 from data.config import DataConfig, SplitConfig
 from data.io import read_articles, read_customers, read_table
 from data.prepare import prepare
-from data.prepared import Prepared
-
-
-def prepare_drop(root: str, parent: str | None = None, out: str | None = None, **kw) -> Prepared:
-    out = out or f"{root}/prepared"
-    prepare(OmegaConf.structured(DataConfig(name="drop", root=root)), OmegaConf.structured(SplitConfig()),
-            prepare_options(out, parent=parent, **kw), progress=False)
-    return Prepared.read(out)
 
 
 @pytest.fixture(scope="module")
-def two_drops(tiny_synth, tmp_path_factory):
-    root, _ = tiny_synth
-    out = str(tmp_path_factory.mktemp("drops"))
-    summaries = drops.weekly(root, out, 2)
-    first = prepare_drop(f"{out}/week-01")
-    second = prepare_drop(f"{out}/week-02", parent=first.url)
-    return root, out, summaries, first, second
+def two_drops(tiny_drops):
+    d = tiny_drops
+    return d["root"], d["out"], d["summaries"], d["first"], d["second"]
 
 
 def test_a_drop_holds_what_was_known_before_its_day(two_drops):

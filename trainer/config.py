@@ -174,6 +174,12 @@ class LoopConfig:
     stop_check_every: int = 10
     keep_checkpoints: int = 3
     resume: bool = True  # from the latest complete checkpoint in the run directory
+    # A warm start: another train run whose checkpoint (init_checkpoint) this run begins from, on prepared
+    # data of its lineage (prepare.parent): old rows keep their weights and optimiser state, new rows start
+    # as a fresh run's (trainer/loop/warm_start.py). A checkpoint of this run directory, when there is one,
+    # is resumed instead: resuming a warm-started run continues it.
+    init_from: Optional[str] = None
+    init_checkpoint: Which = Which.selected
     recall_k: list = field(default_factory=lambda: [12, 100])  # the k of Recall/NDCG/HitRate@k in validation
     validate: bool = True  # rank the validation customers against the catalogue after each epoch
     validate_exclude_seen: bool = "${data.exclude_seen}"  # leave out articles bought in training

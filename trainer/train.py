@@ -32,6 +32,7 @@ from trainer.loop.fingerprint import fingerprint
 from trainer.loop.logs import Scalars, StepLogger, quiet_libraries
 from trainer.loop.state import TrainState
 from trainer.loop.validator import Validator
+from trainer.loop.warm_start import record, warm_start
 from trainer.model.negatives import refresh_due
 from trainer.model.towers import RENAMED
 from trainer.parallel import distributed as D
@@ -53,7 +54,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                              p.checkpoint_parts(self.state, self.dist.device, rank),
                                              fingerprint(cfg, self.ds), loop.keep_checkpoints,
-                                             config=OmegaConf.to_container(cfg, resolve=True), renamed=RENAMED)
+                                             config=OmegaConf.to_container(cfg, resolve=True), renamed=RENAMED,
+                                             record={"data": {"prepared": self.ds.url, "version": self.ds.version,
+                                                              "lineage": list(self.ds.lineage.versions)}})
+        self.parent: dict | None = None  # the warm start's parent run (trainer.init_from), once known
         self.stop, self.guard = stops.StopSignal(), stops.FiniteGuard(self.dist.device)
         self.scalars = Scalars(run_dir, tensorboard and rank == 0)
         self.validator = Validator(loop, self.embedder, self.state, self.scalars, self.stop.check, rank)
@@ -138,12 +142,20 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def _resume(self) -> None:
+        """This run's newest checkpoint when there is one (a warm-started run continues, not its parent);
+        else, with trainer.init_from, the parent run's weights and optimiser state."""
         loop, st = self.cfg.trainer, self.state
         self.checkpoints.prepare(resume=loop.resume)
         loaded = self.checkpoints.load() if loop.resume else None
         if loaded is not None:
             st.continue_as(loop.global_batch_size, self.dist.world, loaded.path, loaded.saved_world,
                            tell=self.dist.rank == 0)
+            self.parent = loaded.info.get("warm_start")
+        elif loop.init_from:
+            parent = warm_start(str(loop.init_from), str(loop.init_checkpoint), self.checkpoints.parts, self.ds,
+                                self.checkpoints.fingerprint, RENAMED, tell=self.dist.rank == 0)
+            self.parent = record(parent)
+        self.checkpoints.record["warm_start"] = self.parent
 
     def _save(self) -> None:
         """A checkpoint, unless the run has gone non-finite (then the run stops with an error)."""
@@ -168,7 +180,9 @@ class Trainer:
                             self.stop.signum or 15, st.step)
             return {**st.history, "step": st.step, "preempted_at": st.step}
         out = {"step": st.step, "epoch": st.epoch, "world_size": self.dist.world,
-               "global_batch_size": loop.global_batch_size, **st.history}
+               "global_batch_size": loop.global_batch_size, "warm_start": self.parent,
+               "examples_trained": st.step * loop.global_batch_size,  # global batches are whole
+               **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))
             plots.training_curves(st.history, join(self.run_dir, "training.png"), loop.select_metric)

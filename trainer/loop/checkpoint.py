@@ -5,8 +5,9 @@ Layout of ``<folder>/step-<N>/``:
     (DCP files)   every part's tensors: the sharded model, the optimisers' state, RNG per rank, the
                   train state (with the data position), logQ and miner state
     run.json      written by rank 0 after every rank finished: the run fingerprint, the resolved config
-                  of the run that wrote it, step, world size, a completion sequence number and each
-                  file's size and SHA-256; its presence marks the checkpoint complete
+                  of the run that wrote it, step, world size, a completion sequence number, the data's
+                  vocabulary version and lineage, the warm start's parent (if any) and each file's size
+                  and SHA-256; its presence marks the checkpoint complete
 
 A save goes to ``.step-<N>.partial`` and is renamed into place once complete, so a checkpoint that
 exists is whole, and the newest complete checkpoint is never touched before a newer one is in place.
@@ -69,6 +70,7 @@ class Loaded:
     step: int
     saved_world: int
     parts: list[str]  # the parts restored
+    info: dict  # its run.json
 
 
 def _read_run(path: str) -> dict | None:
@@ -196,9 +198,10 @@ def _old_names(state: dict, saved: dict, renamed: dict[str, str], prefix: str = 
 
 class CheckpointManager:
     def __init__(self, folder: str, parts: dict, fingerprint: dict, keep: int = 3, config: dict | None = None,
-                 renamed: dict[str, str] | None = None):
+                 renamed: dict[str, str] | None = None, record: dict | None = None):
         self.folder, self.parts, self.fingerprint, self.keep = folder, parts, fingerprint, keep
         self.config = config  # the run's resolved config, recorded in each checkpoint
+        self.record = dict(record or {})  # more about the run, recorded in each checkpoint (data, warm start)
         self.renamed = renamed or {}  # new name fragment -> old: checkpoints from before a rename still load
         self.fp_id = short_id(fingerprint)
 
@@ -248,7 +251,7 @@ class CheckpointManager:
             info = {"step": step, "seq": (done[-1].seq + 1) if done else 1, "world_size": D.world_size(),
                     "fingerprint": self.fingerprint, "fingerprint_id": self.fp_id, "time": time.time(),
                     "parts": sorted(self.parts), "config": self.config, "best": best,
-                    "files": file_records(partial)}
+                    **self.record, "files": file_records(partial)}
             tmp = os.path.join(partial, RUN_FILE + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(info, f, indent=1, default=str)
@@ -322,7 +325,7 @@ class CheckpointManager:
                 continue
             for n in names:
                 self.parts[n].load_state_dict(state[n])
-            return Loaded(found.path, found.step, saved_world, names)
+            return Loaded(found.path, found.step, saved_world, names, found.info)
         return None
 
     @staticmethod

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from data.batch import packed_from_arrays
-from data.io import fs_and_path, join
+from data.io import join
 from data.jagged import Jagged
 from data.prepared import Prepared
 from data.tables import FeatureTables
-from trainer.config import TrainJob
 from trainer.loop.builder import build
-from trainer.loop.checkpoint import CheckpointManager, best, latest
-from trainer.loop.fingerprint import PREDATING, data_digest, fingerprint
+from trainer.loop.checkpoint import CheckpointManager
+from trainer.loop.fingerprint import data_digest, fingerprint
+from trainer.loop.runs import checkpoint_folder, selected_checkpoint, typed  # noqa: F401  (typed: re-exported)
 from trainer.loop.state import ModelState
 from trainer.model.inputs import model_input
 from trainer.model.towers import RENAMED, unwrap
@@ -42,44 +41,6 @@ class RunInfo:
     step: int
     fingerprint_id: str
     data_digest: str
-
-
-def typed(config, world_size: int = 1) -> DictConfig:
-    """A saved train config, typed by the train schema again (choices become enums, keys are checked).
-    A setting the run predates takes what the code did then (trainer/loop/fingerprint.py PREDATING), not
-    today's default: a run saved before ``model.repeat_mode`` existed keeps the bonus. A run from before
-    the batch was global (``trainer.batch_size`` per rank) gets ``global_batch_size`` = that times the
-    ``world_size`` it ran on."""
-    saved = OmegaConf.create(config)
-    loop = saved.get("trainer")
-    if loop is not None and "batch_size" in loop:
-        loop["global_batch_size"] = int(loop.pop("batch_size")) * world_size
-    model = saved.get("model")
-    for key, value in PREDATING.items():
-        name = key.split(".", 1)[1]
-        if model is not None and name not in model:
-            model[name] = value
-    return OmegaConf.merge(OmegaConf.structured(TrainJob), saved)
-
-
-def choose_checkpoint(folder: str, which: str):
-    """(the checkpoint, what it is): ``selected`` is ``best`` when the run chose one by validation
-    (trainer.select_metric), else ``latest``."""
-    if which == "selected":
-        newest = latest(folder)
-        which = "best" if newest is not None and newest.info.get("best") else "latest"
-    return (latest(folder) if which == "latest" else best(folder)), which
-
-
-def checkpoint_folder(train_dir: str) -> str:
-    """Where a train run keeps its checkpoints (its config.yaml may point elsewhere)."""
-    url = join(train_dir, "config.yaml")
-    fs, path = fs_and_path(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{url}: no train run here; train first or set train_dir")
-    with fs.open(path, "r") as f:
-        saved = OmegaConf.create(f.read())
-    return saved.get("checkpoint_dir") or join(train_dir, "checkpoints")
 
 
 class Embedder:
@@ -105,11 +66,8 @@ class Embedder:
         (recorded in the checkpoint): ``which="selected"``, the one the run chose (its best validation,
         or the newest when it did not validate); ``"best"``; ``"latest"``. Refuses it if the prepared data
         changed since."""
+        found, which = selected_checkpoint(train_dir, which)
         folder = checkpoint_folder(train_dir)
-        found, which = choose_checkpoint(folder, which)
-        if found is None:
-            raise FileNotFoundError(f"{folder}: no complete checkpoint to load" + (
-                "" if which == "latest" else " as best (did the run validate?); use checkpoint=latest"))
         cfg = typed(found.info["config"], int(found.info.get("world_size", 1)))
         dist_ = D.init(device)
         manifest = Prepared.read(cfg.prepare.out)

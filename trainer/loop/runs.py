@@ -1,0 +1,60 @@
+"""A finished or running train run seen from outside: where its checkpoints are, which one it selected, and
+its saved config typed by today's schema. Export, recommend, bundle and a warm start find a run here."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from data.io import fs_and_path, join
+from trainer.config import TrainJob
+from trainer.loop.checkpoint import Found, best, latest
+from trainer.loop.fingerprint import PREDATING
+
+
+def typed(config, world_size: int = 1) -> DictConfig:
+    """A saved train config, typed by the train schema again (choices become enums, keys are checked).
+    A setting the run predates takes what the code did then (trainer/loop/fingerprint.py PREDATING), not
+    today's default: a run saved before ``model.repeat_mode`` existed keeps the bonus. A run from before
+    the batch was global (``trainer.batch_size`` per rank) gets ``global_batch_size`` = that times the
+    ``world_size`` it ran on."""
+    saved = OmegaConf.create(config)
+    loop = saved.get("trainer")
+    if loop is not None and "batch_size" in loop:
+        loop["global_batch_size"] = int(loop.pop("batch_size")) * world_size
+    model = saved.get("model")
+    for key, value in PREDATING.items():
+        name = key.split(".", 1)[1]
+        if model is not None and name not in model:
+            model[name] = value
+    return OmegaConf.merge(OmegaConf.structured(TrainJob), saved)
+
+
+def choose_checkpoint(folder: str, which: str):
+    """(the checkpoint, what it is): ``selected`` is ``best`` when the run chose one by validation
+    (trainer.select_metric), else ``latest``."""
+    if which == "selected":
+        newest = latest(folder)
+        which = "best" if newest is not None and newest.info.get("best") else "latest"
+    return (latest(folder) if which == "latest" else best(folder)), which
+
+
+def checkpoint_folder(train_dir: str) -> str:
+    """Where a train run keeps its checkpoints (its config.yaml may point elsewhere)."""
+    url = join(train_dir, "config.yaml")
+    fs, path = fs_and_path(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no train run here; train first or set train_dir")
+    with fs.open(path, "r") as f:
+        saved = OmegaConf.create(f.read())
+    return saved.get("checkpoint_dir") or join(train_dir, "checkpoints")
+
+
+def selected_checkpoint(train_dir: str, which: str = "selected") -> tuple[Found, str]:
+    """The checkpoint of ``train_dir`` that ``which`` names (see :func:`choose_checkpoint`), and what it is;
+    an error naming the folder when there is none."""
+    folder = checkpoint_folder(train_dir)
+    found, which = choose_checkpoint(folder, which)
+    if found is None:
+        raise FileNotFoundError(f"{folder}: no complete checkpoint to load" + (
+            "" if which == "latest" else " as best (did the run validate?); use checkpoint=latest"))
+    return found, which
