@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import trainer.config  # noqa: E402,F401
+from trainer.model.negatives import StepAt  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 CONFIGS = {
@@ -73,9 +74,8 @@ def make_trainer(data: str, batch: int, extra: list[str], device: str) -> Traine
             "trainer.log_every=1000000", f"run_dir={run_dir}"])
     t = Trainer(cfg, run_dir, tensorboard=False)
     t.stream.set_epoch(0)
-    t.task.with_stats = False  # as between log lines
-    if t.miner is not None:
-        t.miner.refresh(t.embedder.items(scoring=False))
+    for component in t.parts.components:  # the miner's first refresh; no stats, as between log lines
+        component.before_step(StepAt(0, 0, 0, epoch_start=True, logging=False))
     return t
 
 

@@ -117,3 +117,27 @@ def test_the_miners_refresh_schedule():
     assert not refresh_due(8, 40, 0, epoch_start=False)  # step 40 ends an epoch: ...
     assert refresh_due(8, 40, 0, epoch_start=True)  # ... refreshed as the next one starts
     assert refresh_due(8, 48, 5, epoch_start=True) and not refresh_due(8, 47, 5, epoch_start=True)  # resumes
+
+
+def test_mined_negatives_refresh_on_their_schedule_as_a_component():
+    """The loop calls every component before each step; the mined source refreshes from the item tower only
+    when its schedule says, after letting the step runner finish (pause), and checkpoints the miner."""
+    from trainer.model.negatives import MinedNegatives, StepAt
+
+    calls = []
+    vectors = torch.randn(50, 4)
+
+    def embed(check_stop):
+        calls.append(("embed", check_stop))
+        return vectors
+
+    source = MinedNegatives(HardNegativeMiner(2, 0, 10, 50, 4), every=8, embed_items=embed,
+                            pause=lambda: calls.append(("pause", None)))
+    stop = object()
+    for step in range(0, 20):
+        source.before_step(StepAt(step, 0, step, epoch_start=step == 0, logging=False, check_stop=stop))
+    assert calls == [("pause", None), ("embed", stop)] * 3  # steps 0, 8, 16
+    assert torch.equal(source.state_dict()["embeddings"], vectors) and source.miner.ready
+    again = MinedNegatives(HardNegativeMiner(2, 0, 10, 50, 4), 8, embed, lambda: None)
+    again.load_state_dict(source.state_dict())
+    assert torch.equal(again.miner.neighbours, source.miner.neighbours)

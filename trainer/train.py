@@ -33,7 +33,7 @@ from trainer.loop.logs import Scalars, StepLogger, quiet_libraries
 from trainer.loop.state import TrainState
 from trainer.loop.validator import Validator
 from trainer.loop.warm_start import record, warm_start
-from trainer.model.negatives import refresh_due
+from trainer.model.negatives import StepAt
 from trainer.model.towers import RENAMED
 from trainer.parallel import distributed as D
 
@@ -48,7 +48,7 @@ class Trainer:
         self.ds = Prepared.read(cfg.prepare.out)
         self.parts = p = build_training(cfg, self.ds, self.dist)
         self.built, self.stream, self.loader, self.embedder = p.built, p.stream, p.loader, p.embedder
-        self.task, self.steps, self.miner = p.task, p.steps, p.miner
+        self.task, self.steps = p.task, p.steps
         rank, world = self.dist.rank, self.dist.world
         self.state = TrainState(global_batch_size=loop.global_batch_size, world_size=world)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
@@ -126,14 +126,12 @@ class Trainer:
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
 
     def _step_hooks(self, epoch_start: bool) -> None:
-        """Before the next step: the miner's refresh when due, the rates, whether it logs."""
+        """Before the next step: every component on its own schedule (negative sources, the task), the rates."""
         st = self.state
-        if self.miner is not None and refresh_due(self.cfg.loss.hard_every, st.step, st.batch_in_epoch, epoch_start):
-            self.steps.detach()
-            self.miner.refresh(self.embedder.items(check_stop=self.stop.check, scoring=False))
-        self.task.step = st.step
+        at = StepAt(st.step, st.epoch, st.batch_in_epoch, epoch_start, self.logger.due(st.step), self.stop.check)
+        for component in self.parts.components:
+            component.before_step(at)
         self.parts.schedule.apply(st.step, self.validator.stalls())
-        self.task.with_stats = self.logger.due(st.step)
 
     def _validate(self) -> None:
         self.steps.detach()

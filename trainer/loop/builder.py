@@ -88,6 +88,12 @@ class Training:
     steps: "Steps"
     schedule: "LRSchedule"
     total_steps: int
+    negatives: list  # the negative sources beyond the batch (trainer/model/negatives.py), each a component
+
+    @property
+    def components(self) -> list:
+        """What the loop calls before every step (``before_step(StepAt)``), in this order."""
+        return [*self.negatives, self.task]
 
     def checkpoint_parts(self, state, device: torch.device, rank: int) -> dict:
         """Everything a checkpoint of the run holds, each part Stateful."""
@@ -99,8 +105,9 @@ class Training:
             parts["dense_optimizer"] = OptimizerState(self.built.dense_optimizer)
         if self.logq.mode == "streaming":
             parts["logq"] = self.logq
-        if self.miner is not None:
-            parts["miner"] = self.miner
+        for source in self.negatives:  # a source with state checkpoints under its name
+            if hasattr(source, "state_dict"):
+                parts[source.name] = source
         return parts
 
 
@@ -117,7 +124,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.loop.schedule import LRSchedule
     from trainer.loop.task import TrainTask
     from trainer.model.loss import LogQ
-    from trainer.model.negatives import HardNegativeMiner, UniformNegatives
+    from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
     from trainer.retrieval.embedder import Embedder
 
@@ -141,6 +148,11 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
                      set_precision(loop.precision, dev))
     steps = Steps(built.model, built.dense_optimizer, task, built.keys, dev,
                   use_pipeline(loop.pipeline, miner is not None, dev, dist.world))
+    negatives = [uniform] if lc.mixed_negatives > 0 else []
+    if miner is not None:
+        negatives.append(MinedNegatives(miner, lc.hard_every, pause=steps.detach,
+                                        embed_items=lambda check_stop: embedder.items(check_stop=check_stop,
+                                                                                      scoring=False)))
     epochs = sum(stream.batches_per_epoch(e) for e in range(loop.epochs))
     total = epochs if loop.max_steps < 0 else min(loop.max_steps, epochs)
     schedule = LRSchedule(cfg.optim, cfg.sharding.fused_lr, built.dense_optimizer, built.fused_optimizer, total)
@@ -152,7 +164,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
                  "training on any number of ranks", dist.world, loop.global_batch_size,
                  loop.global_batch_size // dist.world, stream.batches_per_epoch(0))
     return Training(built, stream, make_loader(stream, pin_memory=dev.type == "cuda", packed=True), embedder, logq,
-                    miner, task, steps, schedule, total)
+                    miner, task, steps, schedule, total, negatives)
 
 
 def not_invariant(cfg, plan) -> list[str]:

@@ -35,9 +35,15 @@ class TrainTask:
         self.tables, self.n_items, self.seed, self.device = tables, n_items, seed, device
         self.autocast = autocast  # bfloat16 for the towers and logits (trainer.precision=bf16), or None
         self.item_features: ItemFeatures | None = None  # built on first use (mined hard negatives only)
-        self.step = 0  # the step being trained (for the miner's draws), set by the loop
-        self.with_stats = True  # the loop turns the stats (a host sync) on for logging steps only
+        self.step = 0  # the step being trained (for the miner's draws)
+        self.with_stats = True  # the stats (a host sync) on logging steps only
         self.terms = unwrap(model).scoring_terms()  # logit terms beside the inner product (sales, repeats)
+
+    name = "task"
+
+    def before_step(self, at) -> None:
+        """The step's number (the miner's draws) and whether it logs (trainer/model/negatives.py StepAt)."""
+        self.step, self.with_stats = at.step, at.logging
 
     def __call__(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):

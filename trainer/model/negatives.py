@@ -1,5 +1,9 @@
-"""The loss's negatives beyond the batch: uniform catalogue draws per global batch (``UniformNegatives``, which
-the stream calls to add their rows to each batch) and mined hard negatives.
+"""The loss's negatives beyond the batch, as negative sources: components built once, each with its own
+schedule and state, that the training loop calls before every step without knowing what they are
+(``before_step(StepAt)``): uniform catalogue draws per global batch (``UniformNegatives``, which the stream
+calls to add their rows to each batch) and mined hard negatives (``MinedNegatives``: the miner with its
+refresh schedule and checkpointed snapshot). A new source is a class with ``name``, ``before_step`` and, if
+it has state, ``state_dict``/``load_state_dict``; the builder lists it (trainer/loop/builder.py).
 
 Each row's hard negatives are drawn from a window of ranks [lo, hi) of an exact search over a snapshot
 of the item embeddings (refreshed every N steps or each epoch), leaving out the row's target and its
@@ -25,6 +29,7 @@ Everything else is batched tensor work on the training device; no per-row Python
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,6 +46,18 @@ UNIFORM_SALT = 0x6E6567  # keeps the uniform draws apart from the stream's windo
 
 
 @dataclass(frozen=True)
+class StepAt:
+    """Where the loop is, before a step: what a component's schedule reads."""
+
+    step: int  # global steps done
+    epoch: int
+    batch_in_epoch: int
+    epoch_start: bool  # the first step of an epoch's run (after a start, a resume or the last epoch's end)
+    logging: bool  # the step's loss and stats are logged
+    check_stop: Callable[[], None] | None = None  # raises when the ranks agreed to stop (long phases call it)
+
+
+@dataclass(frozen=True)
 class UniformNegatives:
     """The loss's mixed negatives (``loss.mixed_negatives``): ``count`` catalogue articles (1..N-1; 0 is the
     OOV row) drawn uniformly for each global batch from (seed, epoch, global batch). Called by the stream
@@ -52,6 +69,10 @@ class UniformNegatives:
     seed: int
     rank: int = 0
     world_size: int = 1
+    name = "uniform"  # stateless: a function of (seed, epoch, global batch)
+
+    def before_step(self, at: StepAt) -> None:
+        pass
 
     def __call__(self, epoch: int, batch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, UNIFORM_SALT, epoch, batch])
@@ -144,6 +165,28 @@ class HardNegativeMiner:
         pick = order.topk(self.k, dim=1, largest=False).indices
         chosen = cand.gather(1, pick)
         return torch.where(known.gather(1, pick), fallback, chosen)
+
+
+class MinedNegatives:
+    """The mined hard negatives as a negative source: the miner (checkpointed as ``miner``) refreshed from the
+    item tower on its schedule (``loss.hard_every``). ``embed_items(check_stop)``: the catalogue's item-tower
+    vectors; ``pause()``: lets the step runner finish its pending step before the refresh reads the tables."""
+
+    name = "miner"
+
+    def __init__(self, miner: HardNegativeMiner, every: int, embed_items: Callable, pause: Callable[[], None]):
+        self.miner, self.every, self.embed_items, self.pause = miner, every, embed_items, pause
+
+    def before_step(self, at: StepAt) -> None:
+        if refresh_due(self.every, at.step, at.batch_in_epoch, at.epoch_start):
+            self.pause()
+            self.miner.refresh(self.embed_items(at.check_stop))
+
+    def state_dict(self) -> dict:
+        return self.miner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.miner.load_state_dict(state)
 
 
 def refresh_due(every: int, step: int, batch_in_epoch: int, epoch_start: bool) -> bool:
