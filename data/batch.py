@@ -84,14 +84,15 @@ class Columns:
                        self.desc.concat(other.desc) if self.desc is not None else None,
                        np.concatenate([self.tod, other.tod]), np.r_[self.day, other.day])
 
-    def pack(self, item_keys: tuple[str, ...]) -> "PackedBatch":
-        """One int64 buffer in KJT key-major layout: values, then lengths, then ids and dense."""
+    def pack(self, item_keys: tuple[str, ...], item_ids: np.ndarray | None = None) -> "PackedBatch":
+        """One int64 buffer in KJT key-major layout: values, then lengths, then ids and dense. ``item_ids``:
+        the article_id feature's values when they differ from the rows' articles (an id left out: 0)."""
         b = len(self)
         desc_vals = self.desc.values if self.desc is not None else np.zeros(0, np.int32)
         nq = b * (1 + len(self.cust_feats)) + len(self.history.values)
         ni = b * (1 + len(self.art_feats)) + len(desc_vals)
         parts = [self.customer, self.cust_feats.reshape(-1), self.history.values,
-                 self.article, self.art_feats.reshape(-1), desc_vals,
+                 self.article if item_ids is None else item_ids, self.art_feats.reshape(-1), desc_vals,
                  np.ones(b * (1 + len(self.cust_feats)), np.int64), self.history.lengths(),
                  np.ones(b * (1 + len(self.art_feats)), np.int64)]
         if self.desc is not None:
@@ -158,9 +159,9 @@ def batch_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.n
 
 
 def packed_from_arrays(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,
-                       history: Jagged | None = None) -> PackedBatch:
-    """As :func:`batch_from_arrays`, packed (one buffer to move to a device)."""
-    return columns_for(tables, customer, article, day, history).pack(tables.item_keys())
+                       history: Jagged | None = None, item_ids: np.ndarray | None = None) -> PackedBatch:
+    """As :func:`batch_from_arrays`, packed (one buffer to move to a device); ``item_ids`` as in ``pack``."""
+    return columns_for(tables, customer, article, day, history).pack(tables.item_keys(), item_ids)
 
 
 def columns_for(tables: FeatureTables, customer: np.ndarray, article: np.ndarray, day: np.ndarray,

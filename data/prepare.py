@@ -14,7 +14,10 @@ Writes under ``prepare.out`` (default ``<data.root>/prepared``):
     examples/part-*.parquet       one row per training purchase: customer_idx, article_idx, day,
                                   history (last N articles strictly before day, training rows only);
                                   globally shuffled, row groups of prepare.row_group_rows
-    item_freq.parquet             training purchases per article_idx (for logQ correction)
+    item_freq.parquet             training examples per article_idx (``count``, for logQ correction) and
+                                  training purchases over the whole training period (``sold``: which
+                                  articles are scored by their features alone, trainer/model/cold.py)
+                                  and the day of the first one (``first_sold``, -1: never)
     item_week_sales.parquet       training purchases per (week before the end of training, article_idx)
     eval/<val|test>.parquet       per evaluation customer: query day, history, target articles
     manifest.json                 sizes, cardinalities, split bounds, lineage of vocabulary versions,
@@ -185,6 +188,15 @@ def eval_set(c: np.ndarray, a: np.ndarray, d: np.ndarray, rows: np.ndarray, quer
     })
 
 
+def first_sale_days(a: np.ndarray, d: np.ndarray, n_items: int) -> np.ndarray:
+    """(catalogue,) int32 the day of each article's first purchase among the given rows; -1 for none."""
+    out = np.full(n_items, -1, np.int32)
+    order = np.argsort(d, kind="stable")
+    articles, first = np.unique(a[order], return_index=True)
+    out[articles] = d[order][first]
+    return out
+
+
 def within_day(data_cfg, cfg) -> bool:
     """Whether histories include the day's earlier rows: prepare.history_within_day, else data.sessions."""
     if cfg.history_within_day is not None:
@@ -243,13 +255,17 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
     if len(train_rows) == 0:
         raise ValueError(f"split {split_cfg.protocol}: no training rows")
     train_log = features.EventLog(c[train_rows], d[train_rows], a[train_rows], order=train_rows)
+    sold = np.bincount(a[train_rows], minlength=art_cards["article_id"])  # over all of training
+    first_sold = first_sale_days(a[train_rows], d[train_rows], art_cards["article_id"])
     if cfg.train_days > 0:  # examples from the most recent days only; histories still see all of training
         recent_from = int(d[train_rows].max()) - cfg.train_days + 1
         train_rows = train_rows[d[train_rows] >= recent_from]
 
     freq = np.bincount(a[train_rows], minlength=art_cards["article_id"])
     write_parquet(pa.table({"article_idx": pa.array(np.arange(len(freq), dtype=np.int32)),
-                            "count": pa.array(freq.astype(np.int64))}), join(out, "item_freq.parquet"))
+                            "count": pa.array(freq.astype(np.int64)),
+                            "sold": pa.array(sold.astype(np.int64)),
+                            "first_sold": pa.array(first_sold)}), join(out, "item_freq.parquet"))
     sales = recent_sales(a, d, labels == split.TRAIN)
     write_parquet(sales.pop("table"), join(out, "item_week_sales.parquet"))
     shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day, progress)

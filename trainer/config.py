@@ -113,6 +113,12 @@ class ModelConfig:
     encoder_layers: int = 2
     encoder_heads: int = 2
     dropout: float = 0.0  # in the transformer
+    # New articles from their features: each global batch, this share of the catalogue's articles enter the
+    # item tower without their id (the OOV row: "an article not known by id"), so the features learn to
+    # place an article alone; at scoring time an article with fewer than cold_start_sales training purchases
+    # is placed that way (trainer/model/cold.py). 0 / 0: off.
+    id_dropout: float = 0.0
+    cold_start_sales: int = 0
     query_mlp: list = field(default_factory=lambda: [256])
     item_mlp: list = field(default_factory=lambda: [256])
     output_dim: int = 64
@@ -241,6 +247,7 @@ class EvaluateOptions:
     exclude_seen: bool = "${data.exclude_seen}"  # drop articles the customer bought in training
     seen_margin: int = 200  # extra candidates fetched so that k remain after exclusion
     popularity_days: int = 7
+    new_article_days: int = 28  # Recall@12 by kind of article: "new" = first sold in the N days before
     sampled_negatives: int = 100  # 0 turns the (optimistic) sampled protocol off
     runs: dict = field(default_factory=dict)  # more exported models to compare: name -> export dir
     seed: int = 0

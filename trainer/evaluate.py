@@ -28,6 +28,7 @@ from data.runinfo import FILE_ONLY, start_run
 from data.staging import output_of
 from trainer import config as _train_config  # noqa: F401  (registers the evaluate schema)
 from trainer.evaluation import baselines as bl
+from trainer.evaluation import freshness as fresh
 from trainer.evaluation import plots
 from trainer.evaluation.metrics import evaluate as metrics
 from trainer.evaluation.metrics import recall_curve
@@ -49,6 +50,10 @@ def load_eval(prepared: str, period: str) -> tuple[np.ndarray, Jagged, Jagged]:
     """(customer_idx, targets, history oldest first) of an evaluation period."""
     ev = pq.read_table(join(prepared, "eval", f"{period}.parquet"))
     return ev["customer_idx"].to_numpy(), list_column(ev, "targets"), list_column(ev, "history")
+
+
+def query_days(prepared: str, period: str) -> np.ndarray:
+    return pq.read_table(join(prepared, "eval", f"{period}.parquet"), columns=["day"])["day"].to_numpy()
 
 
 def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int, period: str = "val",
@@ -157,6 +162,11 @@ def run(cfg) -> dict:
     add("repurchase + popularity", lambda: bl.repurchase(inter, history, width))
     add("co-visitation", lambda: bl.covisitation(inter, history, width))
     add("item-kNN", lambda: bl.item_knn(inter, history, width))
+    days, new_days = query_days(prepared, str(ec.period)), int(ec.new_article_days)
+    first = fresh.first_sold(prepared, manifest_n_items)
+    new_list = fresh.new_best_sellers(ex["article_idx"].to_numpy(), ex["day"].to_numpy(), first, int(days.min()),
+                                      new_days, width)
+    add("new-article best-sellers", lambda: bl.listed_first(new_list, inter, len(customers), width))
     art = pq.read_table(join(prepared, "features", "articles.parquet"), columns=["article_idx", "desc_tokens"]) \
         if "desc_tokens" in pq.read_schema(join(prepared, "features", "articles.parquet")).names else None
     if art is not None:
@@ -169,9 +179,13 @@ def run(cfg) -> dict:
 
     results = {name: metrics(r, targets, ks=tuple(ec.ks), catalog_size=manifest_n_items - 1)
                for name, r in rankings.items()}
+    kinds = fresh.pair_kinds(first, targets, days, new_days)
+    k_kind = min(ec.ks)
     report = {"period": ec.period, "customers": int(len(customers)), "exclude_seen": bool(ec.exclude_seen),
               "model_run": model_run,
-              "full_catalogue": results, "retrieval": notes, "seconds": timings}
+              "full_catalogue": results, "retrieval": notes, "seconds": timings,
+              "by_article_kind": {name: fresh.recall_by_kind(r, targets, kinds, k_kind, new_days)
+                                 for name, r in rankings.items()}}
     if ec.sampled_negatives and "two-tower" in rankings:
         report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, targets,
                                                         ec.sampled_negatives, ec.seed, manifest_n_items, str(ec.period))
@@ -214,6 +228,16 @@ def markdown(report: dict, ks) -> str:
              "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in report["full_catalogue"].items():
         lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols) + " |")
+    by_kind = report.get("by_article_kind")
+    if by_kind:
+        first = next(iter(by_kind.values()))
+        names = list(first)
+        metric = next(k for k in first[names[0]] if k.startswith("recall@"))
+        shares = ", ".join(f"{n} {first[n]['share']:.1%} ({first[n]['pairs']:,})" for n in names)
+        lines += ["", f"{metric.capitalize()} by kind of article bought (share of the period's purchase pairs: "
+                      f"{shares}):", "", "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for name, m in by_kind.items():
+            lines.append(f"| {name} | " + " | ".join(f"{m[n][metric]:.4f}" for n in names) + " |")
     if "sampled_optimistic" in report:
         s = report["sampled_optimistic"]
         lines += ["", f"Sampled protocol (OPTIMISTIC, not comparable): each positive among {s['negatives']} random "

@@ -5,6 +5,8 @@ of them break ties, and fill lists they cannot complete, with recent popularity,
 distinct items.
 
 * ``popularity``       the most bought articles of the last ``window_days`` of training;
+* ``listed_first``     one list for everyone, popularity after it (the new-article best-sellers:
+                       trainer/evaluation/freshness.py);
 * ``repurchase``       the customer's own purchases, most recent first, then popularity (the classic
                        H&M baseline);
 * ``covisitation``     articles bought in the same basket (customer and day) as the customer's
@@ -110,6 +112,12 @@ def _score_in_chunks(profile: sp.csr_matrix, item_item, inter: "Interactions", k
 
 def popularity(inter: Interactions, n_queries: int, k: int) -> np.ndarray:
     return np.tile(inter.popularity_rank[inter.popularity_rank != 0][:k], (n_queries, 1))
+
+
+def listed_first(items: np.ndarray, inter: Interactions, n_queries: int, k: int) -> np.ndarray:
+    """The same list for everyone: ``items`` in their order, then the most popular articles it lacks."""
+    rest = inter.popularity_rank[(inter.popularity_rank != 0) & ~np.isin(inter.popularity_rank, items)]
+    return np.tile(np.r_[items, rest][:k].astype(np.int64), (n_queries, 1))
 
 
 def repurchase(inter: Interactions, history: Jagged, k: int) -> np.ndarray:

@@ -123,6 +123,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.loop.pipeline import Steps, use_pipeline
     from trainer.loop.schedule import LRSchedule
     from trainer.loop.task import TrainTask
+    from trainer.model.cold import IdDropout
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
@@ -136,10 +137,12 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     set_determinism(dev)
     built = build(cfg, ds, dev)
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
+    id_dropout = IdDropout(float(cfg.model.id_dropout), loop.seed) if cfg.model.id_dropout > 0 else None
     stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
                            shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
-                           extra_rows=uniform if lc.mixed_negatives > 0 else None)
-    embedder = Embedder(built.model, built.keys, ds, dev, stream.tables, lc.temperature)
+                           extra_rows=uniform if lc.mixed_negatives > 0 else None, item_ids=id_dropout)
+    embedder = Embedder(built.model, built.keys, ds, dev, stream.tables, lc.temperature,
+                        cold_start_sales=int(cfg.model.cold_start_sales))
     counts = torch.from_numpy(np.array(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy()))
     logq = LogQ(lc.logq, n_items, counts, lc.streaming_alpha, device=dev)
     miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, built.output_dim, dev,

@@ -27,6 +27,7 @@ from trainer.loop.checkpoint import CheckpointManager
 from trainer.loop.fingerprint import data_digest, fingerprint
 from trainer.loop.runs import checkpoint_folder, selected_checkpoint, typed  # noqa: F401  (typed: re-exported)
 from trainer.loop.state import ModelState
+from trainer.model.cold import cold_articles, scoring_ids
 from trainer.model.inputs import model_input
 from trainer.model.towers import RENAMED, unwrap
 from trainer.parallel import distributed as D
@@ -45,7 +46,7 @@ class RunInfo:
 
 class Embedder:
     def __init__(self, model, keys: list[str], ds: Prepared, device: torch.device,
-                 tables: FeatureTables | None = None, temperature: float = 0.05):
+                 tables: FeatureTables | None = None, temperature: float = 0.05, cold_start_sales: int = 0):
         self.temperature = temperature  # the loss's: the buying-again mixture scores in its units
         self.model, self.keys, self.ds, self.device = model, keys, ds, device
         self.prepared = ds.url
@@ -57,6 +58,8 @@ class Embedder:
         self.repeats = terms.repeats
         self.n_items = ds.n_articles
         self.last_day = ds.last_day
+        # articles placed by their features alone (trainer/model/cold.py): too few training purchases
+        self.cold = cold_articles(ds.url, self.n_items, cold_start_sales)
 
     # ------------------------------------------------------------ loading a trained run
 
@@ -87,7 +90,8 @@ class Embedder:
         if dist_.rank == 0:
             log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
                      loaded.step, loaded.path, manager.fp_id)
-        return cls(built.model, built.keys, manifest, dist_.device, temperature=cfg.loss.temperature), info
+        return cls(built.model, built.keys, manifest, dist_.device, temperature=cfg.loss.temperature,
+                   cold_start_sales=int(cfg.model.cold_start_sales)), info
 
     def repeat_bonus(self) -> np.ndarray | None:
         """The learned bonus per history position, newest first (trainer/model/repeats.py), or None."""
@@ -128,8 +132,9 @@ class Embedder:
         n = self.n_items
         rows, out = [], []
         for part in D.dealt_chunks(n, chunk):
-            batch = packed_from_arrays(self.tables, np.zeros(max(len(part), 1)), part if len(part) else np.zeros(1),
-                                       np.full(max(len(part), 1), self.last_day))
+            arts = part if len(part) else np.zeros(1, np.int64)
+            batch = packed_from_arrays(self.tables, np.zeros(len(arts)), arts, np.full(len(arts), self.last_day),
+                                       item_ids=scoring_ids(arts, self.cold))
             out.append(self._forward(batch)[1][:len(part)])
             rows.append(part)
             if check_stop:
