@@ -109,6 +109,18 @@ class SynthJob(StageConfig):
 
 
 @dataclass
+class DropsOptions:
+    out: str = "${paths.datasets}/${data.name}-drops"  # week-01 .. week-<weeks>, oldest first
+    weeks: int = 4  # the last N weeks of data.root, each drop everything known before its week's end
+    until: Optional[str] = None  # instead: one drop of what was known before this day (YYYY-MM-DD)
+
+
+@dataclass
+class DropsJob(StageConfig):
+    drops: DropsOptions = field(default_factory=DropsOptions)
+
+
+@dataclass
 class IngestJob(StageConfig):
     ingest: IngestOptions = field(default_factory=IngestOptions)
 
@@ -157,6 +169,7 @@ class PrepareJob(StageConfig):
 
 STAGES = {
     "synth": SynthJob,
+    "drops": DropsJob,
     "ingest": IngestJob,
     "prepare": PrepareJob,
 }

@@ -1,7 +1,7 @@
 """A dataset as it was known on a day: the weekly drops a retailer's trainer receives.
 
     python -m data.drops data=small drops.weeks=4           # the last 4 weeks of small as 4 drops
-    python -m data.drops data=hm drops.until=2020-09-16     # real data as known before a day
+    python -m data.drops data=hm drops.until=2020-09-16 drops.out=datasets/hm-2020-09-16  # as known then
 
 ``cut(root, out, until)`` writes canonical tables (data/schema.py) under ``out`` holding what was known
 before day ``until``: the transactions before it, the customers who had bought by then, and the catalogue
@@ -19,10 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data import config as _config  # noqa: F401  (registers the structured configs)
 from data.io import (ShardWriter, fs_and_path, iter_transactions, join, read_articles, read_customers, read_table,
                      table_url, write_json, write_parquet)
 from data.schema import TRANSACTIONS
@@ -104,3 +106,21 @@ def weekly(root: str, out: str, weeks: int, last_day: str | int | None = None) -
                                                                                                    ["t_dat"]))
     end = _day(last_day) + 1
     return [cut(root, join(out, f"week-{k + 1:02d}"), end - 7 * (weeks - 1 - k)) for k in range(weeks)]
+
+
+@hydra.main(config_path="../conf", config_name="drops", version_base="1.3")
+def main(cfg) -> list[dict]:
+    from data.runinfo import start_run
+
+    run_dir = start_run(cfg)
+    dc = cfg.drops
+    out = [cut(cfg.data.root, dc.out, dc.until)] if dc.until else weekly(cfg.data.root, dc.out, int(dc.weeks))
+    write_json(out, join(run_dir, "report.json"))
+    for d in out:
+        log.info("drop until %s: %d transactions, %d customers, %d articles (%d not sold yet)", d["until"],
+                 d["transactions"], d["customers"], d["articles"], d["articles_not_sold_yet"])
+    return out
+
+
+if __name__ == "__main__":
+    main()
