@@ -21,8 +21,9 @@ Each stage publishes its output whole (data/staging.py) and is skipped when its 
 chain is resumable: run the same command again after a failure and it continues at the stage that did
 not finish (training resumes from its own checkpoints). A week already published is skipped whole.
 Extra arguments are Hydra overrides every stage accepts (data=..., paths.*); ``--train-args`` adds
-overrides for training only. Under Slurm, ``slurm/submit_weekly.sh`` runs the same stages as dependent
-jobs (``--stages``). No shell: every stage is an argument list.
+overrides for training only. Under Slurm, ``slurm/submit_weekly.sh`` runs the same stages as three
+dependent jobs (data, multi-node training through slurm/train.sbatch, the rest). No shell: every stage is
+an argument list.
 """
 
 from __future__ import annotations
@@ -99,10 +100,8 @@ class Week:
                     f"prepare.train_days={self.window_days}"] if self.parent else []
             return [py, "-m", "data.prepare", *common, prepared, *grow, f"hydra.run.dir={self.path('prepare')}"]
         if stage == "train":
-            warm = [f"trainer.init_from={os.path.join(self.parent, 'train')}"] if self.parent else []
             return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-                    "-m", "trainer.train", *common, prepared, f"hydra.run.dir={self.path('train')}",
-                    "trainer.progress=false", *warm, *self.train_args]
+                    "-m", "trainer.train", *self.train_overrides(), f"hydra.run.dir={self.path('train')}"]
         if stage == "export":
             return [py, "-m", "trainer.export", *common, f"train_dir={self.path('train')}",
                     f"hydra.run.dir={self.path('export')}"]
@@ -116,6 +115,13 @@ class Week:
             return [py, "-m", "trainer.bundle", *common, f"train_dir={self.path('train')}",
                     f"hydra.run.dir={self.path('bundle')}"]
         raise ValueError(stage)
+
+
+    def train_overrides(self) -> list[str]:
+        """trainer.train's overrides (the run directory aside): also what slurm/train.sbatch gets."""
+        warm = [f"trainer.init_from={os.path.join(self.parent, 'train')}"] if self.parent else []
+        return [*self.overrides, f"data.root={self.data_root}", f"prepare.out={self.path('prepared')}",
+                "trainer.progress=false", *warm, *self.train_args]
 
 
 def published(chain: str) -> list[str]:
@@ -197,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stages", default=",".join(STAGES), help=f"which stages (comma-separated, of {','.join(STAGES)})")
     p.add_argument("--from-zero", action="store_true", help="no warm start: vocabularies afresh, training from zero")
     p.add_argument("--train-args", default="", help="Hydra overrides for training only")
+    p.add_argument("--print-train", action="store_true",
+                   help="print the week's training run directory, then its overrides, a line each, and exit "
+                        "(slurm/submit_weekly.sh hands them to slurm/train.sbatch)")
     args, overrides = p.parse_known_args(argv)
     if args.nproc is None:
         import torch
@@ -208,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     week = make_week(args, overrides)
+    if args.print_train:
+        print("\n".join([week.path("train"), *week.train_overrides()]))
+        return {}
     if week.name in published(args.chain) and set(stages) == set(STAGES):
         log.info("[%s] already published; nothing to do", week.name)
         return {s: "done" for s in stages}

@@ -139,6 +139,27 @@ def test_pipeline_chain_runs_in_dependency_order(slurm, tiny_prepared, tmp_path)
     assert "two-tower" in report["full_catalogue"]
 
 
+def test_the_weekly_chain_runs_as_dependent_jobs(slurm, tiny_drops, tmp_path):
+    """slurm/submit_weekly.sh: data, training (train.sbatch, 2 ranks) and the rest as three jobs in order;
+    the week ends published."""
+    chain = tmp_path / "chain"
+    env = {**slurm.env, "PIPELINE_NAME": "weekly", "NPROC_PER_NODE": "2", "TWOTOWER_ROOT": str(ROOT),
+           "TWOTOWER_PYTHON": sys.executable, "STAGE_SBATCH": f"--output={tmp_path}/%x-%j.out",
+           "TRAIN_SBATCH": f"--cpus-per-task=2 --output={tmp_path}/%x-%j.out"}
+    out = subprocess.run(["bash", str(ROOT / "slurm" / "submit_weekly.sh"), "--chain", str(chain), "--drop",
+                          f"{tiny_drops['out']}/week-01", "--train-args",
+                          "experiment=debug trainer.max_steps=10 trainer.validate=false", "data=tiny",
+                          f"paths.runs={tmp_path}/runs"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = [int(j) for j in out.stdout.split()]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert slurm.wait(job, timeout=900) == "COMPLETED", "".join(p.read_text() for p in tmp_path.glob("*.out"))[-3000:]
+    assert json.loads((chain / "chain.json").read_text())["weeks"] == ["week-01"]
+    assert json.loads((chain / "week-01" / "train" / "metrics.json").read_text())["world_size"] == 2
+    assert (chain / "serving" / "output" / "manifest.json").exists()
+
+
 def test_multirun_sweep_through_submitit(slurm, tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     sweep = tmp_path / "sweep"
