@@ -156,9 +156,12 @@ def publish(week: Week) -> None:
 
 
 def run_week(week: Week, stages: tuple[str, ...] = STAGES) -> dict:
-    """Runs the week's stages that are not done yet, in order; returns {stage: "ran" | "done"}."""
+    """Runs the week's stages that are not done yet, in order; returns {stage: "ran" | "done"}. The seconds
+    each stage took are kept in <week>/stages.json."""
     os.makedirs(week.dir, exist_ok=True)
     out = {}
+    timings_file = week.path("stages.json")
+    timings = json.load(open(timings_file)) if os.path.exists(timings_file) else {}
     for stage in stages:
         if week.done(stage):
             log.info("[%s] %s: done, skipped", week.name, stage)
@@ -177,7 +180,11 @@ def run_week(week: Week, stages: tuple[str, ...] = STAGES) -> dict:
                 raise SystemExit(f"[{week.name}] {stage} failed (exit {proc.returncode}); run the same command again "
                                  "to resume at this stage")
         out[stage] = "ran"
-        log.info("[%s] %s: %.1fs", week.name, stage, time.perf_counter() - t0)
+        timings[stage] = round(time.perf_counter() - t0, 2)
+        with open(timings_file + ".tmp", "w") as f:
+            json.dump(timings, f, indent=1)
+        os.replace(timings_file + ".tmp", timings_file)
+        log.info("[%s] %s: %.1fs", week.name, stage, timings[stage])
     return out
 
 
@@ -185,7 +192,8 @@ def make_week(args, overrides: list[str]) -> Week:
     name = args.week or os.path.basename(os.path.normpath(args.drop or args.raw))
     weeks = published(args.chain)
     earlier = weeks[:weeks.index(name)] if name in weeks else weeks  # the weeks published before this one
-    parent = os.path.join(args.chain, earlier[-1]) if earlier and not args.from_zero else None
+    parent = os.path.join(args.chain, earlier[-1]) if earlier else None
+    parent = None if args.from_zero else args.parent or parent
     return Week(args.chain, name, args.drop, args.raw, parent, args.window_days, args.nproc, overrides,
                 list(args.train_args.split()) if args.train_args else [])
 
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="training processes (default: one per GPU, else 2)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"which stages (comma-separated, of {','.join(STAGES)})")
     p.add_argument("--from-zero", action="store_true", help="no warm start: vocabularies afresh, training from zero")
+    p.add_argument("--parent", help="the week folder to grow from and warm-start from (default: the last published)")
     p.add_argument("--train-args", default="", help="Hydra overrides for training only")
     p.add_argument("--print-train", action="store_true",
                    help="print the week's training run directory, then its overrides, a line each, and exit "

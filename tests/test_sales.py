@@ -99,3 +99,40 @@ def test_weeks_are_counted_back_from_the_end_of_training():
     t = info["table"].to_pydict()
     assert info["train_end"] == str(dt.date(2021, 6, 15)) and info["weeks"] == 2
     assert sorted(zip(t["week"], t["article_idx"], t["count"])) == [(-2, 1, 2), (-1, 2, 2)]
+
+
+def test_age_buckets_follow_the_first_sale_as_of_each_week():
+    from trainer.model.sales import age_buckets_of
+
+    starts = np.array([100, 107, 114, 121])  # the last: scoring's week
+    first = np.array([-1, 95, 100, 106, 110, 120, 130, 50])
+    got = age_buckets_of(first, starts, 5)
+    for r, start in enumerate(starts):
+        for a, f in enumerate(first):
+            if f < 0:
+                want = 1 if r == len(starts) - 1 else 0  # never sold: launching at scoring time, else not in shop
+            elif f >= start + 7:
+                want = 0
+            elif f >= start:
+                want = 1
+            else:
+                want = 1 + min(-(-(start - f) // 7), 3)
+            assert got[r, a] == want, (r, a)
+
+
+def test_an_article_not_in_the_shop_yet_is_no_negative_and_ages_pair_with_sales(sales_setup):
+    root, manifest, a, d, train = sales_setup
+    n_items = manifest["cardinalities"]["article_id"]
+    first = np.full(n_items, -1)
+    first[3], first[5] = int(d[train].min()), int(d[train].max())  # 3 sold from the start, 5 on the last day
+    sales = RecentSales(str(root), manifest["recent_sales"], n_items, 8, first_sold=first, n_age=4)
+    assert sales.n_buckets == 32
+    bias = torch.arange(32, dtype=torch.float32)
+    early = torch.tensor([int(d[train].min())])
+    week = sales.week_of(early)
+    out = sales.add_bonus(torch.zeros(1, 3), week, torch.tensor([3, 5, 7]), bias)
+    assert out[0, 1] < -1e8 and out[0, 2] < -1e8  # 5 sells weeks later, 7 never: not in the shop yet
+    bucket3 = int(sales.table[week[0], 3])
+    assert out[0, 0] == bias[bucket3] and bucket3 % 4 == 1  # launching in the first week
+    scoring = sales.item(torch.zeros(3, 2), torch.tensor([3, 5, 7]), bias)[:, -1]
+    assert (scoring > -1e8).all()  # at scoring time every catalogue article is in the shop

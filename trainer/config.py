@@ -104,6 +104,9 @@ class ModelConfig:
         "garment_group", "desc_tokens"])
     time_features: bool = True  # sin/cos of the time of year into the query tower
     recent_sales_buckets: int = 32  # an article's sales in the week before, as a learned bonus (0: off)
+    # ... per age too: weeks since its first sale (launching, 1, 2, ... capped at age_buckets - 2); an
+    # article not yet sold by a row's week is no negative for it (trainer/model/sales.py). 0: off
+    age_buckets: int = 0
     repeat_positions: int = 8  # buying again an article of the last N purchases, learned (0: off)
     repeat_mode: RepeatMode = RepeatMode.mixture  # how it scores (trainer/model/repeats.py)
     # the ordered history beats the bag on every shape measured (README, "Defaults"); the bag is ~4x

@@ -15,28 +15,11 @@ those first sold in the N days before the period: what a merchandiser would put 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from data.io import join
 from data.jagged import Jagged
+from trainer.model.cold import first_sold  # noqa: F401  (the evaluation reads it from here too)
 
 KINDS = ("never_sold", "new", "older")
-
-
-def first_sold(prepared: str, n_items: int) -> np.ndarray:
-    """(catalogue,) each article's first training purchase day, -1 for none (a dataset prepared before
-    the day was recorded: from its training examples)."""
-    t = pq.read_table(join(prepared, "item_freq.parquet"))
-    out = np.full(n_items, -1, np.int64)
-    if "first_sold" in t.column_names:
-        out[t["article_idx"].to_numpy()] = t["first_sold"].to_numpy()
-        return out
-    ex = pq.read_table(join(prepared, "examples"), columns=["article_idx", "day"])
-    a, d = ex["article_idx"].to_numpy(), ex["day"].to_numpy()
-    order = np.argsort(d, kind="stable")
-    arts, first = np.unique(a[order], return_index=True)
-    out[arts] = d[order][first]
-    return out
 
 
 def kind_names(new_days: int) -> list[str]:

@@ -12,6 +12,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data.prepared import Prepared
+from trainer.model.cold import first_sold
 from trainer.model.sales import RecentSales
 from trainer.model.towers import TwoTower
 from trainer.parallel.sharding import init_tables, shard
@@ -49,8 +50,10 @@ def build(cfg, ds: Prepared, device: torch.device, print_plan: bool | None = Non
     torch.manual_seed(cfg.trainer.seed)
     model = TwoTower(cfg.model, ds.cardinalities, device="meta")
     if model.sales is not None:  # the recent-sales table: data of the prepared run, not a parameter
+        n_age = int(cfg.model.age_buckets)
         model.sales.attach(RecentSales(ds.url, ds.get("recent_sales"), ds.n_articles,
-                                       int(cfg.model.recent_sales_buckets), device))
+                                       int(cfg.model.recent_sales_buckets), device,
+                                       first_sold(ds.url, ds.n_articles) if n_age else None, n_age))
     sharding = cfg.sharding
     dmp = shard(model, sharding, device, print_plan=sharding.print_plan if print_plan is None else print_plan)
     init_tables(dmp, model.tables, cfg.trainer.seed)

@@ -73,3 +73,19 @@ def cold_articles(prepared: str, n_items: int, min_sales: int) -> np.ndarray:
 def scoring_ids(articles: np.ndarray, cold: np.ndarray) -> np.ndarray:
     """The article_id feature to embed ``articles`` with: OOV for the cold ones."""
     return np.where(cold[articles], 0, articles).astype(np.int32)
+
+
+def first_sold(prepared: str, n_items: int) -> np.ndarray:
+    """(catalogue,) each article's first training purchase day, -1 for none (a dataset prepared before
+    the day was recorded: from its training examples)."""
+    t = pq.read_table(join(prepared, "item_freq.parquet"))
+    out = np.full(n_items, -1, np.int64)
+    if "first_sold" in t.column_names:
+        out[t["article_idx"].to_numpy()] = t["first_sold"].to_numpy()
+        return out
+    ex = pq.read_table(join(prepared, "examples"), columns=["article_idx", "day"])
+    a, d = ex["article_idx"].to_numpy(), ex["day"].to_numpy()
+    order = np.argsort(d, kind="stable")
+    arts, first = np.unique(a[order], return_index=True)
+    out[arts] = d[order][first]
+    return out

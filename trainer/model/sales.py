@@ -10,8 +10,15 @@ nothing new:
 
     query' = [query, 1]        item' = [item, bias[bucket(sales of the item in the last training week)]]
 
+With ``model.age_buckets`` a bucket is the pair (sales, age): the article's weeks since its first sale as
+of the row's week (launching this week, 1, 2, ... weeks, capped), so the bonus can learn that an article
+selling in its first weeks sells on (what a "new in" list of best-sellers knows). An article not sold
+by the end of the row's week was not in the shop then: it is no negative for that row (masked). At
+scoring time an article never sold in training counts as launching.
+
 The table comes from data.prepare (``item_week_sales.parquet``; weeks counted back from the end of
-training); a row's week is read off its day (:meth:`RecentSales.week_of`). The model holds the term as a
+training; ``item_freq.parquet``'s first sale days); a row's week is read off its day
+(:meth:`RecentSales.week_of`). The model holds the term as a
 typed submodule (:class:`SalesTerm`, ``TwoTower.sales``): its parameter, and the table attached by whoever
 builds the model for a prepared dataset.
 """
@@ -25,23 +32,44 @@ from torch import nn
 
 from data.io import fs_and_path, join
 
+MASKED = -1e9  # as the loss's masked logits (trainer/model/loss.py)
+
 
 def buckets_of(counts: np.ndarray, n_buckets: int) -> np.ndarray:
     """0 for no sales, then half-log2 steps: 1 -> 2, 2 -> 4 (3.2), 3 -> 4, 7 -> 6, 1000 -> 20, capped."""
     return np.minimum(np.ceil(2 * np.log2(1 + counts.astype(np.float64))), n_buckets - 1).astype(np.uint8)
 
 
+def age_buckets_of(first_sold: np.ndarray, week_starts: np.ndarray, n_age: int) -> np.ndarray:
+    """(weeks, catalogue) an article's age as of each week's first day: 0 not sold by the week's end (not
+    in the shop yet: masked as a training negative), 1 first sold within the week (launching), 1 + j first
+    sold j weeks before it, capped at ``n_age - 1``. The last week (scoring's, after training) places the
+    articles never sold in training as launching: they are in the catalogue."""
+    start, f = week_starts[:, None].astype(np.int64), first_sold[None, :].astype(np.int64)
+    never = f < 0
+    launching = ~never & (f >= start) & (f < start + 7)
+    weeks_since = -(-(start - f) // 7)  # ceil, >= 1 for an article first sold before the week
+    out = np.where(never | (f >= start + 7), 0, np.where(launching, 1, 1 + np.minimum(weeks_since, n_age - 2)))
+    out[-1, never[0]] = 1
+    return out.astype(np.int16)
+
+
 class RecentSales:
     def __init__(self, prepared: str, info: dict | None, n_items: int, n_buckets: int,
-                 device: torch.device | str = "cpu"):
-        """``info``: the prepared dataset's ``recent_sales`` entry; ``n_items``: its article rows."""
+                 device: torch.device | str = "cpu", first_sold: np.ndarray | None = None, n_age: int = 0):
+        """``info``: the prepared dataset's ``recent_sales`` entry; ``n_items``: its article rows. With
+        ``n_age`` > 0 a bucket is the pair (sales, age: :func:`age_buckets_of` of ``first_sold``, each
+        article's first training purchase day or -1), ``n_buckets * n_age`` of them."""
         url = join(prepared, "item_week_sales.parquet")
         if info is None or not fs_and_path(url)[0].exists(fs_and_path(url)[1]):
             raise FileNotFoundError(f"{prepared}: the prepared data has no recent sales (item_week_sales.parquet); "
                                     "re-run data.prepare, or train with model.recent_sales_buckets=0")
         if not 2 <= n_buckets <= 256:
             raise ValueError(f"model.recent_sales_buckets={n_buckets}: expected 2..256 (or 0: off)")
-        self.weeks, self.n_buckets = int(info["weeks"]), n_buckets
+        if n_age and not 3 <= n_age <= 64:
+            raise ValueError(f"model.age_buckets={n_age}: expected 3..64 (or 0: off)")
+        self.weeks, self.n_age = int(info["weeks"]), int(n_age)
+        self.n_buckets = n_buckets * max(1, self.n_age)
         self.end = int(np.datetime64(info["train_end"], "D").astype(np.int64))  # the first day after training
         t = pq.read_table(url)
         counts = np.zeros((self.weeks + 1, n_items), np.int64)
@@ -49,7 +77,11 @@ class RecentSales:
         row = t["week"].to_numpy().astype(np.int64) + self.weeks + 1
         keep = (row >= 0) & (row <= self.weeks)
         counts[row[keep], t["article_idx"].to_numpy()[keep]] = t["count"].to_numpy()[keep]
-        self.table = torch.from_numpy(buckets_of(counts, n_buckets)).to(device)  # (weeks + 1, catalogue)
+        table = buckets_of(counts, n_buckets).astype(np.int16)  # (weeks + 1, catalogue)
+        if self.n_age:
+            starts = self.end + 7 * (np.arange(self.weeks + 1) - self.weeks)
+            table = table * self.n_age + age_buckets_of(first_sold, starts, self.n_age)
+        self.table = torch.from_numpy(table).to(device)
 
     def week_of(self, day: torch.Tensor) -> torch.Tensor:
         """(B,) which row of the table a day reads: ``weeks`` for the first week after training
@@ -74,9 +106,14 @@ class RecentSales:
         week = week.to(self.table.device).long()
         ids = ids.to(self.table.device).long()
         if ids.dim() == 1:
-            per_week = bias[self.table[:, ids].long()] * scale  # (weeks + 1, C)
+            per_week = self._bonus(self.table[:, ids].long(), bias, scale)  # (weeks + 1, C)
             return logits + per_week.index_select(0, week).to(logits.dtype)
-        return logits + (bias[self.table[week[:, None], ids].long()] * scale).to(logits.dtype)
+        return logits + self._bonus(self.table[week[:, None], ids].long(), bias, scale).to(logits.dtype)
+
+    def _bonus(self, bucket: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * bias[bucket]``; with ages, an article not in the shop yet is no negative (masked)."""
+        out = bias[bucket] * scale
+        return out.masked_fill(bucket % self.n_age == 0, MASKED) if self.n_age else out
 
 
 class SalesTerm(nn.Module):
