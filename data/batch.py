@@ -92,7 +92,7 @@ class Columns:
         nq = b * (1 + len(self.cust_feats)) + len(self.history.values)
         ni = b * (1 + len(self.art_feats)) + len(desc_vals)
         parts = [self.customer, self.cust_feats.reshape(-1), self.history.values,
-                 self.article if item_ids is None else item_ids, self.art_feats.reshape(-1), desc_vals,
+                 self.article if item_ids is None else np.asarray(item_ids, np.int64), self.art_feats.reshape(-1), desc_vals,
                  np.ones(b * (1 + len(self.cust_feats)), np.int64), self.history.lengths(),
                  np.ones(b * (1 + len(self.art_feats)), np.int64)]
         if self.desc is not None:

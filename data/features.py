@@ -11,29 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data import vocab
+from data.catalogue import ARTICLE_FEATURES, article_column, desc_tokens  # noqa: F401  (re-exported)
 from data.jagged import Jagged
 
 CUSTOMER_FEATURES = ("age_bucket", "club_status", "news_freq", "postal_code")
-ARTICLE_FEATURES = {  # feature name -> articles column(s); a value is the combination of its columns
-    # H&M numbers each product type and section; MovieLens leaves the numbers at -1 and names them
-    # (first genre, decade): the pair keeps both sources' distinctions.
-    "product_type": ("product_type_no", "product_type_name"),
-    "product_group": "product_group_name",
-    "colour_group": "colour_group_code",
-    "department": "department_no",
-    "index": "index_code",
-    "section": ("section_no", "section_name"),
-    "garment_group": "garment_group_no",
-}
-
-
-def article_column(articles: pa.Table, feature: str) -> pa.ChunkedArray | pa.Array:
-    """The values of an article feature: its column, or its columns joined as text ("253|Vest top")."""
-    cols = ARTICLE_FEATURES[feature]
-    if isinstance(cols, str):
-        return articles[cols]
-    parts = [pc.fill_null(pc.cast(articles[c], pa.string()), "") for c in cols]
-    return pc.binary_join_element_wise(*parts, "|")
 CUSTOMER_VOCAB_COLUMNS = {"club_status": "club_member_status", "news_freq": "fashion_news_frequency"}
 
 
@@ -70,22 +51,6 @@ def article_table(articles: pa.Table, vocabs: dict, cfg) -> tuple[pa.Table, dict
         cols["desc_tokens"] = desc_tokens(articles["detail_desc"], cfg.desc_buckets, cfg.desc_max_tokens)
         cards["desc_tokens"] = cfg.desc_buckets
     return pa.table(cols).sort_by("article_idx"), cards
-
-
-def desc_tokens(desc: pa.ChunkedArray | pa.Array, buckets: int, max_tokens: int) -> pa.Array:
-    """Lower-cased word tokens of each description, hashed to 1..buckets-1, at most max_tokens each."""
-    words = pc.split_pattern_regex(pc.utf8_lower(pc.fill_null(desc, "")), r"[^a-z0-9]+")
-    words = pc.list_slice(words, 0, max_tokens) if max_tokens else words
-    if isinstance(words, pa.ChunkedArray):
-        words = words.combine_chunks()
-    flat = pc.list_flatten(words)
-    keep = pc.greater(pc.utf8_length(flat), 1)  # drop empty and 1-letter tokens
-    hashed = vocab.stable_hash(flat, buckets)
-    row = pc.list_parent_indices(words).to_numpy()
-    keep_np = keep.to_numpy(zero_copy_only=False)
-    counts = np.bincount(row[keep_np], minlength=len(words))
-    offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(hashed[keep_np], pa.int32()))
 
 
 def time_of_year(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

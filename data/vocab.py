@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data.catalogue import lookup, stable_hash  # noqa: F401  (re-exported)
 from data.io import fs_and_path, join, read_table, write_parquet
 
 OOV = 0
@@ -75,44 +76,9 @@ def _combined(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def lookup(values: pa.Array | pa.ChunkedArray, vocab: pa.Table) -> tuple[np.ndarray, int]:
-    """Indices of ``values`` (int32, 0 for OOV or null) and how many non-null values were OOV."""
-    vocab_values = vocab["value"].combine_chunks() if isinstance(vocab["value"], pa.ChunkedArray) else vocab["value"]
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if pa.types.is_dictionary(values.type):
-        values = values.cast(values.type.value_type)
-    if not values.type.equals(vocab_values.type):
-        values = values.cast(vocab_values.type)
-    pos = pc.index_in(values, value_set=vocab_values)
-    idx = pc.fill_null(pc.add(pos, 1), 0).to_numpy(zero_copy_only=False).astype(np.int32)
-    oov = int(pc.sum(pc.and_(pc.is_null(pos), pc.is_valid(values))).as_py() or 0)
-    return idx, oov
-
-
 def size(vocab: pa.Table) -> int:
     """Embedding rows the vocabulary needs: its values plus the OOV row."""
     return vocab.num_rows + 1
-
-
-def stable_hash(values: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
-    """Deterministic hash buckets 1..buckets-1 (0 = null) of strings, across runs and machines.
-
-    Hashes each *distinct* value once in Python (blake2b), then spreads the result to rows with
-    index_in, so the per-row work stays columnar.
-    """
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    values = values.cast(pa.string())
-    distinct = pc.unique(pc.drop_null(values))
-    hashed = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") % (buckets - 1) + 1
-         for v in distinct.to_pylist()), dtype=np.int64, count=len(distinct))
-    pos = pc.index_in(values, value_set=distinct).to_numpy(zero_copy_only=False)
-    out = np.zeros(len(values), dtype=np.int32)
-    ok = ~np.isnan(pos) if pos.dtype.kind == "f" else np.ones(len(pos), bool)
-    out[ok] = hashed[pos[ok].astype(np.int64)]
-    return out
 
 
 def save(vocab: pa.Table, out: str, name: str) -> None:

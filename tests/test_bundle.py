@@ -241,3 +241,51 @@ def test_a_bundle_whose_index_is_built_on_the_gpu_answers_as_the_cpu_one(built, 
     gpu.index.nprobe = gpu.index.nlist
     q = built["queries"]
     assert agree(gpu.top_k(q, K).tolist(), cpu.top_k(q, K, exact=True).tolist()) == 1.0
+
+
+def test_articles_added_after_training_are_placed_by_the_item_tower_on_their_features(built, tmp_path):
+    """A bundle takes catalogue rows it does not know (here: copies of tiny's articles under new ids) without
+    a retrain: their vectors are the training code's item tower on their features with the OOV id (as the
+    model scores an article it never trained on), plus the recent-sales column of an article never sold;
+    they are searchable; rows it knows are skipped; a row without a feature's column is refused by name."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from data.batch import packed_from_arrays
+    from data.io import read_articles
+    from data.prepared import Prepared
+    from trainer.bundle import add_articles
+    from trainer.parallel import distributed as D
+    from trainer.retrieval.embedder import Embedder
+    from trainer.serving.bundle import Bundle, BundleError
+
+    base = built["base"] / "fp32" / "output"
+    old = load(built)
+    catalogue = read_articles(Prepared.read(built["prepared"]).root)
+    picked = catalogue.slice(10, 6)
+    fresh = picked.set_column(0, picked.schema.field(0), pc.add(picked["article_id"], 9_000_000_000))
+    report = add_articles(str(base), pa.concat_tables([fresh, catalogue.slice(0, 3)]), str(tmp_path / "grown"))
+    assert report["added"] == 6 and report["articles"] == len(old.article_ids) - 1 + 6
+    grown = Bundle.load(str(tmp_path / "grown"))
+    rows = grown.article_rows(fresh["article_id"].to_numpy())
+    assert (rows == np.arange(len(old.article_ids), len(old.article_ids) + 6)).all()
+    assert np.array_equal(grown.items[:len(old.items)], old.items)  # nothing else moved
+    try:
+        emb, _ = Embedder.from_run(str(built["base"] / "train"), "latest")
+        arts = emb.tables.article.shape[1]
+        known = old.article_rows(picked["article_id"].to_numpy())  # the same features, by their prepared rows
+        assert (known > 0).all() and arts > known.max()
+        batch = packed_from_arrays(emb.tables, np.zeros(6), known, np.full(6, emb.last_day), item_ids=np.zeros(6, np.int64))
+        want = emb._forward(batch)[1].detach().numpy()
+        score = grown.manifest["catalogue"]["new_article_score"]
+    finally:
+        D.shutdown()
+    assert score is not None
+    assert np.allclose(grown.items[rows][:, :-1], want, atol=1e-5)
+    assert np.allclose(grown.items[rows][:, -1], score)
+    answer = grown.recommend(histories=[[int(fresh["article_id"][0].as_py())]], k=5, exclude_seen=False, exact=True)
+    assert answer.unknown_articles == [0]
+    assert add_articles(str(tmp_path / "grown"), fresh, str(tmp_path / "again"))["added"] == 0
+    with pytest.raises(BundleError, match="column\\(s\\) \\['section_no'\\] missing"):
+        Bundle.load(str(base)).add_articles(fresh.drop_columns(["section_no"]).set_column(
+            0, fresh.schema.field(0), pc.add(fresh["article_id"], 1)))

@@ -3,6 +3,7 @@ loads it and answers; trainer/serve.py serves it over HTTP).
 
     python -m trainer.bundle data=small                    # the run's selected checkpoint, INT8 tables
     python -m trainer.bundle data=small bundle.int8=false  # fp32 tables
+    python -m trainer.bundle data=small bundle.add_articles=datasets/small/articles.parquet  # new articles
 
 Written whole (data/staging.py) into ``<run dir>/output/``:
   query_tower.pt2    the query tower as a ``torch.export`` program (dynamic batch), its tables row-wise
@@ -10,6 +11,9 @@ Written whole (data/staging.py) into ``<run dir>/output/``:
   customers.parquet  per customer row: the raw id, the model's customer features, the last purchases as
                      of the bundle's day (``history``, oldest first) and the other articles bought before
                      it (``older``: the two together are what ``exclude_seen`` leaves out)
+  item_tower.pt2     the item tower for articles known by their features alone (the OOV id in the id's
+                     place), fp32, with ``article_vocab.parquet`` (feature, raw value, index): articles
+                     added to the catalogue after training are placed with it (``add_articles``)
   items.parquet      per article row: raw id, title
   index.faiss        FAISS IVF-Flat index over the articles' scoring vectors (with the recent-sales
                      column; row i = article row i + 1): the one copy of the vectors, exact search too
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from importlib import metadata
 
@@ -34,8 +39,10 @@ import torch
 from omegaconf import DictConfig
 
 from data import features, vocab
+from data.catalogue import ARTICLE_FEATURES
 from data.jagged import Jagged
-from data.io import join, read_articles, write_json, write_parquet
+from data.io import join, read_articles, read_table, write_json, write_parquet
+from data.schema import ARTICLES
 from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.staging import output_of, staged
@@ -45,8 +52,8 @@ from trainer.parallel import distributed as D
 from trainer.retrieval import ivf
 from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.search import seen_lists
-from trainer.serving.bundle import FORMAT, MANIFEST, file_sha256, item_vectors, padded
-from trainer.serving.tower import ServingQueryTower, export_program
+from trainer.serving.bundle import FORMAT, MANIFEST, Bundle, file_sha256, item_vectors, padded
+from trainer.serving.tower import ServingItemTower, ServingQueryTower, export_item_program, export_program
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +138,24 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     items = embedder.items().float().cpu()  # the scoring vectors, with the recent-sales column
     d_towers = items.shape[1] - (1 if model.sales is not None else 0)
     mean_item = items[1:, :d_towers].mean(0)  # as the Embedder's level: the OOV row left out
-    tower = ServingQueryTower(model, full_tables(embedder.model), list(embedder.tables.customer_features),
-                              mean_item, bool(bc.int8))
+    weights = full_tables(embedder.model)
+    tower = ServingQueryTower(model, weights, list(embedder.tables.customer_features), mean_item, bool(bc.int8))
     width = ds.history_len if tower.sequence is None else max(tower.positions, 1)
     program = export_program(tower, len(tower.feature_names), width)
+    item_tower = ServingItemTower(model, weights)
+    item_program = export_item_program(item_tower)
+    article_vocab = pa.concat_tables([pa.table({
+        "feature": pa.array([name] * v.num_rows, pa.string()), "value": v["value"].cast(pa.string()),
+        "index": v["index"]}) for name in item_tower.feature_names for v in [vocab.load(prepared, name)]]) \
+        if item_tower.feature_names else pa.table({"feature": pa.array([], pa.string()),
+                                                   "value": pa.array([], pa.string()), "index": pa.array([], pa.int32())})
+    desc = None
+    if "desc_tokens" in item_tower.item_features:
+        desc = {"buckets": ds.cardinalities["desc_tokens"],
+                "max_tokens": int((ds.get("config") or {}).get("desc_max_tokens", 0) or 0)}
+    catalogue_info = {"features": item_tower.feature_names,
+                      "columns": {f: ARTICLE_FEATURES[f] for f in item_tower.feature_names}, "desc": desc,
+                      "new_article_score": model.sales.new_article_score() if model.sales is not None else None}
 
     art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]
     arts = read_articles(ds.root)
@@ -158,6 +179,8 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     out_dir = output_of(run_dir)
     with staged(out_dir, MANIFEST) as out:
         torch.export.save(program, os.path.join(out, "query_tower.pt2"))
+        torch.export.save(item_program, os.path.join(out, "item_tower.pt2"))
+        write_parquet(article_vocab, join(out, "article_vocab.parquet"))
         cust_vocab = vocabs["customer_id"]["value"].combine_chunks() if isinstance(
             vocabs["customer_id"]["value"], pa.ChunkedArray) else vocabs["customer_id"]["value"]
         columns = {"customer_id": pa.concat_arrays([pa.nulls(1, cust_vocab.type), cust_vocab]).cast(pa.string()),
@@ -180,7 +203,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
                                               "time": time_features},
             "scoring": terms, "exclude_seen": bool(bc.exclude_seen), "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep},
             "popular": [int(x) for x in popular], "customers": ds.n_customers, "articles": int(len(art_ids) - 1),
-            "files": files}
+            "catalogue": catalogue_info, "files": files}
         write_json(report, join(out, MANIFEST))
     size = sum(f["bytes"] for f in files.values())
     warm = np.flatnonzero(history.lengths() > 0)
@@ -190,10 +213,43 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     return report
 
 
+def add_articles(base: str, articles: pa.Table, out_dir: str) -> dict:
+    """A bundle like ``base`` (a bundle's output directory) with the catalogue rows it does not know
+    appended, each placed by its features alone (trainer/serving/bundle.py ``Bundle.add_articles``): no
+    retrain. Published whole at ``out_dir`` (it may be ``base``: a running service swaps it in)."""
+    b = Bundle.load(base)
+    before = len(b.article_ids) - 1
+    added = b.add_articles(articles)
+    with staged(out_dir, MANIFEST) as out:
+        for name in b.manifest["files"]:
+            if name not in ("items.parquet", "index.faiss"):
+                shutil.copy2(os.path.join(base, name), os.path.join(out, name))
+        write_parquet(pa.table({"article_id": pa.array(b.article_ids, pa.int64()),
+                                "title": pa.array(b.titles, pa.string())}), join(out, "items.parquet"))
+        faiss.write_index(b.index, os.path.join(out, "index.faiss"))
+        files = {name: {"bytes": os.path.getsize(os.path.join(out, name)), "sha256": file_sha256(os.path.join(out, name))}
+                 for name in sorted(os.listdir(out))}
+        catalogue_info = {**b.manifest["catalogue"], "added": int(b.manifest["catalogue"].get("added", 0)) + added}
+        report = {**b.manifest, "articles": before + added, "catalogue": catalogue_info, "files": files,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(report, join(out, MANIFEST))
+    log.info("%d of %d catalogue rows were new articles: placed by their features and added to the bundle "
+             "(%d articles now) in %s", added, articles.num_rows, before + added, out_dir)
+    return {**report, "added": added, "example_customer": None}
+
+
+def read_catalogue(url: str) -> pa.Table:
+    """An articles table: a canonical ``articles.parquet``, or a dataset root holding one."""
+    return read_articles(url) if not url.endswith(".parquet") else read_table(url, ARTICLES)
+
+
 @hydra.main(config_path="../conf", config_name="bundle", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     run_dir = start_run(cfg)
     try:
+        if cfg.bundle.add_articles:
+            base = str(cfg.bundle.base or output_of(run_dir))
+            return add_articles(base, read_catalogue(str(cfg.bundle.add_articles)), base)
         report = bundle(cfg, run_dir)
     finally:
         D.shutdown()

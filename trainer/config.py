@@ -297,6 +297,11 @@ class BundleOptions:
     exclude_seen: bool = "${data.exclude_seen}"  # what a request that does not say gets: leave bought articles out
     gpu: Optional[bool] = None  # build the index on the GPU (None: when faiss can)
     seed: int = 0
+    # Articles added to the catalogue after training: an articles table (a canonical articles.parquet, or a
+    # dataset root) whose rows the bundle ``base`` (default: this stage's output) does not know are placed by
+    # their features and appended, the bundle published anew in place (a running service swaps it in).
+    add_articles: Optional[str] = None
+    base: Optional[str] = None
 
 
 @dataclass

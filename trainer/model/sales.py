@@ -149,5 +149,11 @@ class SalesTerm(nn.Module):
     def scoring_query(self, q: torch.Tensor) -> torch.Tensor:
         return self._table().query(q)
 
+    def new_article_score(self) -> float:
+        """The scoring column of an article never sold (no sales last week; launching, with ages): what an
+        article added to the catalogue after training gets."""
+        table = self._table()
+        return float(self.bias.detach()[1 if table.n_age else 0])
+
     def scoring_item(self, i: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self._table().item(i, ids, self.bias)

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from data import catalogue
 from data.jagged import Jagged
 from trainer.retrieval.rerank import boost_recent
 from trainer.retrieval.search import drop_seen, top_k
@@ -103,6 +105,8 @@ class Bundle:
         self._items_t = torch.from_numpy(self.items)  # exact search
         self.article_ids = items["article_id"].to_numpy()
         self.titles = items["title"].to_pylist()  # by article row
+        # the rows the query tower has: articles added after training are recommended, not read in histories
+        self.tower_articles = len(self.article_ids) - int((manifest.get("catalogue") or {}).get("added", 0))
         order = np.argsort(self.article_ids[1:], kind="stable")
         self._sorted_articles, self._article_rows = self.article_ids[1:][order], order + 1
         self.index = index
@@ -162,13 +166,90 @@ class Bundle:
         hit = (self._sorted_articles[at] == article_ids) if known else np.zeros(len(article_ids), bool)
         return np.where(hit, self._article_rows[at] if known else 0, 0)
 
+    # ------------------------------------------------------------ articles added after training
+
+    def _catalogue(self):
+        """The item tower program and the article feature vocabularies (loaded on first use)."""
+        if getattr(self, "_item_tower", None) is None:
+            info = self.manifest.get("catalogue")
+            if not info:
+                raise BundleError(f"{self.path}: the bundle has no item tower; rebuild it to add articles")
+            program = os.path.join(self.path, "item_tower.pt2")
+            check_program(program)
+            self._item_tower = torch.export.load(program).module()
+            self._article_vocab = pq.read_table(os.path.join(self.path, "article_vocab.parquet"))
+        return self._item_tower, self._article_vocab
+
+    @torch.no_grad()
+    def place_articles(self, articles: pa.Table) -> np.ndarray:
+        """(n, d) scoring vectors of catalogue rows (the articles table's columns: data/schema.py) placed by
+        their features alone, as the model scores an article it never trained on: the item tower with the
+        OOV id (trainer/model/cold.py), then the recent-sales column of an article not sold yet."""
+        tower, vocab = self._catalogue()
+        info = self.manifest["catalogue"]
+        feats = []
+        for name in info["features"]:
+            cols = info["columns"][name]
+            missing = [c for c in ([cols] if isinstance(cols, str) else cols) if c not in articles.column_names]
+            if missing:
+                raise BundleError(f"new articles: column(s) {missing} missing (the feature {name!r} reads them)")
+            values = catalogue.article_column(articles, name) if not isinstance(cols, str) else articles[cols]
+            known = vocab.filter(pc.equal(vocab["feature"], name)).select(["value"])  # in index order: 1, 2, ...
+            idx, _ = catalogue.lookup(pc.cast(values, pa.string()), known)  # 0: a value training never saw
+            feats.append(idx)
+        features = np.stack(feats, 1).astype(np.int64) if feats else np.zeros((articles.num_rows, 0), np.int64)
+        desc = info.get("desc")
+        if desc:
+            lists = catalogue.desc_tokens(articles["detail_desc"], desc["buckets"], desc["max_tokens"])
+            tokens = Jagged.from_arrow(lists)
+            width = max(int(tokens.lengths().max(initial=0)), 1)
+            p = np.arange(width)
+            values = np.r_[np.asarray(tokens.values, np.int64), 0]
+            at = tokens.offsets[:-1, None] + p[None, :]
+            grid = np.where(p[None, :] < tokens.lengths()[:, None], values[np.clip(at, 0, len(values) - 1)], 0)
+            lengths = tokens.lengths().astype(np.int64)
+        else:
+            grid, lengths = np.zeros((articles.num_rows, 1), np.int64), np.zeros(articles.num_rows, np.int64)
+        vectors = tower(torch.from_numpy(features), torch.from_numpy(grid.astype(np.int64)),
+                        torch.from_numpy(lengths)).numpy()
+        if info.get("new_article_score") is not None:
+            vectors = np.c_[vectors, np.full(len(vectors), info["new_article_score"], np.float32)]
+        return vectors.astype(np.float32)
+
+    def add_articles(self, articles: pa.Table) -> int:
+        """Appends the catalogue rows whose article_id the bundle does not know (placed by
+        :meth:`place_articles`) to its articles and index; returns how many. In memory: trainer/bundle.py
+        ``add_articles`` writes them into a new bundle."""
+        ids = articles["article_id"].to_numpy(zero_copy_only=False).astype(np.int64)
+        fresh = np.flatnonzero(self.article_rows(ids) == 0)
+        _, first = np.unique(ids[fresh], return_index=True)  # an id given twice: its first row
+        fresh = fresh[np.sort(first)]
+        if not len(fresh):
+            return 0
+        rows = articles.take(pa.array(fresh))
+        vectors = self.place_articles(rows)
+        self.index.add(vectors)  # index row i is article row i + 1: appended in order
+        self.items = np.r_[self.items, vectors]
+        self._items_t = torch.from_numpy(self.items)
+        self.article_ids = np.r_[self.article_ids, ids[fresh]]
+        titles = rows["prod_name"].to_pylist() if "prod_name" in rows.column_names else [None] * len(fresh)
+        self.titles = self.titles + titles
+        order = np.argsort(self.article_ids[1:], kind="stable")
+        self._sorted_articles, self._article_rows = self.article_ids[1:][order], order + 1
+        return int(len(fresh))
+
     def title(self, article_id: int) -> str | None:
         row = int(self.article_rows(np.array([article_id]))[0])
         return self.titles[row] if row else None
 
     @torch.no_grad()
     def queries(self, rows: np.ndarray, history: Jagged) -> tuple[np.ndarray, np.ndarray]:
-        """(scoring vectors, buying-again levels) of customer rows with these histories (oldest first)."""
+        """(scoring vectors, buying-again levels) of customer rows with these histories (oldest first). An
+        article added after training is left out of a history: the query tower has no row for it."""
+        if len(history.values) and int(history.values.max()) >= self.tower_articles:
+            keep = np.asarray(history.values) < self.tower_articles
+            history = Jagged.from_lengths(np.bincount(history.owners()[keep], minlength=len(history)),
+                                          history.values[keep])
         hist, lengths = padded(history, self.width)
         feats = (self.features[:, rows].T if len(self.features) else np.zeros((len(rows), 0))).astype(np.int64)
         q, level = self.tower(torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(feats)),

@@ -102,6 +102,47 @@ class ServingQueryTower(nn.Module):
         return (emb * real[..., None]).sum(1) / lengths.clamp(min=1).to(emb.dtype)[:, None]
 
 
+class ServingItemTower(nn.Module):
+    """The item tower for an article known by its features alone: the OOV row in the id's place, as the
+    model scores an article it never trained on (trainer/model/cold.py), fp32 tables. Inputs, for B
+    articles: ``features`` (B, G) the item feature ids in ``feature_names`` order, ``tokens`` (B, T) the
+    description's hashed tokens, 0-padded, and ``lengths`` (B,) how many are real. Output: (B, D) the
+    item tower's vectors (the scoring column of recent sales is the bundle's to add)."""
+
+    def __init__(self, model: TwoTower, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.item_features = list(model.item_features)
+        self.feature_names = [f for f in self.item_features if f not in ("article_id", "desc_tokens")]
+        self.tables = nn.ModuleDict({table_name(f): Table(weights[table_name(f)], False)
+                                     for f in self.item_features if f != "article_id"})
+        self.register_buffer("unknown_article", weights[table_name("article_id")][0].detach().float().cpu().clone())
+        self.item_tower = copy.deepcopy(model.item_tower).eval()
+        self.normalize = bool(model.cfg.normalize)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for f in self.item_features:
+            if f == "article_id":
+                parts.append(self.unknown_article[None, :].expand(features.shape[0], -1))
+            elif f == "desc_tokens":  # the bag's mean over its real tokens (an empty bag is zeros)
+                emb = self.tables[table_name(f)](tokens)
+                real = (torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]).to(emb.dtype)
+                parts.append((emb * real[..., None]).sum(1) / lengths.clamp(min=1).to(emb.dtype)[:, None])
+            else:
+                parts.append(self.tables[table_name(f)](features[:, self.feature_names.index(f)]))
+        i = self.item_tower(torch.cat(parts, dim=1))
+        return F.normalize(i, dim=-1) if self.normalize else i
+
+
+def export_item_program(tower: ServingItemTower):
+    """``torch.export`` of the item tower with dynamic batch and token widths."""
+    batch, width = torch.export.Dim("batch", min=1, max=1 << 20), torch.export.Dim("width", min=1, max=1 << 12)
+    example = (torch.zeros(2, len(tower.feature_names), dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64),
+               torch.ones(2, dtype=torch.int64))
+    with torch.no_grad():
+        return torch.export.export(tower.eval(), example, dynamic_shapes=({0: batch}, {0: batch, 1: width}, {0: batch}))
+
+
 def export_program(tower: ServingQueryTower, n_features: int, width: int):
     """``torch.export`` of the tower with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
