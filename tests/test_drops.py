@@ -71,3 +71,35 @@ def test_a_parent_with_other_feature_options_is_refused_by_name(two_drops, tmp_p
         prepare(OmegaConf.structured(DataConfig(name="drop", root=f"{out}/week-02")),
                 OmegaConf.structured(SplitConfig()),
                 prepare_options(str(tmp_path / "p"), parent=first.url, postal_buckets=1024), progress=False)
+
+
+def test_the_prepared_contract_names_what_is_missing(tiny_prepared, tmp_path):
+    import json
+
+    from data.prepared import Prepared, PreparedError
+
+    prepared, manifest = tiny_prepared
+    ds = Prepared.read(prepared)
+    assert ds.n_articles == manifest["cardinalities"]["article_id"] and ds["eval"] == manifest["eval"]
+    assert ds.version == manifest["lineage"][-1]["version"] and ds.parent is None
+    with pytest.raises(PreparedError, match=f"{tmp_path}/manifest.json: no prepared dataset here"):
+        Prepared.read(str(tmp_path))
+    broken = {k: v for k, v in manifest.items() if k != "history_len"}
+    (tmp_path / "manifest.json").write_text(json.dumps(broken, default=str))
+    with pytest.raises(PreparedError, match="missing entry 'history_len'"):
+        Prepared.read(str(tmp_path))
+    del broken["lineage"]  # prepared before lineages: no version, still readable
+    broken["history_len"] = 20
+    (tmp_path / "manifest.json").write_text(json.dumps(broken, default=str))
+    assert Prepared.read(str(tmp_path)).version is None
+
+
+def test_a_single_cut_as_known_before_a_day(tiny_synth, tmp_path):
+    from data import drops
+
+    root, _ = tiny_synth
+    got = drops.cut(root, str(tmp_path / "cut"), "2019-01-01")
+    tx = read_table(str(tmp_path / "cut" / "transactions"))
+    assert got["transactions"] == tx.num_rows and got["last_day"] < "2019-01-01"
+    with pytest.raises(ValueError, match="no transaction before 1990-01-01"):
+        drops.cut(root, str(tmp_path / "none"), "1990-01-01")
