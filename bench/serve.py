@@ -94,12 +94,12 @@ def main() -> None:
     from data import vocab
     from trainer.evaluation.validation import list_column
     from trainer.parallel import distributed as D
-    from trainer.retrieval.embedder import Embedder
+    from trainer.loop.runs import load_run
     from trainer.retrieval.retriever import Retriever
     from trainer.serving.bundle import Bundle
 
     torch.set_num_threads(args.threads)
-    embedder, info = Embedder.from_run(str(train), "selected", device="cpu")
+    embedder, info = load_run(str(train), "selected", device="cpu")
     table = embedder.eval_rows("val")
     if args.customers and table.num_rows > args.customers:  # a sample, for hm_scale's 93k
         table = table.take(np.sort(np.random.default_rng(1).choice(table.num_rows, args.customers, replace=False)))

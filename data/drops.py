@@ -25,8 +25,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data import config as _config  # noqa: F401  (registers the structured configs)
-from data.io import (ShardWriter, fs_and_path, iter_transactions, join, read_articles, read_customers, read_table,
-                     table_url, write_json, write_parquet)
+from data.io import (
+    ShardWriter,
+    fs_and_path,
+    iter_transactions,
+    join,
+    read_articles,
+    read_customers,
+    read_table,
+    table_url,
+    write_json,
+    write_parquet,
+)
 from data.schema import TRANSACTIONS
 from data.staging import staged
 

@@ -41,7 +41,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import config as _config  # noqa: F401  (registers the structured configs)
 from data import features, split, vocab
-from data.io import iter_transactions, join, read_articles, read_customers, read_table, write_json, write_parquet
+from data.io import (
+    iter_transactions,
+    join,
+    read_articles,
+    read_customers,
+    read_table,
+    write_json,
+    write_parquet,
+)
 from data.jagged import Jagged
 from data.prepared import Lineage, Prepared
 from data.runinfo import peak_rss_mb, progress_bar, start_run

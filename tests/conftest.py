@@ -209,13 +209,13 @@ def build_bundle(train_dir, out, *overrides):
 def built(tiny_prepared, tmp_path_factory):
     from trainer.evaluation.validation import list_column
     from trainer.parallel import distributed as D
-    from trainer.retrieval.embedder import Embedder
+    from trainer.loop.runs import load_run
 
     prepared, _ = tiny_prepared
     base = tmp_path_factory.mktemp("bundle")
     train_in_process(prepared, base / "train", "trainer.max_steps=40", "trainer.validate=false")
     D.shutdown()
-    embedder, _ = Embedder.from_run(str(base / "train"), "latest")
+    embedder, _ = load_run(str(base / "train"), "latest")
     table = embedder.eval_rows("val")
     day = np.unique(table["day"].to_numpy())
     assert len(day) == 1  # the week split: every validation customer as of the week's first day

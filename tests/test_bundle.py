@@ -256,7 +256,7 @@ def test_articles_added_after_training_are_placed_by_the_item_tower_on_their_fea
     from data.prepared import Prepared
     from trainer.bundle import add_articles
     from trainer.parallel import distributed as D
-    from trainer.retrieval.embedder import Embedder
+    from trainer.loop.runs import load_run
     from trainer.serving.bundle import Bundle, BundleError
 
     base = built["base"] / "fp32" / "output"
@@ -271,7 +271,7 @@ def test_articles_added_after_training_are_placed_by_the_item_tower_on_their_fea
     assert (rows == np.arange(len(old.article_ids), len(old.article_ids) + 6)).all()
     assert np.array_equal(grown.items[:len(old.items)], old.items)  # nothing else moved
     try:
-        emb, _ = Embedder.from_run(str(built["base"] / "train"), "latest")
+        emb, _ = load_run(str(built["base"] / "train"), "latest")
         arts = emb.tables.article.shape[1]
         known = old.article_rows(picked["article_id"].to_numpy())  # the same features, by their prepared rows
         assert (known > 0).all() and arts > known.max()

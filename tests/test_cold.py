@@ -45,15 +45,15 @@ def test_cold_articles_are_those_sold_fewer_times_than_the_threshold(tiny_prepar
 def test_a_cold_articles_vector_is_the_item_tower_on_its_features_without_its_id(tiny_prepared, tmp_path):
     """Trained with id dropout; scored with cold_start_sales: the Embedder's vector of a cold article is the
     item tower run on that article's features with the OOV id, and a warm one's is by its own id."""
+    from trainer.loop.runs import load_run
     from trainer.parallel import distributed as D
-    from trainer.retrieval.embedder import Embedder
 
     prepared, manifest = tiny_prepared
     train_in_process(prepared, tmp_path / "train", "trainer.max_steps=20", "trainer.validate=false",
                      "model.id_dropout=0.2", "model.cold_start_sales=5")
     D.shutdown()
     try:
-        emb, _ = Embedder.from_run(str(tmp_path / "train"), "latest")
+        emb, _ = load_run(str(tmp_path / "train"), "latest")
         items = emb.items(scoring=False)
         cold = np.flatnonzero(emb.cold)
         warm = np.flatnonzero(~emb.cold)[1:6]

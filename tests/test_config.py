@@ -126,7 +126,7 @@ def test_the_batch_is_global_and_an_old_per_rank_batch_types_as_global():
     """trainer.batch_size (per rank) is gone: an override of it fails at composition, and a checkpoint's
     recorded config that has it types as trainer.global_batch_size = per-rank batch x its world size."""
     from trainer.config import TrainJob
-    from trainer.retrieval.embedder import typed
+    from trainer.loop.runs import typed
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         with pytest.raises(ConfigCompositionException):

@@ -260,7 +260,7 @@ def test_a_run_saved_before_the_mixture_keeps_the_bonus():
     from omegaconf import OmegaConf
 
     from trainer.config import TrainJob
-    from trainer.retrieval.embedder import typed
+    from trainer.loop.runs import typed
 
     saved = OmegaConf.to_container(OmegaConf.structured(TrainJob))
     assert typed(saved).model.repeat_mode == "mixture"

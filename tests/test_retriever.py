@@ -44,14 +44,14 @@ def trained(tiny_prepared, tmp_path_factory):
     from trainer.evaluation.validation import list_column, training_purchases
     from trainer.export import export
     from trainer.parallel import distributed as D
-    from trainer.retrieval.embedder import Embedder
+    from trainer.loop.runs import load_run
 
     prepared, _ = tiny_prepared
     base = tmp_path_factory.mktemp("retriever")
     train_in_process(prepared, base / "train", "trainer.max_steps=40", "trainer.validate=false")
     export(OmegaConf.create({"train_dir": str(base / "train"), "checkpoint": "latest"}), str(base / "export"))
     D.shutdown()
-    embedder, _ = Embedder.from_run(str(base / "train"), "latest")
+    embedder, _ = load_run(str(base / "train"), "latest")
     table = embedder.eval_rows("val")
     customers, queries = embedder.eval_queries("val")
     items = embedder.items()

@@ -40,17 +40,17 @@ from omegaconf import DictConfig
 
 from data import features, vocab
 from data.catalogue import ARTICLE_FEATURES
-from data.jagged import Jagged
 from data.io import join, read_articles, read_table, write_json, write_parquet
-from data.schema import ARTICLES
+from data.jagged import Jagged
 from data.prepare import read_interactions
 from data.runinfo import start_run
+from data.schema import ARTICLES
 from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401  (registers the bundle schema)
+from trainer.loop.runs import load_run
 from trainer.model.towers import unwrap
 from trainer.parallel import distributed as D
 from trainer.retrieval import ivf
-from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.search import seen_lists
 from trainer.serving.bundle import FORMAT, MANIFEST, Bundle, file_sha256, item_vectors, padded
 from trainer.serving.tower import ServingItemTower, ServingQueryTower, export_item_program, export_program
@@ -129,7 +129,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     if D.world_size() > 1:
         raise RuntimeError("trainer.bundle runs in one process (python -m trainer.bundle)")
     bc = cfg.bundle
-    embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint), device="cpu")
+    embedder, run = load_run(str(cfg.train_dir), str(cfg.checkpoint), device="cpu")
     model = unwrap(embedder.model)
     prepared, ds = embedder.prepared, embedder.ds
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}

@@ -33,6 +33,7 @@ from data.io import fs_and_path, join, write_json, write_parquet
 from data.runinfo import start_run
 from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401
+from trainer.loop.runs import load_run
 from trainer.parallel import distributed as D
 from trainer.retrieval.embedder import Embedder
 
@@ -45,7 +46,7 @@ def embedding_array(x: torch.Tensor) -> pa.Array:
 
 
 def export(cfg: DictConfig, run_dir: str) -> dict:
-    embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint))
+    embedder, run = load_run(str(cfg.train_dir), str(cfg.checkpoint))
     rank = D.rank()
     # every rank computes embeddings (collectives); rank 0 writes and publishes
     with staged(output_of(run_dir), "export_report.json") if rank == 0 else nullcontext() as out:

@@ -30,9 +30,9 @@ from data.prepare import read_interactions
 from data.runinfo import start_run
 from data.schema import format_article_id
 from trainer import config as _train_config  # noqa: F401
+from trainer.loop.runs import load_run
 from trainer.parallel import distributed as D
 from trainer.retrieval import ivf as ix
-from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.retriever import Retriever
 from trainer.retrieval.search import seen_lists
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def recommend(cfg: DictConfig, run_dir: str) -> dict:
     rc = cfg.recommend
-    embedder, run = Embedder.from_run(str(cfg.train_dir), str(cfg.checkpoint))
+    embedder, run = load_run(str(cfg.train_dir), str(cfg.checkpoint))
     prepared, root = embedder.prepared, embedder.ds.root  # the tables the model was prepared from
     vocabs = {name: vocab.load(prepared, name) for name in ("customer_id", "article_id")}
     art_ids = np.r_[-1, vocabs["article_id"]["value"].to_numpy()]  # article_idx -> article_id

@@ -16,6 +16,7 @@ from trainer.model.cold import first_sold
 from trainer.model.sales import RecentSales
 from trainer.model.towers import TwoTower
 from trainer.parallel.sharding import init_tables, shard
+from trainer.retrieval.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # the training parts import the model's modules: built lazily
     from trainer.loop.task import TrainTask
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner
-    from trainer.retrieval.embedder import Embedder
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Training:
     built: Built
     stream: "ExampleStream"
     loader: "BatchLoader"
-    embedder: "Embedder"
+    embedder: Embedder
     logq: "LogQ"
     miner: "HardNegativeMiner | None"
     task: "TrainTask"
@@ -130,7 +130,6 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
-    from trainer.retrieval.embedder import Embedder
 
     loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
     if loop.global_batch_size <= 0 or loop.global_batch_size % dist.world:

@@ -1,14 +1,35 @@
-"""A finished or running train run seen from outside: where its checkpoints are, which one it selected, and
-its saved config typed by today's schema. Export, recommend, bundle and a warm start find a run here."""
+"""A finished or running train run seen from outside: where its checkpoints are, which one it selected, its
+saved config typed by today's schema, and its model loaded weights-only (``load_run``). Export, recommend,
+bundle and a warm start find a run here. Above the builder and the embedder: neither imports it."""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
 from data.io import fs_and_path, join
+from data.prepared import Prepared
 from trainer.config import TrainJob
-from trainer.loop.checkpoint import Found, best, latest
-from trainer.loop.fingerprint import PREDATING
+from trainer.loop.builder import build
+from trainer.loop.checkpoint import CheckpointManager, Found, best, latest
+from trainer.loop.fingerprint import PREDATING, data_digest, fingerprint
+from trainer.loop.state import ModelState
+from trainer.model.towers import RENAMED
+from trainer.parallel import distributed as D
+from trainer.retrieval.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    train_dir: str
+    checkpoint: str
+    step: int
+    fingerprint_id: str
+    data_digest: str
 
 
 def typed(config, world_size: int = 1) -> DictConfig:
@@ -58,3 +79,33 @@ def selected_checkpoint(train_dir: str, which: str = "selected") -> tuple[Found,
         raise FileNotFoundError(f"{folder}: no complete checkpoint to load" + (
             "" if which == "latest" else " as best (did the run validate?); use checkpoint=latest"))
     return found, which
+
+
+def load_run(train_dir: str, which: str = "selected", device: str = "auto") -> tuple[Embedder, RunInfo]:
+    """A checkpoint of ``train_dir``, weights only, under the config of the run that wrote it
+    (recorded in the checkpoint): ``which="selected"``, the one the run chose (its best validation,
+    or the newest when it did not validate); ``"best"``; ``"latest"``. Refuses it if the prepared data
+    changed since."""
+    found, which = selected_checkpoint(train_dir, which)
+    folder = checkpoint_folder(train_dir)
+    cfg = typed(found.info["config"], int(found.info.get("world_size", 1)))
+    dist_ = D.init(device)
+    manifest = Prepared.read(cfg.prepare.out)
+    built = build(cfg, manifest, dist_.device, print_plan=False)
+    saved = found.info.get("fingerprint", {})
+    if saved.get("data.digest") != data_digest(manifest):
+        raise RuntimeError(
+            f"{found.path} was trained on other prepared data than {cfg.prepare.out} holds now (data digest "
+            f"{saved.get('data.digest')} vs {data_digest(manifest)}); re-run training, or prepare the data "
+            "as it was")
+    manager = CheckpointManager(folder, {"model": ModelState(built.model)}, fingerprint(cfg, manifest),
+                                renamed=RENAMED)
+    loaded = manager.load(only={"model"}, step=found.step)
+    if loaded is None:
+        raise FileNotFoundError(f"{folder}: no readable checkpoint")
+    info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id, data_digest(manifest))
+    if dist_.rank == 0:
+        log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
+                 loaded.step, loaded.path, manager.fp_id)
+    return Embedder(built.model, built.keys, manifest, dist_.device, temperature=cfg.loss.temperature,
+                    cold_start_sales=int(cfg.model.cold_start_sales)), info

@@ -1,9 +1,10 @@
-"""Item and query embeddings from a model: the one being trained, or a trained run loaded weights-only.
+"""Item and query embeddings from a model: the one being trained, or a trained run loaded weights-only
+(trainer/loop/runs.py ``load_run``).
 
 Every rank computes a slice and the slices are all-gathered; every rank makes the same number of
 forward calls (the sharded tables need all of them). Export, recommend and per-epoch validation use it.
 
-    embedder, run = Embedder.from_run("runs/small/train")  # its newest checkpoint, under its own config
+    embedder, run = load_run("runs/small/train")  # its selected checkpoint, under its own config
     items = embedder.items()                           # (catalogue, D), row 0 the OOV bucket
     customers, users = embedder.eval_queries("val")    # every evaluation customer of a period
 """
@@ -11,7 +12,6 @@ forward calls (the sharded tables need all of them). Export, recommend and per-e
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,26 +22,12 @@ from data.io import join
 from data.jagged import Jagged
 from data.prepared import Prepared
 from data.tables import FeatureTables
-from trainer.loop.builder import build
-from trainer.loop.checkpoint import CheckpointManager
-from trainer.loop.fingerprint import data_digest, fingerprint
-from trainer.loop.runs import checkpoint_folder, selected_checkpoint, typed  # noqa: F401  (typed: re-exported)
-from trainer.loop.state import ModelState
 from trainer.model.cold import cold_articles, scoring_ids
 from trainer.model.inputs import model_input
-from trainer.model.towers import RENAMED, unwrap
+from trainer.model.towers import unwrap
 from trainer.parallel import distributed as D
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunInfo:
-    train_dir: str
-    checkpoint: str
-    step: int
-    fingerprint_id: str
-    data_digest: str
 
 
 class Embedder:
@@ -60,38 +46,6 @@ class Embedder:
         self.last_day = ds.last_day
         # articles placed by their features alone (trainer/model/cold.py): too few training purchases
         self.cold = cold_articles(ds.url, self.n_items, cold_start_sales)
-
-    # ------------------------------------------------------------ loading a trained run
-
-    @classmethod
-    def from_run(cls, train_dir: str, which: str = "selected", device: str = "auto") -> tuple["Embedder", RunInfo]:
-        """A checkpoint of ``train_dir``, weights only, under the config of the run that wrote it
-        (recorded in the checkpoint): ``which="selected"``, the one the run chose (its best validation,
-        or the newest when it did not validate); ``"best"``; ``"latest"``. Refuses it if the prepared data
-        changed since."""
-        found, which = selected_checkpoint(train_dir, which)
-        folder = checkpoint_folder(train_dir)
-        cfg = typed(found.info["config"], int(found.info.get("world_size", 1)))
-        dist_ = D.init(device)
-        manifest = Prepared.read(cfg.prepare.out)
-        built = build(cfg, manifest, dist_.device, print_plan=False)
-        saved = found.info.get("fingerprint", {})
-        if saved.get("data.digest") != data_digest(manifest):
-            raise RuntimeError(
-                f"{found.path} was trained on other prepared data than {cfg.prepare.out} holds now (data digest "
-                f"{saved.get('data.digest')} vs {data_digest(manifest)}); re-run training, or prepare the data "
-                "as it was")
-        manager = CheckpointManager(folder, {"model": ModelState(built.model)}, fingerprint(cfg, manifest),
-                                    renamed=RENAMED)
-        loaded = manager.load(only={"model"}, step=found.step)
-        if loaded is None:
-            raise FileNotFoundError(f"{folder}: no readable checkpoint")
-        info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id, data_digest(manifest))
-        if dist_.rank == 0:
-            log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
-                     loaded.step, loaded.path, manager.fp_id)
-        return cls(built.model, built.keys, manifest, dist_.device, temperature=cfg.loss.temperature,
-                   cold_start_sales=int(cfg.model.cold_start_sales)), info
 
     def repeat_bonus(self) -> np.ndarray | None:
         """The learned bonus per history position, newest first (trainer/model/repeats.py), or None."""
