@@ -126,3 +126,41 @@ def test_recommend_as_of_the_validation_day_ranks_as_the_naive_reference(trained
     art_ids = np.r_[-1, vocab.load(prepared, "article_id")["value"].to_numpy()]
     want = [art_ids[trained["ref"][exclude_seen][i]].tolist() for i in warm]
     assert agree([got[c] for c in ids], want) == 1.0
+
+
+def test_the_ranker_through_an_index_leaves_out_any_number_of_bought_articles():
+    """Bought lists longer than any fixed margin (300 of the query's top articles): through an exact FAISS
+    index the ranker still returns the k best articles not bought, as a naive full sort does."""
+    import faiss
+
+    from data.jagged import Jagged
+    from trainer.retrieval.ranker import Queries, Ranker
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(2001, 8)).astype(np.float32)
+    items[0] = 0
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    index = faiss.IndexFlatIP(8)
+    index.add(items[1:])
+
+    def search(x, width):
+        found = index.search(x, width)[1]
+        return np.where(found >= 0, found + 1, -1)
+
+    order = np.argsort(-(q @ items[1:].T), axis=1) + 1
+    seen = Jagged.from_lists([row[:300].tolist() for row in order])  # the 300 best of each: bought
+    got = Ranker(items, search=search).top_k(Queries(q), 12, seen=seen)
+    assert np.array_equal(got, order[:, 300:312])
+    exact = Ranker(items).top_k(Queries(q), 12, seen=seen)
+    assert np.array_equal(exact, got)
+
+
+def test_the_retriever_and_the_bundle_rank_through_the_one_ranker(built):
+    from conftest import load
+
+    from trainer.retrieval.ranker import Ranker
+    from trainer.retrieval.retriever import Retriever
+
+    assert isinstance(Retriever(built["items"]).ranker, Ranker)
+    b = load(built)
+    assert isinstance(b._indexed, Ranker) and isinstance(b._exact, Ranker)

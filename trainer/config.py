@@ -248,7 +248,8 @@ class EvaluateOptions:
     period: Period = Period.val
     ks: list = field(default_factory=lambda: [12, 100])
     exclude_seen: bool = "${data.exclude_seen}"  # drop articles the customer bought in training
-    seen_margin: int = 200  # extra candidates fetched so that k remain after exclusion
+    seen_margin: int = 200  # the baselines' extra candidates, so that k remain after exclusion (the model's
+    # ranking fetches as many more as the longest bought list: trainer/retrieval/ranker.py)
     popularity_days: int = 7
     new_article_days: int = 28  # Recall@12 by kind of article: "new" = first sold in the N days before
     sampled_negatives: int = 100  # 0 turns the (optimistic) sampled protocol off
@@ -272,7 +273,6 @@ class RecommendOptions:
     output: Optional[str] = None  # submission path (default <run_dir>/submission.csv)
     k: int = 12
     exclude_seen: bool = "${data.exclude_seen}"  # recommend only articles the customer has not bought
-    seen_margin: int = 200  # extra candidates fetched from an index so that k remain after exclusion
     as_of: Optional[str] = None  # recommend as of this day (YYYY-MM-DD; the data before it): a backtest;
     # default: the day after the data ends
 

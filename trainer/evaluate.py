@@ -57,13 +57,12 @@ def query_days(prepared: str, period: str) -> np.ndarray:
 
 
 def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None, k: int, period: str = "val",
-                  seen: Jagged | None = None, history: Jagged | None = None,
-                  seen_margin: int = 200) -> tuple[np.ndarray, str]:
+                  seen: Jagged | None = None, history: Jagged | None = None) -> tuple[np.ndarray, str]:
     """Top-k article_idx per evaluation customer from an export, through the Retriever (trainer/retrieval/retriever.py):
     the index stage's IVF index when there is one (it must have been built from this export), else exact
     search. ``seen``: each customer's articles left out; ``history`` (oldest first): read by the
     buying-again term when nothing is left out."""
-    retriever = Retriever.from_export(export_dir, index_dir, seen_margin)
+    retriever = Retriever.from_export(export_dir, index_dir)
     users_url = join(output_of(export_dir), f"users_{period}.parquet")
     user_idx, users = ix.read_embeddings(users_url, "customer_idx")
     pos = {c: i for i, c in enumerate(user_idx.tolist())}
@@ -146,8 +145,7 @@ def run(cfg) -> dict:
         rankings[name] = r if retrieved else drop_seen(r, seen, k_max) if seen is not None else r[:, :k_max]
 
     def model(export_dir: str, index_dir: str | None, note: str | None = None):
-        r, how = model_ranking(export_dir, customers, index_dir, k_max, str(ec.period), seen, history,
-                               ec.seen_margin)
+        r, how = model_ranking(export_dir, customers, index_dir, k_max, str(ec.period), seen, history)
         if note:
             notes[note] = how
         return r

@@ -71,7 +71,7 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
     index_dir = cfg.index_dir if cfg.index_dir and ix.exists(cfg.index_dir) else None
     if index_dir:
         ix.check_matches(index_dir, run.fingerprint_id, run.step)
-    retriever = Retriever.from_embedder(embedder, index_dir=index_dir, seen_margin=rc.seen_margin)
+    retriever = Retriever.from_embedder(embedder, index_dir=index_dir)
     how = f"IVF index {index_dir}" if index_dir else "exact search"
     seen = seen_lists(c, a, cust_idx) if rc.exclude_seen else None
     chunk = 4096

@@ -1,23 +1,10 @@
-"""The one scoring path: the top-k articles for query vectors. Validation, evaluate and recommend call it;
-nothing else ranks the catalogue for the model.
-
-A ranking is:
-  1. the inner product of the query and item vectors (the recent-sales bonus is one column of each,
-     trainer/model/sales.py), searched exactly (trainer/retrieval/search.py, on the GPU when there is one) or
-     through the index stage's FAISS index at its chosen nprobe;
-  2. articles the customer bought left out (``seen``): exactly in exact search, from a fetch of
-     ``seen_margin`` more candidates through the index;
-  3. without that exclusion, the customer's own last articles scored with the buying-again term
-     (trainer/model/repeats.py: a bonus per position, or the mixture with a per-customer level) and the best k
-     kept; the inner product fetches k + positions candidates so that the answer is exact.
-
-Built from a model in memory (:meth:`Retriever.from_embedder`: validation, recommend) or from an export
-(:meth:`Retriever.from_export`: evaluate), with the same arithmetic either way.
+"""The model's rankings for validation, evaluate and recommend: the ranker (trainer/retrieval/ranker.py, the one
+ranking the serving bundle shares) over item vectors and buying-again terms taken from a model in memory
+(:meth:`Retriever.from_embedder`: validation, recommend) or from an export (:meth:`Retriever.from_export`:
+evaluate), with the index stage's FAISS index when given.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,17 +14,7 @@ from data.io import fs_and_path, join, read_json, read_table
 from data.jagged import Jagged
 from data.staging import output_of
 from trainer.retrieval import ivf as ix
-from trainer.retrieval.rerank import boost_recent
-from trainer.retrieval.search import drop_seen, top_k
-
-
-@dataclass
-class BuyingAgain:
-    """The learned buying-again term: a score per history position (newest first) and, for the mixture,
-    the temperature its per-customer level mixes at (None: the bonus is added to the score)."""
-
-    bonus: np.ndarray
-    temperature: float | None
+from trainer.retrieval.ranker import BuyingAgain, Queries, Ranker
 
 
 class IndexSearch:
@@ -60,14 +37,12 @@ class IndexSearch:
 
 class Retriever:
     def __init__(self, items: torch.Tensor | np.ndarray, buying_again: BuyingAgain | None = None,
-                 index: IndexSearch | None = None, seen_margin: int = 200, exclude: np.ndarray | None = None):
+                 index: IndexSearch | None = None, exclude: np.ndarray | None = None):
         """``items``: (rows, D) scoring vectors by article row (row 0: the OOV bucket, never returned;
         ``exclude``: further rows never returned, e.g. articles an export does not hold)."""
-        self.items = torch.as_tensor(items)
-        self.buying_again = buying_again if buying_again is not None and len(buying_again.bonus) else None
-        self.index, self.seen_margin = index, seen_margin
-        self.exclude = np.union1d([0], exclude if exclude is not None else [])
-        self._items_np: np.ndarray | None = None
+        self.index = index
+        self.ranker = Ranker(items, buying_again, index.search if index is not None else None, exclude)
+        self.items, self.buying_again = self.ranker.items, self.ranker.buying_again
 
     @property
     def how(self) -> str:
@@ -78,20 +53,15 @@ class Retriever:
         return f"{search} + buying again ({len(self.buying_again.bonus)} positions, {kind})"
 
     def buys_again(self, seen) -> bool:
-        """Whether rankings without ``seen`` carry the buying-again term (never when bought articles are
-        left out: nothing bought can come back)."""
-        return self.buying_again is not None and seen is None
+        return self.ranker.buys_again(seen)
 
     def items_np(self) -> np.ndarray:
-        if self._items_np is None:
-            self._items_np = self.items.float().cpu().numpy()
-        return self._items_np
+        return self.ranker.items_np()
 
     # ------------------------------------------------------------ sources
 
     @classmethod
-    def from_embedder(cls, embedder, items: torch.Tensor | None = None, index_dir: str | None = None,
-                      seen_margin: int = 200) -> "Retriever":
+    def from_embedder(cls, embedder, items: torch.Tensor | None = None, index_dir: str | None = None) -> "Retriever":
         """From a model in memory (``items``: its :meth:`Embedder.items`, computed when not given; every
         rank of a distributed job takes part in that)."""
         items = embedder.items() if items is None else items
@@ -105,10 +75,10 @@ class Retriever:
 
             article_ids = np.r_[-1, vocab.load(embedder.prepared, "article_id")["value"].to_numpy()]
             index = IndexSearch(index_dir, np.arange(len(article_ids)), article_ids)
-        return cls(items, buying, index, seen_margin)
+        return cls(items, buying, index)
 
     @classmethod
-    def from_export(cls, export_dir: str, index_dir: str | None = None, seen_margin: int = 200) -> "Retriever":
+    def from_export(cls, export_dir: str, index_dir: str | None = None) -> "Retriever":
         """From the export stage's item vectors and scoring terms (and the index stage's index)."""
         out = output_of(export_dir)
         report = read_json(join(out, "export_report.json"))
@@ -125,26 +95,12 @@ class Retriever:
             ix.check_matches(index_dir, report.get("fingerprint"), report.get("step"))
             article_ids = read_table(join(out, "items.parquet"))["article_id"].to_numpy()
             index = IndexSearch(index_dir, item_idx, article_ids)
-        return cls(by_row, buying, index, seen_margin, exclude=absent)
+        return cls(by_row, buying, index, exclude=absent)
 
     # ------------------------------------------------------------ ranking
 
     def top_k(self, queries: torch.Tensor | np.ndarray, k: int, seen: Jagged | None = None, recent: Jagged | None = None,
               levels: np.ndarray | None = None) -> np.ndarray:
-        """(n, k) article rows, best first (-1 past the catalogue). ``seen``: each query's articles to
-        leave out; ``recent``: each query's history, oldest first (the buying-again term reads its
-        newest positions; ignored with ``seen``); ``levels``: (n,) the mixture's per-query levels."""
-        extra = len(self.buying_again.bonus) if self.buys_again(seen) and recent is not None else 0
-        width = k + extra
-        if self.index is not None:
-            q = queries.float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
-            ranked = self.index.search(q, width + (self.seen_margin if seen is not None else 0))
-            ranked = drop_seen(ranked, seen, width) if seen is not None else ranked[:, :width]
-        else:
-            ranked = top_k(queries, self.items, width, exclude_items=self.exclude, seen=seen).cpu().numpy()
-        if extra:
-            q = queries.float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
-            ranked = boost_recent(ranked, q, self.items_np(), recent, self.buying_again.bonus, k,
-                                  None if self.buying_again.temperature is None else levels,
-                                  self.buying_again.temperature)
-        return ranked[:, :k]
+        """(n, k) article rows, best first (-1 past the catalogue): :meth:`Ranker.top_k` of the queries'
+        vectors and buying-again ``levels``."""
+        return self.ranker.top_k(Queries(queries, levels), k, seen, recent)

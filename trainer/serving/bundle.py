@@ -5,7 +5,7 @@ only, no training code, no Hydra, no TorchRec.
     answer = bundle.recommend(customer_ids=["00a1..."], k=12)            # known customers
     answer = bundle.recommend(histories=[[706016001, 372860001]], k=12)  # an ad-hoc history, oldest first
 
-Scoring is the Retriever's (trainer/retrieval/retriever.py): the query tower's vector against every
+Scoring is the ranker evaluation measured (trainer/retrieval/ranker.py): the query tower's vector against every
 article's scoring vector (exact, or the FAISS IVF index at the bundle's nprobe), the customer's bought
 articles left out (``exclude_seen``; by default the run's ``data.exclude_seen``), else the customer's own
 last articles rescored by the buying-again term. A customer the bundle does not know, or one without purchases, gets the popular articles of the
@@ -31,8 +31,7 @@ import torch
 
 from data import catalogue
 from data.jagged import Jagged
-from trainer.retrieval.rerank import boost_recent
-from trainer.retrieval.search import drop_seen, top_k
+from trainer.retrieval.ranker import BuyingAgain, Queries, Ranker
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: item vectors held by the index only; bought articles as ``older`` beside ``history``
@@ -118,6 +117,7 @@ class Bundle:
         self.temperature = again["temperature"] if again and again["mixture"] else None
         self.popular = np.asarray(manifest["popular"], np.int64)
         self.exclude_seen = bool(manifest["exclude_seen"])  # what a request that does not say gets
+        self._rankers()
 
     # ------------------------------------------------------------ loading
 
@@ -231,6 +231,7 @@ class Bundle:
         self.index.add(vectors)  # index row i is article row i + 1: appended in order
         self.items = np.r_[self.items, vectors]
         self._items_t = torch.from_numpy(self.items)
+        self._rankers()
         self.article_ids = np.r_[self.article_ids, ids[fresh]]
         titles = rows["prod_name"].to_pylist() if "prod_name" in rows.column_names else [None] * len(fresh)
         self.titles = self.titles + titles
@@ -305,23 +306,23 @@ class Bundle:
 
     def top_k(self, q: np.ndarray, k: int, seen: Jagged | None = None, recent: Jagged | None = None,
               levels: np.ndarray | None = None, exact: bool = False) -> np.ndarray:
-        """(n, k) article rows (-1: none) for scoring vectors ``q``: the Retriever's ranking
-        (trainer/retrieval/retriever.py). ``seen``: rows left out; else ``recent`` (oldest first) is
-        rescored by the buying-again term with the queries' ``levels``."""
-        extra = len(self.bonus) if self.bonus is not None and seen is None and recent is not None else 0
-        width = k + extra
-        if exact:  # the Retriever's exact search: every article scored, the OOV row and bought ones at -inf
-            ranked = top_k(q, self._items_t, width, exclude_items=np.array([0]), seen=seen,
-                           device=torch.device("cpu")).numpy()
-        else:  # the index, with enough extra candidates that k remain once bought ones are dropped
-            margin = int(seen.lengths().max(initial=0)) if seen is not None else 0
-            found = self.index.search(np.ascontiguousarray(q, np.float32), min(width + margin, len(self.items) - 1))[1]
-            ranked = np.where(found >= 0, found + 1, -1)  # index row i is article row i + 1
-            ranked = drop_seen(ranked, seen, width) if seen is not None else ranked[:, :width]
-        if extra:
-            ranked = boost_recent(ranked, q, self.items, recent, self.bonus, k,
-                                  None if self.temperature is None else levels, self.temperature)
-        return ranked[:, :k]
+        """(n, k) article rows (-1: none) for scoring vectors ``q``: the one ranking evaluation measured
+        (trainer/retrieval/ranker.py), through the bundle's index or exactly. ``seen``: rows left out; else
+        ``recent`` (oldest first) is rescored by the buying-again term with the queries' ``levels``."""
+        ranker = self._exact if exact else self._indexed
+        return ranker.top_k(Queries(q, levels), k, seen, recent)
+
+    def _search(self, q: np.ndarray, width: int) -> np.ndarray:
+        """The index's rows for the queries: index row i is article row i + 1 (-1: none)."""
+        found = self.index.search(q, max(1, min(width, self.index.ntotal)))[1]
+        rows = np.where(found >= 0, found + 1, -1)
+        return np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=-1) if rows.shape[1] < width \
+            else rows
+
+    def _rankers(self) -> None:
+        again = BuyingAgain(self.bonus, self.temperature) if self.bonus is not None else None
+        self._exact = Ranker(self._items_t, again, device=torch.device("cpu"))
+        self._indexed = Ranker(self._items_t, again, search=self._search)
 
 
 # What a query tower archive may hold (below its top folder): plain tensors, JSON, and sample inputs
