@@ -131,6 +131,32 @@ def test_a_damaged_bundle_is_refused_naming_the_file(built, tmp_path):
         Bundle.load(str(copy))
 
 
+def test_a_manifest_must_list_every_file_and_only_the_bundles_own(built, tmp_path):
+    """A forged manifest cannot skip a check: a file left out of its list, an entry outside the directory, or no
+    list at all is refused by name (checksums that match are no help)."""
+    import shutil
+
+    from trainer.serving.bundle import Bundle, BundleError, bundle_digest
+
+    copy = tmp_path / "b"
+    shutil.copytree(built["base"] / "fp32" / "output", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert Bundle.load(str(copy)).digest == bundle_digest(manifest)
+    left_out = {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != "items.parquet"}}
+    (copy / "manifest.json").write_text(json.dumps(left_out))
+    with pytest.raises(BundleError, match="\\['items.parquet'\\] not listed in the manifest"):
+        Bundle.load(str(copy))
+    outside = {**manifest, "files": {**manifest["files"], "../../etc/hostname": {"bytes": 1, "sha256": "0"}}}
+    (copy / "manifest.json").write_text(json.dumps(outside))
+    with pytest.raises(BundleError, match="'../../etc/hostname' is not a file of the bundle's directory"):
+        Bundle.load(str(copy))
+    (copy / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    with pytest.raises(BundleError, match="no list of the bundle's files"):
+        Bundle.load(str(copy))
+    other = load(built, "int8")
+    assert other.digest != Bundle.load(str(built["base"] / "fp32" / "output")).digest  # one run, two bundles
+
+
 def test_loading_and_answering_needs_no_training_code(built):
     """A fresh interpreter: after loading and answering, none of the training code, TorchRec or Hydra
     has been imported."""

@@ -4,6 +4,7 @@ published over the served one while requests run (no error, no answer mixing the
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -67,12 +68,14 @@ def test_every_endpoint(server, built):
     b = Bundle.load(str(path))
     code, health = call(port, "/health")
     assert code == 200 and health["status"] == "ok" and health["fingerprint"] == b.fingerprint
+    assert health["digest"] == b.digest
     code, version = call(port, "/version")
     assert code == 200 and version["step"] == b.manifest["step"] and version["articles"] == len(b.article_ids) - 1
     ids = raw_customer_ids(built)[:3]
     code, got = call(port, "/recommend", {"customer_id": ids[0], "k": 5})
     want = b.recommend(customer_ids=[ids[0]], k=5)
-    assert code == 200 and got["fingerprint"] == b.fingerprint
+    assert code == 200 and got["fingerprint"] == b.fingerprint and got["digest"] == b.digest
+    assert version["digest"] == b.digest
     assert got["exclude_seen"] is False and b.manifest["exclude_seen"] is False  # tiny's data.exclude_seen
     assert [a["article_id"] for a in got["results"][0]["articles"]] == want.article_ids[0]
     assert got["results"][0]["articles"][0]["title"] == b.title(want.article_ids[0][0])
@@ -143,3 +146,41 @@ def test_a_bundle_published_while_requests_run_is_swapped_whole(server, built):
     assert not errors
     assert {label for label, _ in seen} == {old.manifest["as_of"], later}  # answered before and after the swap
     assert all(answer == expect[label] for label, answer in seen)  # never a mixed answer
+
+
+def test_a_bundle_that_fails_to_load_leaves_the_old_one_serving_and_health_says_why(server, built):
+    """A published manifest that raises while loading (no "files": a KeyError in the old watcher, which ended
+    the thread): the old bundle keeps answering, /health reports the path and the reason, and a good bundle
+    published next is picked up."""
+    from data.staging import staged
+    from trainer.serving.bundle import Bundle
+
+    port, path = server
+    before = call(port, "/health")[1]
+    good = Bundle.load(str(path))
+    with staged(str(path), "manifest.json") as out:
+        for f in pathlib.Path(good.path).iterdir():
+            shutil.copy(f, out)
+        manifest = json.loads((pathlib.Path(out) / "manifest.json").read_text())
+        del manifest["files"]
+        (pathlib.Path(out) / "manifest.json").write_text(json.dumps(manifest))
+    for _ in range(300):
+        health = call(port, "/health")[1]
+        if health["status"] != "ok":
+            break
+        time.sleep(0.1)
+    assert health["status"] == "degraded" and health["digest"] == before["digest"]
+    assert health["reload_failure"]["path"] == str(path) and "no list of the bundle's files" in \
+        health["reload_failure"]["reason"]
+    code, got = call(port, "/recommend", {"history": [int(good.article_ids[1])], "k": 3})
+    assert code == 200 and got["digest"] == before["digest"]
+    with staged(str(path), "manifest.json") as out:  # a good bundle again: the int8 one
+        for f in (built["base"] / "int8" / "output").iterdir():
+            shutil.copy(f, out)
+    for _ in range(300):
+        health = call(port, "/health")[1]
+        if health["status"] == "ok" and health["digest"] != before["digest"]:
+            break
+        time.sleep(0.1)
+    assert health["status"] == "ok" and "reload_failure" not in health
+    assert health["digest"] == Bundle.load(str(path)).digest != before["digest"]

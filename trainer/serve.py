@@ -13,7 +13,10 @@
 A bundle published later at the same path (trainer.bundle publishes whole, by rename) is picked up
 by a watcher thread: loaded and verified aside, then swapped in one assignment. A request reads the
 bundle once, so it is answered wholly by the old one or wholly by the new one; a bundle that fails to
-load (caught mid-publish, damaged) is logged and the current one keeps serving.
+load (caught mid-publish, damaged, any error at all) is logged and shown by /health (``degraded``, the path
+and the reason) while the current one keeps serving, and a good bundle published after it is picked up.
+Every answer, /health, /version and the reload log name the bundle by its digest (its files' checksums)
+beside the run's fingerprint.
 
 Bad input: a malformed body or k outside 1..catalogue is a 422; more than ``serve.max_batch`` queries a
 413; an unknown customer gets the cold-start list (``cold_start``, ``reason``); unknown articles in a
@@ -23,6 +26,7 @@ history are ignored and counted (``unknown_articles``).
 import logging
 import os
 import threading
+import time
 from typing import Optional
 
 import hydra
@@ -45,6 +49,8 @@ class LiveBundle:
         self.current = Bundle.load(path)
         self.stamp = self._stamp()
         self.loads = 1
+        self.failure: dict | None = None  # the last published bundle that did not load: path, reason, when
+        self._failed_stamp = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="bundle-watcher", daemon=True)
 
@@ -64,23 +70,32 @@ class LiveBundle:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001  (the watcher outlives anything: the old bundle keeps serving)
+                log.exception("bundle watcher: unexpected error; still serving %s", self.current.digest)
 
     def check(self) -> bool:
-        """Loads the bundle at ``path`` if it changed since the current one; True when swapped."""
+        """Loads the bundle at ``path`` if it changed since the current one; True when swapped. Whatever
+        fails while loading (mid-publish, damaged, a manifest of another shape) is logged and kept for
+        /health, the current bundle keeps serving, and the same files are not tried again."""
         stamp = self._stamp()
-        if stamp is None or stamp == self.stamp:
+        if stamp is None or stamp == self.stamp or stamp == self._failed_stamp:
             return False
         try:
             fresh = Bundle.load(self.path)
-        except (BundleError, OSError, RuntimeError) as e:  # mid-publish or damaged: keep serving
-            log.warning("bundle at %s not loaded (%s); still serving %s", self.path, e, self.current.fingerprint)
+        except Exception as e:  # noqa: BLE001  (any error: keep serving the current bundle)
+            if self._stamp() == stamp:  # not replaced meanwhile: these files are bad, not half-published
+                self._failed_stamp = stamp
+                self.failure = {"path": self.path, "reason": f"{type(e).__name__}: {e}", "at": time.time()}
+            log.warning("bundle at %s not loaded (%s: %s); still serving %s", self.path, type(e).__name__, e,
+                        self.current.digest)
             return False
         if self._stamp() != stamp:  # replaced again while loading: load that one next time
             return False
-        self.current, self.stamp = fresh, stamp
+        self.current, self.stamp, self.failure = fresh, stamp, None
         self.loads += 1
-        log.info("serving the bundle published at %s (run %s step %s, as of %s)", self.path,
+        log.info("serving the bundle published at %s (digest %s; run %s step %s, as of %s)", self.path, fresh.digest,
                  fresh.manifest["run"], fresh.manifest["step"], fresh.manifest["as_of"])
         return True
 
@@ -103,13 +118,18 @@ def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
 
     def about(b: Bundle) -> dict:
         m = b.manifest
-        return {"run": m["run"], "step": m["step"], "fingerprint": m["fingerprint"], "as_of": m["as_of"],
-                "created": m["created"], "int8": m["int8"], "data_digest": m["data_digest"]}
+        return {"digest": b.digest, "run": m["run"], "step": m["step"], "fingerprint": m["fingerprint"],
+                "as_of": m["as_of"], "created": m["created"], "int8": m["int8"], "data_digest": m["data_digest"]}
 
     @app.get("/health")
     def health() -> dict:
+        """ok; or degraded while a published bundle failed to load (the previous one still answers)."""
         b = live.current
-        return {"status": "ok", "fingerprint": b.fingerprint, "as_of": b.manifest["as_of"]}
+        out = {"status": "ok" if live.failure is None else "degraded", "digest": b.digest,
+               "fingerprint": b.fingerprint, "as_of": b.manifest["as_of"]}
+        if live.failure is not None:
+            out["reload_failure"] = live.failure
+        return out
 
     @app.get("/version")
     def version() -> dict:
@@ -155,7 +175,7 @@ def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
                                  for a, s in zip(answer.article_ids[j], answer.scores[j])],
                     "cold_start": cold, "reason": reason, "unknown_articles": answer.unknown_articles[j]}
         return {"results": results, "exclude_seen": b.exclude_seen if req.exclude_seen is None else req.exclude_seen,
-                "fingerprint": b.fingerprint, "bundle": about(b)}
+                "fingerprint": b.fingerprint, "digest": b.digest, "bundle": about(b)}
 
     return app
 
@@ -170,8 +190,8 @@ def main(cfg: DictConfig) -> None:
     sc = cfg.serve
     torch.set_num_threads(int(sc.threads))
     live = LiveBundle(str(sc.bundle), sc.reload_poll_s).start()
-    log.info("serving %s (run %s step %s, fingerprint %s) on http://%s:%d", sc.bundle, live.current.manifest["run"],
-             live.current.manifest["step"], live.current.fingerprint, sc.host, sc.port)
+    log.info("serving %s (digest %s; run %s step %s, fingerprint %s) on http://%s:%d", sc.bundle, live.current.digest,
+             live.current.manifest["run"], live.current.manifest["step"], live.current.fingerprint, sc.host, sc.port)
     try:
         uvicorn.run(create_app(live, sc.max_batch), host=str(sc.host), port=int(sc.port), log_level="warning",
                     workers=1)

@@ -90,6 +90,7 @@ class Bundle:
         self.path, self.manifest = path, manifest
         self.tower = tower
         self.fingerprint = manifest["fingerprint"]
+        self.digest = bundle_digest(manifest)  # this bundle's files: two bundles of one run differ here
         self.customer_ids = customers["customer_id"]  # row 0: the unknown customer (null)
         ids = id_bytes(self.customer_ids.combine_chunks()[1:])  # raw id -> row: a binary search over them sorted
         self._id_order = np.argsort(ids, kind="stable")
@@ -133,7 +134,17 @@ class Bundle:
         if manifest.get("format") != FORMAT:
             raise BundleError(f"{path}: bundle format {manifest.get('format')!r}; this code reads format {FORMAT} "
                               "(rebuild it with python -m trainer.bundle)")
-        for name, want in manifest["files"].items():
+        listed = manifest.get("files")
+        if not isinstance(listed, dict) or not listed:
+            raise BundleError(f"{path}/{MANIFEST}: no list of the bundle's files")
+        for name in listed:
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                raise BundleError(f"{path}/{MANIFEST}: file entry {name!r} is not a file of the bundle's directory")
+        present = {n for n in os.listdir(path) if n != MANIFEST}
+        unlisted = sorted(present - set(listed))
+        if unlisted:
+            raise BundleError(f"{path}: {unlisted} not listed in the manifest; not a bundle as written")
+        for name, want in listed.items():
             file = os.path.join(path, name)
             if not os.path.exists(file) or os.path.getsize(file) != want["bytes"]:
                 raise BundleError(f"{file}: missing or not the size the manifest records ({want['bytes']} bytes)")
@@ -360,6 +371,13 @@ def check_program(path: str) -> None:
                 except Exception as e:  # noqa: BLE001  (any failure: not plain tensors)
                     raise BundleError(f"{path}: {name} is not plain tensors ({type(e).__name__}); refused unloaded") \
                         from e
+
+
+def bundle_digest(manifest: dict) -> str:
+    """A digest of the bundle's files (each one's name and SHA-256, as its manifest lists them)."""
+    files = manifest.get("files") or {}
+    text = ";".join(f"{name}:{files[name].get('sha256')}" for name in sorted(files))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def file_sha256(path: str) -> str:
