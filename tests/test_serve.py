@@ -18,6 +18,16 @@ import pytest
 from conftest import ROOT, build_bundle, raw_customer_ids
 
 
+PIDS: dict[str, int] = {}  # the module's server process, for its memory
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,7 +35,7 @@ def free_port() -> int:
 
 
 def call(port: int, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    data = raw if raw is not None else (json.dumps(body, allow_nan=True).encode() if body is not None else None)
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
                                  headers={"Content-Type": "application/json"}, method="POST" if data else "GET")
     try:
@@ -45,6 +55,7 @@ def server(built, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"serve.bundle={path}", f"serve.port={port}",
                              "serve.reload_poll_s=0.2", "serve.max_batch=8", f"hydra.run.dir={path.parent / 'run'}"],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    PIDS["server"] = proc.pid
     try:
         for _ in range(600):
             try:
@@ -184,3 +195,92 @@ def test_a_bundle_that_fails_to_load_leaves_the_old_one_serving_and_health_says_
         time.sleep(0.1)
     assert health["status"] == "ok" and "reload_failure" not in health
     assert health["digest"] == Bundle.load(str(path)).digest != before["digest"]
+
+
+def declared_only(port: int, length: int) -> tuple[int, dict]:
+    """A POST that declares ``length`` bytes and sends none: the answer must not wait for them."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/recommend")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(length))
+    conn.endheaders()
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"{}")
+    conn.close()
+    return out
+
+
+def chunked(port: int, body: bytes) -> tuple[int, dict]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/recommend", body=iter([body]), headers={"Content-Type": "application/json"},
+                 encode_chunked=True)
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"{}")
+    conn.close()
+    return out
+
+
+def test_hostile_requests_get_a_4xx_naming_the_limit_and_cost_nothing(server):
+    """The probes that used to cost gigabytes or a 500, against the live server: each gets its 4xx, the
+    server answers after them, and its memory stays within 50 MB of where it was."""
+    port, _ = server
+    call(port, "/recommend", {"history": [1], "k": 3})
+    idle = rss_mb(PIDS["server"])
+    probes = [
+        ({"customer_id": "a" * 40_000, "k": 3}, 422, "longer than any customer id"),
+        ({"history": [2**63], "k": 3}, 422, "less than or equal"),
+        ({"history": [10**30], "k": 3}, 422, "less than or equal"),
+        ({"history": [1], "k": 3, "extra": float("nan")}, 422, "NaN"),
+        ({"history": [float("inf")], "k": 3}, 422, "Infinity"),
+        ({"customer_id": "\ud800", "k": 3}, 422, "unpaired surrogate"),
+        ({"customer_id": "abc\x00", "k": 3}, 422, "NUL"),
+        ({"customer_id": "x", "k": True}, 422, "int"),
+        ({"customer_id": "x", "k": 12.0}, 422, "int"),
+        ({"customer_id": "x", "k": 3, "exclude_seen": "yes"}, 422, "bool"),
+        ({"customer_id": "x", "k": 3, "surprise": 1}, 422, "extra"),
+        ({"queries": [{"customer_id": "x"}] * 8, "k": 5000}, 422, "serve.max_k"),
+        ({"history": list(range(1, 2001)), "k": 3}, 413, "serve.max_history"),
+    ]
+    for body, status, says in probes:
+        code, got = call(port, "/recommend", body)
+        assert code == status and says in json.dumps(got), (body, code, got)
+    for size in (1 << 20, 10 << 20):  # a 1 MB id, a 10 MB body: refused on their declared length, unread
+        code, got = declared_only(port, size)
+        assert code == 413 and "serve.max_body_bytes" in got["detail"]
+    code, got = chunked(port, b'{"customer_id": "' + b"a" * 300_000 + b'"}')  # no length given: read to the limit
+    assert code == 413 and "serve.max_body_bytes" in got["detail"]
+    assert call(port, "/recommend", {"history": [1], "k": 3})[0] == 200
+    assert rss_mb(PIDS["server"]) - idle < 50
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Property-based fuzzing of the live service (localhost, bounded in count and time): bodies built around
+    the schema's fields with any JSON value, NaN and Infinity, huge integers, lone surrogates and wrong types;
+    every answer is a 2xx or a 4xx, and a 200 has the documented shape."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    port, _ = server
+    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
+               | st.text(max_size=20) | st.sampled_from(["\ud800", "a" * 300, "", "0"]))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+    fields = st.sampled_from(["customer_id", "history", "queries", "k", "exclude_seen", "other"])
+    bodies = st.dictionaries(fields, values | st.integers(1, 20) | st.lists(st.integers(0, 10**12), max_size=5),
+                             max_size=4)
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(bodies)
+    def ask(body):
+        raw = json.dumps(body, allow_nan=True).encode()
+        code, got = call(port, "/recommend", raw=raw)
+        assert code < 500, (body, code, got)
+        if code == 200:
+            assert set(got) >= {"results", "exclude_seen", "fingerprint", "digest", "bundle"}
+            assert all(set(r) == {"articles", "cold_start", "reason", "unknown_articles"} for r in got["results"])
+
+    ask()

@@ -316,7 +316,12 @@ class ServeOptions:
     bundle: str = "${paths.runs}/${data.name}/bundle/output"  # a bundle directory (trainer.bundle's output)
     host: str = "127.0.0.1"  # localhost only unless told otherwise
     port: int = 8000
-    max_batch: int = 256  # queries per request; more is a 413
+    # Every request is bounded before any work (a 413 or 422 naming the setting):
+    max_batch: int = 256  # queries per request
+    max_k: int = 1000  # articles per query
+    max_results: int = 25_600  # queries x k per request
+    max_history: int = 1000  # articles in an ad-hoc history
+    max_body_bytes: int = 262_144  # the request body
     reload_poll_s: float = 2.0  # how often a newly published bundle is looked for
     threads: int = 1  # torch threads: one query's small ops gain nothing from more, and lose under load
 

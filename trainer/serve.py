@@ -18,9 +18,13 @@ and the reason) while the current one keeps serving, and a good bundle published
 Every answer, /health, /version and the reload log name the bundle by its digest (its files' checksums)
 beside the run's fingerprint.
 
-Bad input: a malformed body or k outside 1..catalogue is a 422; more than ``serve.max_batch`` queries a
-413; an unknown customer gets the cold-start list (``cold_start``, ``reason``); unknown articles in a
-history are ignored and counted (``unknown_articles``).
+Bad input is refused before any work, naming what is wrong: a body over ``serve.max_body_bytes``, more than
+``serve.max_batch`` queries, more than ``serve.max_results`` queries x k or a history over
+``serve.max_history`` articles is a 413; malformed JSON, NaN or Infinity, a wrong type (strict: ``k`` an
+integer, not ``true`` or ``12.0``; ``exclude_seen`` a boolean, not ``"yes"``), an unknown field, an article id
+outside int64, k outside 1..``serve.max_k`` or the catalogue, a customer id longer than any the bundle holds or
+holding NUL or unpaired surrogates is a 422. An unknown customer gets the cold-start list (``cold_start``,
+``reason``); unknown articles in a history are ignored and counted (``unknown_articles``).
 """
 
 import logging
@@ -29,10 +33,16 @@ import threading
 import time
 from typing import Optional
 
+import json
+from dataclasses import dataclass
+from typing import Annotated
+
 import hydra
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 
 from data.runinfo import start_run
 from trainer import config as _train_config  # noqa: F401  (registers the serve schema)
@@ -100,21 +110,100 @@ class LiveBundle:
         return True
 
 
+ArticleId = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]  # raw H&M article ids: int64
+
+
 class Query(BaseModel):
-    customer_id: Optional[str] = None
-    history: Optional[list[int]] = None  # raw article ids, oldest first
+    model_config = ConfigDict(extra="forbid")
+    customer_id: Optional[StrictStr] = None
+    history: Optional[list[ArticleId]] = None  # raw article ids, oldest first
 
 
 class RecommendRequest(BaseModel):
-    customer_id: Optional[str] = None
-    history: Optional[list[int]] = None
+    model_config = ConfigDict(extra="forbid")
+    customer_id: Optional[StrictStr] = None
+    history: Optional[list[ArticleId]] = None
     queries: Optional[list[Query]] = None  # a batch, instead of one customer_id or history
-    k: int = Field(12, ge=1)
-    exclude_seen: Optional[bool] = None  # None: the bundle's default (the run's data.exclude_seen)
+    k: StrictInt = Field(12, ge=1)
+    exclude_seen: Optional[StrictBool] = None  # None: the bundle's default (the run's data.exclude_seen)
 
 
-def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask (``serve.*``): each checked before any work, a 413 or 422 naming it."""
+
+    max_batch: int = 256
+    max_k: int = 1000
+    max_results: int = 25_600
+    max_history: int = 1000
+    max_body_bytes: int = 262_144
+
+
+def _reject(status: int, detail: str):
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+class BoundedJson:
+    """ASGI middleware: a POST body is read up to ``serve.max_body_bytes`` (413 past it) and must be JSON
+    without NaN or Infinity (422), before the app parses it; the body is then handed on as read."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = _reject(413, f"request body over serve.max_body_bytes={self.max}")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max):
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max:
+                return await too_big(scope, receive, send)
+        try:
+            json.loads(body, parse_constant=_no_constant)
+        except _NonFinite as e:
+            return await _reject(422, str(e))(scope, receive, send)
+        except ValueError:
+            pass  # not JSON at all: FastAPI says so (422)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _NonFinite(f"{name} is not a number this service takes (JSON has no NaN or Infinity)")
+
+
+def create_app(live: LiveBundle, limits: Limits | int = Limits()) -> FastAPI:
+    limits = Limits(max_batch=limits) if isinstance(limits, int) else limits
+    max_batch = limits.max_batch
     app = FastAPI(title="two-tower retrieval", version="1")
+    app.add_middleware(BoundedJson, max_body_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        """422 naming each field and what is wrong, never echoing the input (it may not be JSON-able)."""
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     def about(b: Bundle) -> dict:
         m = b.manifest
@@ -144,13 +233,25 @@ def create_app(live: LiveBundle, max_batch: int = 256) -> FastAPI:
         if req.queries is not None and (req.customer_id is not None or req.history is not None):
             raise HTTPException(422, "give queries, or one customer_id or history, not both")
         if len(queries) > max_batch:
-            raise HTTPException(413, f"{len(queries)} queries: at most {max_batch} per request")
+            raise HTTPException(413, f"{len(queries)} queries: at most serve.max_batch={max_batch} per request")
+        if req.k > limits.max_k:
+            raise HTTPException(422, f"k={req.k}: at most serve.max_k={limits.max_k}")
+        if len(queries) * req.k > limits.max_results:
+            raise HTTPException(413, f"{len(queries)} queries x k={req.k}: at most serve.max_results="
+                                     f"{limits.max_results} per request")
         n_articles = len(b.article_ids) - 1
         if req.k > n_articles:
             raise HTTPException(422, f"k={req.k}: the catalogue has {n_articles} articles")
         for i, q in enumerate(queries):
             if (q.customer_id is None) == (q.history is None):
                 raise HTTPException(422, f"query {i}: give a customer_id or a history")
+            if q.history is not None and len(q.history) > limits.max_history:
+                raise HTTPException(413, f"query {i}: a history of {len(q.history)} articles, at most "
+                                         f"serve.max_history={limits.max_history}")
+            if q.customer_id is not None:
+                why = b.id_problem(q.customer_id)
+                if why:
+                    raise HTTPException(422, f"query {i}: customer_id {why}")
         results = [None] * len(queries)
         for kind in ("customer_id", "history"):
             at = [i for i, q in enumerate(queries) if getattr(q, kind) is not None]
@@ -193,8 +294,9 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s (digest %s; run %s step %s, fingerprint %s) on http://%s:%d", sc.bundle, live.current.digest,
              live.current.manifest["run"], live.current.manifest["step"], live.current.fingerprint, sc.host, sc.port)
     try:
-        uvicorn.run(create_app(live, sc.max_batch), host=str(sc.host), port=int(sc.port), log_level="warning",
-                    workers=1)
+        limits = Limits(int(sc.max_batch), int(sc.max_k), int(sc.max_results), int(sc.max_history),
+                        int(sc.max_body_bytes))
+        uvicorn.run(create_app(live, limits), host=str(sc.host), port=int(sc.port), log_level="warning", workers=1)
     finally:
         live.stop()
 

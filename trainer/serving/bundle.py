@@ -160,14 +160,36 @@ class Bundle:
 
     # ------------------------------------------------------------ answering
 
+    @property
+    def id_width(self) -> int:
+        """The longest customer id the bundle holds, in bytes."""
+        return int(self._sorted_ids.dtype.itemsize) if len(self._sorted_ids) else 0
+
+    def id_problem(self, customer_id: str) -> str | None:
+        """Why a raw customer id cannot be one of the bundle's (None: it can)."""
+        try:
+            raw = str(customer_id).encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid text (an unpaired surrogate)"
+        if b"\x00" in raw:
+            return "holds a NUL character"
+        if len(raw) > self.id_width:
+            return f"of {len(raw)} bytes is longer than any customer id the bundle holds ({self.id_width} bytes)"
+        return None
+
     def customer_rows(self, customer_ids) -> np.ndarray:
         """Rows of raw customer ids (0: unknown): a binary search over the sorted ids (no per-call hashing
-        of the whole vocabulary)."""
-        ids = np.asarray([str(c).encode() for c in customer_ids], dtype=bytes)
-        if not len(self._sorted_ids):
-            return np.zeros(len(ids), np.int64)
+        of the whole vocabulary). An id that cannot be one of the bundle's (:meth:`id_problem`) is unknown
+        without being compared, so no request costs more than the stored ids' width."""
+        customer_ids = list(customer_ids)
+        ok = np.array([self.id_problem(c) is None for c in customer_ids], bool)
+        out = np.zeros(len(customer_ids), np.int64)
+        if not len(self._sorted_ids) or not ok.any():
+            return out
+        ids = np.asarray([str(c).encode() for c, good in zip(customer_ids, ok) if good], dtype=self._sorted_ids.dtype)
         at = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self._sorted_ids) - 1)
-        return np.where(self._sorted_ids[at] == ids, self._id_order[at] + 1, 0).astype(np.int64)
+        out[ok] = np.where(self._sorted_ids[at] == ids, self._id_order[at] + 1, 0)
+        return out
 
     def article_rows(self, article_ids: np.ndarray) -> np.ndarray:
         """Rows of raw article ids (0: unknown)."""
