@@ -284,3 +284,52 @@ def test_fuzzed_requests_never_get_a_5xx(server):
             assert all(set(r) == {"articles", "cold_start", "reason", "unknown_articles"} for r in got["results"])
 
     ask()
+
+
+def test_metrics_count_requests_and_name_the_bundle(server):
+    from trainer.serving.bundle import Bundle
+
+    port, path = server
+    call(port, "/recommend", {"history": [1], "k": 3})
+    call(port, "/recommend", {"k": 0})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read().decode()
+    digest = Bundle.load(str(path)).digest
+    assert f'twotower_bundle_info{{as_of=' in text and f'digest="{digest}"' in text
+    ok = [line for line in text.splitlines() if line.startswith('twotower_requests_total{path="/recommend",status="200"}')]
+    bad = [line for line in text.splitlines() if line.startswith('twotower_requests_total{path="/recommend",status="422"}')]
+    assert ok and float(ok[0].split()[-1]) >= 1 and bad and float(bad[0].split()[-1]) >= 1
+    assert "twotower_request_seconds_bucket" in text and "twotower_bundle_age_seconds" in text
+
+
+def test_beyond_localhost_a_token_is_asked_for(built, tmp_path):
+    """Binding elsewhere without a token (or serve.insecure=true) does not start; with a token every endpoint but
+    /health asks for it."""
+    bundle = built["base"] / "int8" / "output"
+    out = subprocess.run([sys.executable, "-m", "trainer.serve", f"serve.bundle={bundle}", "serve.host=0.0.0.0",
+                          f"hydra.run.dir={tmp_path / 'exposed'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in __import__("os").environ.items()
+                                           if k != "TWOTOWER_SERVE_TOKEN"})
+    assert out.returncode != 0 and "TWOTOWER_SERVE_TOKEN" in out.stderr + out.stdout
+    port = free_port()
+    env = {**__import__("os").environ, "TWOTOWER_SERVE_TOKEN": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"serve.bundle={bundle}", f"serve.port={port}",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if call(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert call(port, "/recommend", {"history": [1], "k": 3})[0] == 401
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=json.dumps({"history": [1], "k": 3}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        assert "s3cret" not in (tmp_path / "run" / "config.yaml").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -323,6 +323,9 @@ class ServeOptions:
     max_history: int = 1000  # articles in an ad-hoc history
     max_body_bytes: int = 262_144  # the request body
     reload_poll_s: float = 2.0  # how often a newly published bundle is looked for
+    # Binding beyond localhost needs a bearer token (read from the environment variable TWOTOWER_SERVE_TOKEN,
+    # never from a config that is written to the run directory) or this explicit opt-out
+    insecure: bool = False
     threads: int = 1  # torch threads: one query's small ops gain nothing from more, and lose under load
 
 

@@ -8,7 +8,11 @@
                      {"queries": [{"customer_id": "..."}, {"history": [...]}], "k": 12}   (a batch)
       -> {"results": [{"articles": [{"article_id", "title", "score"}], "cold_start", "reason",
                         "unknown_articles"}], "exclude_seen", "fingerprint", "bundle"}
-    GET /health, GET /version
+    GET /health, GET /version, GET /metrics (Prometheus)
+
+On localhost by default. Any other ``serve.host`` needs a bearer token, read from the environment
+(``TWOTOWER_SERVE_TOKEN``; every endpoint but /health then asks for ``Authorization: Bearer <token>``), or
+an explicit ``serve.insecure=true``: the service has no other access control.
 
 A bundle published later at the same path (trainer.bundle publishes whole, by rename) is picked up
 by a watcher thread: loaded and verified aside, then swapped in one assignment. A request reads the
@@ -33,6 +37,8 @@ import threading
 import time
 from typing import Optional
 
+import calendar
+import hmac
 import json
 from dataclasses import dataclass
 from typing import Annotated
@@ -40,7 +46,8 @@ from typing import Annotated
 import hydra
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 
@@ -192,11 +199,67 @@ def _no_constant(name: str):
     raise _NonFinite(f"{name} is not a number this service takes (JSON has no NaN or Infinity)")
 
 
-def create_app(live: LiveBundle, limits: Limits | int = Limits()) -> FastAPI:
+TOKEN_ENV = "TWOTOWER_SERVE_TOKEN"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+PATHS = ("/recommend", "/health", "/version", "/metrics")
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry): requests by path and status, latency, the served
+    bundle (digest, age) and reload failures."""
+
+    def __init__(self, live: LiveBundle):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("twotower_requests", "HTTP requests by path and status", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("twotower_request_seconds", "HTTP request latency", ["path"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        age = Gauge("twotower_bundle_age_seconds", "seconds since the served bundle was created",
+                    registry=self.registry)
+        age.set_function(lambda: time.time() - calendar.timegm(time.strptime(live.current.manifest["created"],
+                                                                              "%Y-%m-%dT%H:%M:%SZ")))
+        self.bundle = Gauge("twotower_bundle_info", "the served bundle (1) by digest, run fingerprint and day",
+                            ["digest", "fingerprint", "as_of"], registry=self.registry)
+        Gauge("twotower_bundle_reloads", "bundles loaded since the start", registry=self.registry).set_function(
+            lambda: live.loads)
+        Gauge("twotower_bundle_reload_failing", "1 while a published bundle failed to load",
+              registry=self.registry).set_function(lambda: float(live.failure is not None))
+        self.live, self._shown = live, None
+
+    def render(self) -> bytes:
+        b = self.live.current
+        if self._shown is not b:  # one labelled series: the bundle now served
+            self.bundle.clear()
+            self.bundle.labels(b.digest, b.fingerprint, b.manifest["as_of"]).set(1)
+            self._shown = b
+        return generate_latest(self.registry)
+
+
+def create_app(live: LiveBundle, limits: Limits | int = Limits(), token: str | None = None) -> FastAPI:
+    """The app over ``live``; with ``token``, every endpoint but /health asks for ``Authorization: Bearer``."""
     limits = Limits(max_batch=limits) if isinstance(limits, int) else limits
     max_batch = limits.max_batch
     app = FastAPI(title="two-tower retrieval", version="1")
+    metrics = Metrics(live)
     app.add_middleware(BoundedJson, max_body_bytes=limits.max_body_bytes)
+
+    @app.middleware("http")
+    async def measure(request, call_next):  # outermost: counts what the body check refused too
+        path = request.url.path if request.url.path in PATHS else "other"
+        t0 = time.perf_counter()
+        if token is not None and path != "/health" and not hmac.compare_digest(
+                request.headers.get("authorization", ""), f"Bearer {token}"):
+            response = JSONResponse({"detail": "a bearer token is needed (Authorization: Bearer ...)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -289,6 +352,10 @@ def main(cfg: DictConfig) -> None:
 
     start_run(cfg)
     sc = cfg.serve
+    token = os.environ.get(TOKEN_ENV) or None
+    if str(sc.host) not in LOOPBACK and token is None and not sc.insecure:
+        raise SystemExit(f"serve.host={sc.host} exposes the service beyond this machine: set a bearer token in "
+                         f"the environment ({TOKEN_ENV}=...), or serve.insecure=true to serve without one")
     torch.set_num_threads(int(sc.threads))
     live = LiveBundle(str(sc.bundle), sc.reload_poll_s).start()
     log.info("serving %s (digest %s; run %s step %s, fingerprint %s) on http://%s:%d", sc.bundle, live.current.digest,
@@ -296,7 +363,8 @@ def main(cfg: DictConfig) -> None:
     try:
         limits = Limits(int(sc.max_batch), int(sc.max_k), int(sc.max_results), int(sc.max_history),
                         int(sc.max_body_bytes))
-        uvicorn.run(create_app(live, limits), host=str(sc.host), port=int(sc.port), log_level="warning", workers=1)
+        uvicorn.run(create_app(live, limits, token), host=str(sc.host), port=int(sc.port), log_level="warning",
+                    workers=1)
     finally:
         live.stop()
 
