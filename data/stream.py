@@ -15,7 +15,7 @@ stream is data/loader.py, the per-id feature lookups data/tables.py. With ``extr
 ``(epoch, global batch) -> article ids`` that the trainer hands in (its mixed negatives:
 trainer/model/negatives.py ``UniformNegatives``), each batch also carries those catalogue articles as
 item-only rows, their features resolved in the loader worker like the batch's own. With ``item_ids``, a
-callable ``(epoch, global batch, articles) -> id feature values`` (the trainer's id dropout:
+callable ``(epoch, global batch, articles[, the rows' days]) -> id feature values`` (the trainer's id dropout:
 trainer/model/cold.py ``IdDropout``), the article_id feature of the batch's item rows is what it returns.
 How these become the model's input is the trainer's business (trainer/model/inputs.py); the stream knows features, not models
 or losses.
@@ -49,7 +49,7 @@ class ExampleStream(IterableDataset):
     def __init__(self, prepared: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_rows: int = 65_536, num_workers: int = 1, prefetch: int = 2,
                  extra_rows: Callable[[int, int], np.ndarray] | None = None,
-                 item_ids: Callable[[int, int, np.ndarray], np.ndarray] | None = None):
+                 item_ids: Callable[..., np.ndarray] | None = None):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -62,7 +62,7 @@ class ExampleStream(IterableDataset):
         self.prefetch = max(1, prefetch)  # windows read ahead, each on its own thread
         self.num_workers = max(1, num_workers)
         self.extra_rows = extra_rows  # (epoch, global batch) -> this rank's extra catalogue articles
-        self.item_ids = item_ids  # (epoch, global batch, articles) -> their article_id feature values
+        self.item_ids = item_ids  # (epoch, global batch, articles[, days]) -> their article_id feature values
         self.units, self.manifest = discover_units(prepared)
         self.tables = FeatureTables(self.manifest)
         self.history_len = self.manifest.history_len
@@ -126,7 +126,7 @@ class ExampleStream(IterableDataset):
                 pos = 0
                 while len(cols) - pos >= b:
                     rows, batch = cols.slice(pos, pos + b), int(ids[done])
-                    packed = rows.pack(keys, self._item_ids(epoch, batch, rows.article))
+                    packed = rows.pack(keys, self._item_ids(epoch, batch, rows.article, rows.day))
                     if self.extra_rows is not None:
                         extra = np.asarray(self.extra_rows(epoch, batch), np.int32)
                         packed.extra = columns_for(self.tables, np.zeros(len(extra), np.int32), extra,
@@ -142,8 +142,11 @@ class ExampleStream(IterableDataset):
         finally:  # also when the consumer stops early: no reader thread outlives the epoch
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _item_ids(self, epoch: int, batch: int, articles: np.ndarray) -> np.ndarray | None:
-        return None if self.item_ids is None else np.asarray(self.item_ids(epoch, batch, articles), np.int32)
+    def _item_ids(self, epoch: int, batch: int, articles: np.ndarray, days: np.ndarray | None = None):
+        if self.item_ids is None:
+            return None
+        out = self.item_ids(epoch, batch, articles) if days is None else self.item_ids(epoch, batch, articles, days)
+        return np.asarray(out, np.int32)
 
     def _window(self, plan: EpochPlan, window: Window, where: tuple) -> tuple[Columns, dict]:
         """Reads a window's row groups, keeps this (rank, worker)'s rows in the epoch's order and

@@ -87,3 +87,12 @@ def test_the_stream_hands_the_item_tower_the_dropped_ids_and_the_loss_the_real_o
     assert np.array_equal(fed, drop(0, 0, real)) and (fed == 0).any() and (real != 0).all()
     assert np.array_equal(batch.extra_item["article_id"].values().numpy(), drop(0, 0, np.arange(1, 65)))
     assert np.array_equal(batch.extra_ids.numpy(), np.arange(1, 65))
+
+
+def test_a_purchase_of_an_article_fresh_on_the_shelf_enters_without_its_id():
+    first = np.array([-1, 100, 90, 50, 103])
+    drop = IdDropout(0.0, seed=0, first_sold=first, fresh_days=7)
+    articles = np.array([1, 2, 3, 4, 1])
+    days = np.array([103, 103, 103, 103, 107])
+    assert drop(0, 0, articles, days).tolist() == [0, 2, 3, 0, 1]  # 1 first sold 3 days before; 4 that day
+    assert drop(0, 0, articles).tolist() == articles.tolist()  # item-only rows (no day): by rate alone

@@ -122,6 +122,9 @@ class ModelConfig:
     # is placed that way (trainer/model/cold.py). 0 / 0: off.
     id_dropout: float = 0.0
     cold_start_sales: int = 0
+    # ... and every purchase of an article first sold fewer than this many days before it enters without its
+    # id: a launch is learned as a never-sold article is scored (0: off)
+    fresh_days: int = 0
     query_mlp: list = field(default_factory=lambda: [256])
     item_mlp: list = field(default_factory=lambda: [256])
     output_dim: int = 64

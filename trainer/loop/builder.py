@@ -139,7 +139,9 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     set_determinism(dev)
     built = build(cfg, ds, dev)
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
-    id_dropout = IdDropout(float(cfg.model.id_dropout), loop.seed) if cfg.model.id_dropout > 0 else None
+    fresh = int(cfg.model.fresh_days)
+    id_dropout = IdDropout(float(cfg.model.id_dropout), loop.seed, first_sold(ds.url, n_items) if fresh else None,
+                           fresh) if cfg.model.id_dropout > 0 or fresh else None
     stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
                            shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
                            extra_rows=uniform if lc.mixed_negatives > 0 else None, item_ids=id_dropout)

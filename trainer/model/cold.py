@@ -40,13 +40,19 @@ def _uniform(seed: int, epoch: int, batch: int, articles: np.ndarray) -> np.ndar
 
 @dataclass(frozen=True)
 class IdDropout:
-    """The stream's ``item_ids`` hook: the article_id feature with a ``rate`` share of articles as OOV."""
+    """The stream's ``item_ids`` hook: the article_id feature with a ``rate`` share of articles as OOV; with
+    ``first_sold`` and ``fresh_days``, also every purchase (a row with its ``days``) of an article first sold
+    fewer than ``fresh_days`` days before it: a launch is learned as scoring will see one, by its features."""
 
     rate: float
     seed: int
+    first_sold: np.ndarray | None = None  # (catalogue,) first training purchase day, -1: none
+    fresh_days: int = 0
 
-    def __call__(self, epoch: int, batch: int, articles: np.ndarray) -> np.ndarray:
+    def __call__(self, epoch: int, batch: int, articles: np.ndarray, days: np.ndarray | None = None) -> np.ndarray:
         dropped = _uniform(self.seed, epoch, batch, articles) < self.rate
+        if days is not None and self.fresh_days > 0 and self.first_sold is not None:
+            dropped |= days.astype(np.int64) - self.first_sold[articles] < self.fresh_days
         return np.where(dropped, 0, articles).astype(np.int32)
 
 
