@@ -113,7 +113,7 @@ class Week:
                     f"index_dir={self.path('index')}", f"hydra.run.dir={self.path('evaluate')}"]
         if stage == "bundle":
             return [py, "-m", "trainer.bundle", *common, f"train_dir={self.path('train')}",
-                    f"hydra.run.dir={self.path('bundle')}"]
+                    f"index_dir={self.path('index')}", f"hydra.run.dir={self.path('bundle')}"]
         raise ValueError(stage)
 
 

@@ -197,7 +197,7 @@ def build_bundle(train_dir, out, *overrides):
     from trainer.parallel import distributed as D
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="bundle", overrides=[f"train_dir={train_dir}", "checkpoint=latest",
+        cfg = compose(config_name="bundle", overrides=[f"train_dir={train_dir}", "checkpoint=latest", "index_dir=null",
                                                        f"run_dir={out}", *overrides])
     try:
         return bundle(cfg, str(out))

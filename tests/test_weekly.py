@@ -63,6 +63,8 @@ def test_two_weeks_from_drops_to_a_served_bundle(tiny_drops, tmp_path):
         assert json.loads((chain / "chain.json").read_text())["weeks"] == ["week-01", "week-02"]
         evaluation = json.loads((chain / "week-02" / "evaluate" / "evaluation.json").read_text())
         assert set(evaluation["by_article_kind"]["two-tower"]) == {"never_sold", "new_28d", "older"}
+        served = json.loads((chain / "serving" / "output" / "manifest.json").read_text())["index"]
+        assert served["digest"] == evaluation["index"]["digest"] and served["nprobe"] == evaluation["index"]["nprobe"]
 
         for _ in range(300):  # the service swaps in the new week's bundle by itself
             now = call(port, "/version")[1]

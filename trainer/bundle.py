@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 
 from data import features, vocab
 from data.catalogue import ARTICLE_FEATURES
-from data.io import join, read_articles, read_table, write_json, write_parquet
+from data.io import join, read_articles, read_json, read_table, write_json, write_parquet
 from data.jagged import Jagged
 from data.prepare import read_interactions
 from data.runinfo import start_run
@@ -125,6 +125,27 @@ def choose_nprobe(tower, index, items: np.ndarray, history, cust_feats: np.ndarr
     return ivf.choose_nprobe(report, float(bc.target_recall), 12), report
 
 
+def index_stage_index(index_dir: str | None, run, art_ids: np.ndarray, items: np.ndarray):
+    """(index, its file, its report) of the index stage at ``index_dir`` when it indexes this run's checkpoint
+    with IVF-Flat (the bundle's vectors live in its index); None when there is none; an error when there is one
+    of another run, another kind or other articles (serving must not differ from what evaluate measured)."""
+    if not index_dir or not ivf.exists(index_dir):
+        return None
+    out = output_of(index_dir)
+    report = read_json(join(out, "index_report.json"))
+    ivf.check_matches(index_dir, run.fingerprint_id, run.step)
+    if report.get("kind") != "ivf_flat":
+        raise RuntimeError(f"{index_dir} is a {report.get('kind')} index; a bundle serves IVF-Flat (its vectors "
+                           "are the bundle's): index.kind=ivf_flat, or bundle index_dir=null to build its own")
+    index, ids = ivf.load(index_dir)
+    if not np.array_equal(ids, art_ids[1:]):
+        raise RuntimeError(f"{index_dir} holds other articles, or in another order, than the run's catalogue")
+    vectors = item_vectors(index)
+    if vectors.shape != items.shape or not np.allclose(vectors[1:], items[1:], atol=1e-5):
+        raise RuntimeError(f"{index_dir} holds other item vectors than the checkpoint gives")
+    return index, join(out, "index.faiss"), report
+
+
 def bundle(cfg: DictConfig, run_dir: str) -> dict:
     if D.world_size() > 1:
         raise RuntimeError("trainer.bundle runs in one process (python -m trainer.bundle)")
@@ -161,14 +182,20 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     arts = read_articles(ds.root)
     titles = dict(zip(arts["article_id"].to_pylist(), arts["prod_name"].to_pylist()))
     item_np = items.numpy()
-    index = ivf.build(item_np[1:], nlist=bc.nlist or None, use_gpu=None if bc.gpu is None else bool(bc.gpu),
-                      seed=bc.seed)
-    if not np.array_equal(item_vectors(index)[1:], item_np[1:]):  # the bundle keeps the vectors there only
-        raise RuntimeError("the IVF index does not hold the item vectors exactly")
     rank_feats = [list(embedder.tables.customer_features).index(f) for f in tower.feature_names]
     cust_feats = embedder.tables.customer[rank_feats] if rank_feats else np.zeros((0, ds.n_customers), np.int32)
     time_features = [float(v[0]) for v in features.time_of_year(np.array([day]))]
-    nprobe, sweep = choose_nprobe(tower, index, item_np, history, cust_feats, time_features, width, bc)
+    staged_index = index_stage_index(cfg.index_dir, run, art_ids, item_np)
+    if staged_index is not None:  # the index evaluate measured, at its nprobe: served as it is
+        index, index_file, index_info = staged_index
+        nprobe, sweep = int(index_info["nprobe"]), index_info.get("sweep", [])
+    else:
+        index = ivf.build(item_np[1:], nlist=bc.nlist or None, use_gpu=None if bc.gpu is None else bool(bc.gpu),
+                          seed=bc.seed)
+        if not np.array_equal(item_vectors(index)[1:], item_np[1:]):  # the bundle keeps the vectors there only
+            raise RuntimeError("the IVF index does not hold the item vectors exactly")
+        nprobe, sweep = choose_nprobe(tower, index, item_np, history, cust_feats, time_features, width, bc)
+        index_file, index_info = None, {}
     popular = features.best_sellers(a, d, day, len(art_ids), bc.popular)
 
     repeats = model.repeats
@@ -192,7 +219,11 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
             "article_id": pa.array(art_ids, pa.int64()),
             "title": pa.array([titles.get(int(x)) for x in art_ids], pa.string())}),  # vectors: in the index
             join(out, "items.parquet"))
-        faiss.write_index(index, os.path.join(out, "index.faiss"))
+        if index_file is not None:  # byte for byte: the same digest as the index stage's
+            shutil.copyfile(index_file, os.path.join(out, "index.faiss"))
+        else:
+            faiss.write_index(index, os.path.join(out, "index.faiss"))
+        index_digest = ivf.file_digest(os.path.join(out, "index.faiss"))
         files = {name: {"bytes": os.path.getsize(os.path.join(out, name)), "sha256": file_sha256(os.path.join(out, name))}
                  for name in sorted(os.listdir(out))}
         report = {
@@ -201,7 +232,8 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
             "int8": bool(bc.int8), "tower": {"features": tower.feature_names, "history_width": width,
                                               "time": time_features},
-            "scoring": terms, "exclude_seen": bool(bc.exclude_seen), "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep},
+            "scoring": terms, "exclude_seen": bool(bc.exclude_seen), "index": {"nlist": int(index.nlist), "nprobe": nprobe, "sweep": sweep, "digest": index_digest,
+                                 "source": str(cfg.index_dir) if index_file is not None else "built by the bundle"},
             "popular": [int(x) for x in popular], "customers": ds.n_customers, "articles": int(len(art_ids) - 1),
             "catalogue": catalogue_info, "files": files}
         write_json(report, join(out, MANIFEST))

@@ -311,6 +311,9 @@ class BundleOptions:
 class BundleJob(StageConfig):
     train_dir: str = "${paths.runs}/${data.name}/train"
     checkpoint: Which = Which.selected
+    # The index stage's index (IVF-Flat) and nprobe, which evaluate measured, are what the bundle serves when
+    # it was built from this run's checkpoint; null, or none there: the bundle builds its own
+    index_dir: Optional[str] = "${paths.runs}/${data.name}/index"
     bundle: BundleOptions = field(default_factory=BundleOptions)
 
 

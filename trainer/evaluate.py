@@ -187,6 +187,10 @@ def run(cfg) -> dict:
     if ec.sampled_negatives and "two-tower" in rankings:
         report["sampled_optimistic"] = sampled_protocol(cfg.export_dir, customers, targets,
                                                         ec.sampled_negatives, ec.seed, manifest_n_items, str(ec.period))
+    if "two-tower" in rankings and cfg.index_dir and ix.exists(cfg.index_dir):  # the index the model was ranked by
+        r = read_json(join(output_of(cfg.index_dir), "index_report.json"))
+        report["index"] = {"dir": str(cfg.index_dir), "digest": r.get("digest") or ix.file_digest(
+            join(output_of(cfg.index_dir), "index.faiss")), "kind": r.get("kind"), "nprobe": r.get("nprobe")}
     report["pictures"] = pictures(cfg, rankings, targets, model_run)
     write_json(report, join(cfg.run_dir, "evaluation.json"))
     md = markdown(report, ec.ks)

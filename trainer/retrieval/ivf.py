@@ -12,6 +12,8 @@ names the export (so the train run, step and fingerprint) it was built from.
 
 from __future__ import annotations
 
+import hashlib
+
 import functools
 import logging
 import math
@@ -149,13 +151,22 @@ def choose_nprobe(rows: list[dict], target: float, k: int = 12) -> int:
 def save(index: faiss.Index, article_ids: np.ndarray, run_dir: str, report: dict) -> None:
     """``index.faiss`` (CPU), ``index_ids.parquet`` (row -> article_id) and ``index_report.json`` (the
     commit mark), published together under ``<run_dir>/output``."""
+    data = faiss.serialize_index(index).tobytes()
+    report = {**report, "digest": hashlib.sha256(data).hexdigest()[:16]}  # what evaluate and the bundle name
     with staged(output_of(run_dir), "index_report.json") as out:
         fs, path = fs_and_path(join(out, "index.faiss"))
         with fs.open(path, "wb") as f:
-            f.write(faiss.serialize_index(index).tobytes())
+            f.write(data)
         write_parquet(pa.table({"row": pa.array(np.arange(len(article_ids)), pa.int64()),
                                 "article_id": pa.array(article_ids, pa.int64())}), join(out, "index_ids.parquet"))
         write_json(report, join(out, "index_report.json"))
+
+
+def file_digest(path: str) -> str:
+    """The digest of an index file as the index stage records it (``index_report.json`` ``digest``)."""
+    fs, p = fs_and_path(path)
+    with fs.open(p, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def exists(run_dir: str) -> bool:
