@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the server's serve.threads)")
     ap.add_argument("--customers", type=int, default=0, help="validation customers sampled (0: all)")
+    ap.add_argument("--clients", default="8,32", help="concurrent HTTP clients to measure, comma-separated")
+    ap.add_argument("--concurrent-requests", type=int, default=2000, help="one-customer requests per client count")
     args = ap.parse_args()
     train = pathlib.Path(args.train or ROOT / "runs" / args.data / "train").resolve()
     out = pathlib.Path(args.out or ROOT / "runs" / args.data / "bench-serve").resolve()
@@ -163,6 +165,10 @@ def main() -> None:
         rows["bundle int8, over HTTP (IVF)"] = {"p50/p99": percentiles(timed(lambda body: http(port, body), single)),
                                                 "qps": len(raw) / sum(timed(lambda body: http(port, body), batches)),
                                                 "peak_mb": server_peak_mb(proc.pid)}
+        spread = [{"customer_id": raw[i], "k": 12, "exclude_seen": False} for i in range(len(raw))]
+        for n in [int(c) for c in str(args.clients).split(",") if c]:
+            got = concurrent(port, spread, n, args.concurrent_requests)
+            rows[f"bundle int8, over HTTP, {n} clients (IVF)"] = {**got, "peak_mb": server_peak_mb(proc.pid)}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -175,7 +181,8 @@ def main() -> None:
           "|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         p50, p99 = r["p50/p99"]
-        print(f"| {name} | {p50:.2f} | {p99:.2f} | {r['qps']:,.0f} | {fmt(r.get('recall@12'))} | "
+        errors = f" ({r['errors']} errors)" if r.get("errors") is not None else ""
+        print(f"| {name}{errors} | {p50:.2f} | {p99:.2f} | {r['qps']:,.0f} | {fmt(r.get('recall@12'))} | "
               f"{fmt(r.get('map@12'))} | {fmt(r.get('peak_mb'), '.0f')} | {fmt(r.get('load_s'), '.1f')} |")
     ck = du(checkpoint)
     parts = {name: parts_mb(path) for name, path in bundles.items()}
@@ -185,6 +192,50 @@ def main() -> None:
     for part in parts["int8"]:
         print(f"| {part} | " + " | ".join(f"{p[part]:.1f} | {p[part] * 1e6 / ck:.3f}" for p in parts.values()) + " |")
     (out / "serve.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def concurrent(port: int, bodies: list[dict], clients: int, total: int) -> dict:
+    """``clients`` threads, each on its own kept-alive connection, send ``total`` one-customer requests between
+    them as fast as answers come: each request's latency, the requests per second, the non-200 answers."""
+    import http.client
+    import queue
+    import threading
+
+    work: queue.Queue = queue.Queue()
+    for i in range(total):
+        work.put(json.dumps(bodies[i % len(bodies)]).encode())
+    seconds, errors, lock = [], [0], threading.Lock()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            try:
+                body = work.get_nowait()
+            except queue.Empty:
+                break
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/recommend", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+            except OSError:
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            with lock:
+                seconds.append(time.perf_counter() - t0)
+                errors[0] += int(not ok)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"p50/p99": percentiles(seconds), "qps": total / wall, "errors": errors[0], "clients": clients}
 
 
 def parts_mb(bundle: pathlib.Path) -> dict[str, float]:
