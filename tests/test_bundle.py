@@ -101,6 +101,10 @@ def test_cold_starts_unknown_articles_and_bad_requests(built):
     b = load(built)
     answer = b.recommend(customer_ids=["no-such-customer"], k=5)
     assert answer.cold_start == [True] and answer.article_ids[0] == b.article_ids[b.popular[:5]].tolist()
+    n = len(b.popular)
+    longer = b.recommend(customer_ids=["nobody"], k=n + 20)  # past the list of best sellers: still a cold start
+    assert longer.cold_start == [True] and longer.article_ids[0][:n] == b.article_ids[b.popular].tolist()
+    assert len(set(longer.article_ids[0])) == n + 20
     known = int(b.article_ids[1])
     answer = b.recommend(histories=[[known, 999_999_999_999, known], [123_456_789_012]], k=5, exclude_seen=False)
     assert answer.unknown_articles == [1, 1] and answer.cold_start == [False, True]

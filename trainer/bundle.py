@@ -25,9 +25,11 @@ Written whole (data/staging.py) into ``<run dir>/output/``:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import sys
 import time
 from importlib import metadata
 
@@ -240,6 +242,7 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     size = sum(f["bytes"] for f in files.values())
     warm = np.flatnonzero(history.lengths() > 0)
     report["example_customer"] = str(columns["customer_id"][int(warm[0])]) if len(warm) else None
+    report["example_history"] = [int(art_ids[r]) for r in history.row(int(warm[0]))[-2:]] if len(warm) else []
     log.info("bundle of run %s step %d (fingerprint %s, %s tables) as of %s: %.1f MB in %s", run.train_dir,
              run.step, run.fingerprint_id, "INT8" if bc.int8 else "fp32", report["as_of"], size / 1e6, out_dir)
     return report
@@ -285,9 +288,13 @@ def main(cfg: DictConfig) -> dict:
         report = bundle(cfg, run_dir)
     finally:
         D.shutdown()
-    log.info("serve it:  python -m trainer.serve data=%s serve.bundle=%s", cfg.data.name, output_of(run_dir))
+    log.info("serve it:  %s -m trainer.serve data=%s serve.bundle=%s", sys.executable, cfg.data.name,
+             output_of(run_dir))
     log.info("ask it:    curl -s localhost:8000/recommend -H 'Content-Type: application/json' "
              "-d '{\"customer_id\": \"%s\", \"k\": 12}'", report["example_customer"])
+    if report.get("example_history"):
+        log.info("or:        curl -s localhost:8000/recommend -H 'Content-Type: application/json' "
+                 "-d '{\"history\": %s, \"k\": 12}'", json.dumps(report["example_history"]))
     return report
 
 

@@ -4,7 +4,7 @@
     python -m trainer.serve serve.bundle=/srv/bundle serve.port=9000
 
     POST /recommend  {"customer_id": "...", "k": 12, "exclude_seen": true}  (exclude_seen: the bundle's default)
-                     {"history": [706016001, 372860001], "k": 12}          (raw article ids, oldest first)
+                     {"history": [604869002, 564440002], "k": 12}          (raw article ids, oldest first)
                      {"queries": [{"customer_id": "..."}, {"history": [...]}], "k": 12}   (a batch)
       -> {"results": [{"articles": [{"article_id", "title", "score"}], "cold_start", "reason",
                         "unknown_articles"}], "exclude_seen", "fingerprint", "bundle"}

@@ -117,6 +117,7 @@ class Bundle:
         self.bonus = np.asarray(again["bonus"], np.float32) if again else None
         self.temperature = again["temperature"] if again and again["mixture"] else None
         self.popular = np.asarray(manifest["popular"], np.int64)
+        self._cold_list()
         self.exclude_seen = bool(manifest["exclude_seen"])  # what a request that does not say gets
         self._rankers()
 
@@ -249,6 +250,11 @@ class Bundle:
             vectors = np.c_[vectors, np.full(len(vectors), info["new_article_score"], np.float32)]
         return vectors.astype(np.float32)
 
+    def _cold_list(self) -> None:
+        """The cold-start ranking of every article: the last week's best sellers, then the rest in row order."""
+        rest = np.setdiff1d(np.arange(1, len(self.article_ids)), self.popular)
+        self.cold_list = np.r_[self.popular, rest].astype(np.int64)
+
     def add_articles(self, articles: pa.Table) -> int:
         """Appends the catalogue rows whose article_id the bundle does not know (placed by
         :meth:`place_articles`) to its articles and index; returns how many. In memory: trainer/bundle.py
@@ -270,6 +276,7 @@ class Bundle:
         self.titles = self.titles + titles
         order = np.argsort(self.article_ids[1:], kind="stable")
         self._sorted_articles, self._article_rows = self.article_ids[1:][order], order + 1
+        self._cold_list()
         return int(len(fresh))
 
     def title(self, article_id: int) -> str | None:
@@ -321,13 +328,9 @@ class Bundle:
             history = Jagged.from_lengths(np.bincount(raw.owners()[known], minlength=len(raw)), mapped[known])
             seen, rows = history, np.zeros(len(raw), np.int64)
             cold = history.lengths() == 0
-        ranked = np.tile(self.popular[:k], (len(rows), 1)) if len(self.popular) >= k else None
+        ranked = np.tile(self.cold_list[:k], (len(rows), 1))  # a cold start at any k: the same list, longer
         scores = np.full((len(rows), k), np.nan, np.float32)
         warm = np.flatnonzero(~cold)
-        if ranked is None:
-            ranked = np.zeros((len(rows), k), np.int64)
-            warm = np.arange(len(rows))
-            cold = np.zeros(len(rows), bool)
         if len(warm):
             q, levels = self.queries(rows[warm], history.take(warm))
             top = self.top_k(q, k, seen.take(warm) if exclude_seen else None,
