@@ -53,8 +53,9 @@ from trainer.loop.runs import load_run
 from trainer.model.towers import unwrap
 from trainer.parallel import distributed as D
 from trainer.retrieval import ivf
+from trainer.retrieval.rerank import padded
 from trainer.retrieval.search import seen_lists
-from trainer.serving.bundle import FORMAT, MANIFEST, Bundle, file_sha256, item_vectors, padded
+from trainer.serving.bundle import FORMAT, MANIFEST, Bundle, file_sha256, item_vectors
 from trainer.serving.tower import ServingItemTower, ServingQueryTower, export_item_program, export_program
 
 log = logging.getLogger(__name__)

@@ -8,16 +8,23 @@ import numpy as np
 from data.jagged import Jagged
 
 
+def padded(history: Jagged, width: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, width) each row's last entries (``history`` holds them oldest first), newest first, ``pad`` past a
+    row's history, and how many are real: the one way a customer's history is read newest first on the host
+    (the query tower's input, buying again's positions)."""
+    lengths = np.minimum(history.lengths(), width)
+    p = np.arange(width)
+    at = history.offsets[1:, None] - 1 - p[None, :]
+    values = np.r_[np.asarray(history.values, np.int64), pad]
+    out = np.where(p[None, :] < lengths[:, None], values[np.clip(at, 0, len(values) - 1)], pad)
+    return out.astype(np.int64), lengths.astype(np.int64)
+
+
 def newest_first(history: Jagged, positions: int) -> np.ndarray:
     """(n, positions) the last articles of each row (oldest first in ``history``), newest first, -1 past a
     row's history; a repeat of a newer position is -1 too."""
-    offsets, values = history.offsets, history.values
     n = len(history)
-    lengths = history.lengths()
-    p = np.arange(positions)
-    at = np.clip(offsets[1:, None] - 1 - p[None, :], 0, None)
-    padded = np.r_[np.asarray(values, np.int64), -1]  # the last: what an empty history points at
-    out = np.where(p[None, :] < lengths[:, None], padded[np.minimum(at, len(padded) - 1)], -1)
+    out, _ = padded(history, positions, pad=-1)
     out[out <= 0] = -1  # the OOV article is no article
     dup = (out[:, :, None] == out[:, None, :]) & np.tri(positions, k=-1, dtype=bool)[None]
     out[dup.any(2)] = -1

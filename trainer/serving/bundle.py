@@ -32,6 +32,7 @@ import torch
 from data import catalogue
 from data.jagged import Jagged
 from trainer.retrieval.ranker import BuyingAgain, Queries, Ranker
+from trainer.retrieval.rerank import padded
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: item vectors held by the index only; bought articles as ``older`` beside ``history``
@@ -61,16 +62,6 @@ def item_vectors(index) -> np.ndarray:
         raise BundleError(f"the bundle's index is {type(index).__name__}; the item vectors need an IVF-Flat index")
     index.make_direct_map()
     return np.r_[np.zeros((1, index.d), np.float32), index.reconstruct_n(0, index.ntotal)]
-
-
-def padded(history: Jagged, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, width) each row's last entries, newest first, 0-padded, and how many are real."""
-    lengths = np.minimum(history.lengths(), width)
-    p = np.arange(width)
-    at = history.offsets[1:, None] - 1 - p[None, :]
-    values = np.r_[np.asarray(history.values, np.int64), 0]
-    out = np.where(p[None, :] < lengths[:, None], values[np.clip(at, 0, len(values) - 1)], 0)
-    return out.astype(np.int64), lengths.astype(np.int64)
 
 
 @dataclass
