@@ -108,8 +108,10 @@ def main() -> None:
     val_day = np.unique(table["day"].to_numpy())
     assert len(val_day) == 1, "the bench compares on a week split's validation customers (one day)"
     # bundles as of the validation day: the customers' histories the Retriever is given below
+    index_dir = pathlib.Path(train).parent / "index"  # the index stage's beside the run (as launch/run.sh leaves it)
+    index = f"index_dir={index_dir}" if (index_dir / "output" / "index.faiss").exists() else "index_dir=null"
     for name, int8 in (("fp32", "false"), ("int8", "true")):
-        run(["-m", "trainer.bundle", f"data={args.data}", f"train_dir={train}", f"bundle.int8={int8}",
+        run(["-m", "trainer.bundle", f"data={args.data}", f"train_dir={train}", f"bundle.int8={int8}", index,
              f"bundle.as_of={np.datetime64(int(val_day[0]), 'D')}", f"hydra.run.dir={out / name}"])
     bundles = {name: out / name / "output" for name in ("fp32", "int8")}
     customers = table["customer_idx"].to_numpy()
