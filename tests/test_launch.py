@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,11 @@ def test_run_sh_runs_every_stage(tmp_path):
         assert (tmp_path / "runs" / "tiny" / stage / "config.yaml").exists(), stage
     bundle = json.loads((tmp_path / "runs" / "tiny" / "bundle" / "output" / "manifest.json").read_text())
     assert bundle["int8"] and set(bundle["files"]) == {"query_tower.pt2", "customers.parquet", "items.parquet",
-                                                       "index.faiss"}
-    assert "python -m trainer.serve data=tiny serve.bundle=" in proc.stdout and "curl -s localhost:8000" in proc.stdout
+                                                       "index.faiss", "item_tower.pt2", "article_vocab.parquet"}
+    evaluation = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.json").read_text())
+    assert bundle["index"]["digest"] == evaluation["index"]["digest"]  # served what evaluate measured
+    assert f"{sys.executable} -m trainer.serve data=tiny serve.bundle=" in proc.stdout
+    assert "curl -s localhost:8000" in proc.stdout
     table = (tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.md").read_text()
     assert "| two-tower |" in table and "| repurchase + popularity |" in table
     assert "| two-tower |" in proc.stdout  # the table is printed at the end
