@@ -328,6 +328,7 @@ class ServeOptions:
     max_results: int = 25_600  # queries x k per request
     max_history: int = 1000  # articles in an ad-hoc history
     max_body_bytes: int = 262_144  # the request body
+    max_concurrency: int = 64  # requests in flight at once; more are a 429 at once rather than a queue
     reload_poll_s: float = 2.0  # how often a newly published bundle is looked for
     # Binding beyond localhost needs a bearer token (read from the environment variable TWOTOWER_SERVE_TOKEN,
     # never from a config that is written to the run directory) or this explicit opt-out

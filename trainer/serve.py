@@ -27,7 +27,7 @@ Bad input is refused before any work, naming what is wrong: a body over ``serve.
 ``serve.max_history`` articles is a 413; malformed JSON, NaN or Infinity, a wrong type (strict: ``k`` an
 integer, not ``true`` or ``12.0``; ``exclude_seen`` a boolean, not ``"yes"``), an unknown field, an article id
 outside int64, k outside 1..``serve.max_k`` or the catalogue, a customer id longer than any the bundle holds or
-holding NUL or unpaired surrogates is a 422. An unknown customer gets the cold-start list (``cold_start``,
+holding NUL or unpaired surrogates is a 422; more than ``serve.max_concurrency`` requests in flight a 429. An unknown customer gets the cold-start list (``cold_start``,
 ``reason``); unknown articles in a history are ignored and counted (``unknown_articles``).
 """
 
@@ -144,6 +144,7 @@ class Limits:
     max_results: int = 25_600
     max_history: int = 1000
     max_body_bytes: int = 262_144
+    max_concurrency: int = 64
 
 
 def _reject(status: int, detail: str):
@@ -243,6 +244,8 @@ def create_app(live: LiveBundle, limits: Limits | int = Limits(), token: str | N
     metrics = Metrics(live)
     app.add_middleware(BoundedJson, max_body_bytes=limits.max_body_bytes)
 
+    in_flight = [0]  # requests being answered (one event loop: no lock needed)
+
     @app.middleware("http")
     async def measure(request, call_next):  # outermost: counts what the body check refused too
         path = request.url.path if request.url.path in PATHS else "other"
@@ -251,8 +254,16 @@ def create_app(live: LiveBundle, limits: Limits | int = Limits(), token: str | N
                 request.headers.get("authorization", ""), f"Bearer {token}"):
             response = JSONResponse({"detail": "a bearer token is needed (Authorization: Bearer ...)"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        elif in_flight[0] >= limits.max_concurrency and path != "/health":
+            response = JSONResponse({"detail": f"more than serve.max_concurrency={limits.max_concurrency} "
+                                               "requests in flight; try again"}, status_code=429,
+                                    headers={"Retry-After": "1"})
         else:
-            response = await call_next(request)
+            in_flight[0] += 1
+            try:
+                response = await call_next(request)
+            finally:
+                in_flight[0] -= 1
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - t0)
         return response
@@ -362,7 +373,7 @@ def main(cfg: DictConfig) -> None:
              live.current.manifest["run"], live.current.manifest["step"], live.current.fingerprint, sc.host, sc.port)
     try:
         limits = Limits(int(sc.max_batch), int(sc.max_k), int(sc.max_results), int(sc.max_history),
-                        int(sc.max_body_bytes))
+                        int(sc.max_body_bytes), int(sc.max_concurrency))
         uvicorn.run(create_app(live, limits, token), host=str(sc.host), port=int(sc.port), log_level="warning",
                     workers=1)
     finally:

@@ -103,9 +103,12 @@ def load_run(train_dir: str, which: str = "selected", device: str = "auto") -> t
     loaded = manager.load(only={"model"}, step=found.step)
     if loaded is None:
         raise FileNotFoundError(f"{folder}: no readable checkpoint")
-    info = RunInfo(train_dir, loaded.path, loaded.step, manager.fp_id, data_digest(manifest))
+    # the fingerprint id the checkpoint was written with: an export, index or bundle names the run so, whatever
+    # settings the schema gained since (a recomputed id would change with every new setting)
+    info = RunInfo(train_dir, loaded.path, loaded.step, loaded.info.get("fingerprint_id") or manager.fp_id,
+                   data_digest(manifest))
     if dist_.rank == 0:
         log.info("loaded run %s: the %s checkpoint, step %d, from %s (fingerprint %s)", train_dir, which,
-                 loaded.step, loaded.path, manager.fp_id)
+                 loaded.step, loaded.path, info.fingerprint_id)
     return Embedder(built.model, built.keys, manifest, dist_.device, temperature=cfg.loss.temperature,
                     cold_start_sales=int(cfg.model.cold_start_sales)), info
