@@ -131,8 +131,7 @@ def main() -> None:
     def training_code(at):
         at = np.asarray(at)
         q = embedder.queries(customers[at], days[at], history.take(at))
-        levels = embedder.repeat_level(q, retriever.items)
-        return retriever.top_k(q, 12, recent=history.take(at), levels=levels)
+        return retriever.rank(embedder.as_queries(q, retriever.items), 12, recent=history.take(at))
 
     ranked = np.concatenate([training_code(b) for b in full])
     rows["Retriever in the training code (exact)"] = {

@@ -40,6 +40,11 @@ class TinyEmbedder:
         rows = [int(np.flatnonzero((self.query_vectors == row).all(1))[0]) for row in q.numpy()]
         return self.level[rows]
 
+    def as_queries(self, q, items, levels=True):
+        from trainer.retrieval.ranker import Queries
+
+        return Queries(q, self.repeat_level(q, items) if levels else None)
+
     def eval_rows(self, period):
         return self.table
 

@@ -35,6 +35,7 @@ from trainer.evaluation.metrics import recall_curve
 from trainer.evaluation.validation import list_column, training_purchases
 from trainer.loop.fingerprint import data_digest
 from trainer.retrieval import ivf as ix
+from trainer.retrieval.ranker import Queries
 from trainer.retrieval.retriever import Retriever
 from trainer.retrieval.search import drop_seen
 
@@ -74,9 +75,9 @@ def model_ranking(export_dir: str, customers: np.ndarray, index_dir: str | None,
     out = np.empty((len(customers), k), np.int64)
     for lo in range(0, len(customers), 8192):
         rows = np.arange(lo, min(lo + 8192, len(customers)))
-        out[rows] = retriever.top_k(users[at[rows]], k, seen=seen.take(rows) if seen is not None else None,
-                                    recent=history.take(rows) if history is not None else None,
-                                    levels=None if levels is None else levels[rows])
+        out[rows] = retriever.rank(Queries(users[at[rows]], None if levels is None else levels[rows]), k,
+                                   seen=seen.take(rows) if seen is not None else None,
+                                   recent=history.take(rows) if history is not None else None)
     return out, retriever.how
 
 

@@ -80,8 +80,8 @@ def recommend(cfg: DictConfig, run_dir: str) -> dict:
         recent = history.take(rows)
         q = embedder.queries(cust_idx[rows], np.full(len(rows), day), recent)
         own = seen.take(rows) if seen is not None else None
-        levels = embedder.repeat_level(q, retriever.items) if retriever.buys_again(own) else None
-        idx = retriever.top_k(q, rc.k, seen=own, recent=recent, levels=levels)
+        idx = retriever.rank(embedder.as_queries(q, retriever.items, levels=retriever.buys_again(own)), rc.k, own,
+                             recent)
         ranked[rows] = np.clip(idx, 0, None)
 
     counts = {"customers": int(len(cust_idx)), "model": int(len(warm)), "cold_unknown_id": int(unknown.sum()),

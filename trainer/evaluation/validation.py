@@ -54,8 +54,7 @@ def ranking(embedder: Embedder, table, k_max: int, check_stop: Callable[[], None
     for rows, q in embedder.query_chunks(table):
         own = seen.take(rows) if seen is not None else None
         recent = history.take(rows) if history is not None else None
-        levels = embedder.repeat_level(q, retriever.items) if recent is not None else None
-        top = retriever.top_k(q, k_max, seen=own, recent=recent, levels=levels)
+        top = retriever.rank(embedder.as_queries(q, retriever.items, levels=recent is not None), k_max, own, recent)
         ranked.append(torch.from_numpy(top).reshape(len(rows), k_max))
         done.append(rows)
         if check_stop:

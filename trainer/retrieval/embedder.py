@@ -25,6 +25,7 @@ from data.tables import FeatureTables
 from trainer.model.cold import cold_articles, scoring_ids
 from trainer.model.inputs import model_input
 from trainer.model.towers import unwrap
+from trainer.retrieval.ranker import Queries
 from trainer.parallel import distributed as D
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class Embedder:
     def repeat_mixture(self) -> bool:
         """Whether buying again scores as the mixture (a level per customer) rather than a bonus."""
         return self.repeats is not None and self.repeats.mixture
+
+    def as_queries(self, q: torch.Tensor, items: torch.Tensor, levels: bool = True) -> Queries:
+        """Scoring vectors ``q`` as the ranker reads them: with each one's buying-again level (the mixture;
+        ``levels=False`` when the ranking will not read them, e.g. bought articles left out)."""
+        return Queries(q, self.repeat_level(q, items) if levels else None)
 
     def repeat_level(self, q: torch.Tensor, items: torch.Tensor) -> np.ndarray | None:
         """(n,) each query's buying-again level (trainer/model/repeats.py), in score units, from its scoring

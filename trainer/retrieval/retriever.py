@@ -99,6 +99,10 @@ class Retriever:
 
     # ------------------------------------------------------------ ranking
 
+    def rank(self, queries: Queries, k: int, seen: Jagged | None = None, recent: Jagged | None = None) -> np.ndarray:
+        """(n, k) article rows, best first (-1 past the catalogue): :meth:`Ranker.top_k`."""
+        return self.ranker.top_k(queries, k, seen, recent)
+
     def top_k(self, queries: torch.Tensor | np.ndarray, k: int, seen: Jagged | None = None, recent: Jagged | None = None,
               levels: np.ndarray | None = None) -> np.ndarray:
         """(n, k) article rows, best first (-1 past the catalogue): :meth:`Ranker.top_k` of the queries'
