@@ -368,3 +368,39 @@ def test_more_requests_in_flight_than_allowed_get_a_429(built, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_concurrent_requests_are_answered_together_and_each_as_alone(built):
+    """The batcher answers the queries of requests in flight in one call per kind: each request's answer equals
+    the bundle's answer to it alone, and under load fewer model calls than requests are made."""
+    from conftest import load
+
+    from trainer.serve import Batcher
+
+    b = load(built)
+    calls = []
+    original = b.recommend
+
+    def counted(**kw):
+        calls.append(len(kw.get("customer_ids") or kw.get("histories")))
+        if len(calls) == 1:
+            time.sleep(0.5)  # the first round is slow: the other requests queue behind it meanwhile
+        return original(**kw)
+
+    b.recommend = counted
+    ids = raw_customer_ids(built)[:40]
+    batcher = Batcher(max_queries=64)
+    got = {}
+
+    def ask(i):
+        got[i] = batcher.recommend(b, "customer_id", [ids[i]], 6, False).article_ids[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.recommend = original
+    want = original(customer_ids=ids, k=6, exclude_seen=False).article_ids
+    assert [got[i] for i in range(len(ids))] == want
+    assert sum(calls) == len(ids) and len(calls) <= 3  # the first alone, the rest together
