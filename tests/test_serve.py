@@ -197,6 +197,25 @@ def test_a_bundle_that_fails_to_load_leaves_the_old_one_serving_and_health_says_
     assert health["digest"] == Bundle.load(str(path)).digest != before["digest"]
 
 
+def serve(bundle, run_dir, *overrides: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """``python -m trainer.serve`` of ``bundle`` on a free localhost port, once /health answers: (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"serve.bundle={bundle}", f"serve.port={port}",
+                             *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if call(port, "/health")[0] == 200:
+                return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("the server did not answer /health in 2 minutes")
+
+
 def declared_only(port: int, length: int) -> tuple[int, dict]:
     """A POST that declares ``length`` bytes and sends none: the answer must not wait for them."""
     import http.client
@@ -313,18 +332,8 @@ def test_beyond_localhost_a_token_is_asked_for(built, tmp_path):
                          timeout=120, env={k: v for k, v in __import__("os").environ.items()
                                            if k != "TWOTOWER_SERVE_TOKEN"})
     assert out.returncode != 0 and "TWOTOWER_SERVE_TOKEN" in out.stderr + out.stdout
-    port = free_port()
-    env = {**__import__("os").environ, "TWOTOWER_SERVE_TOKEN": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"serve.bundle={bundle}", f"serve.port={port}",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = serve(bundle, tmp_path / "run", env={**__import__("os").environ, "TWOTOWER_SERVE_TOKEN": "s3cret"})
     try:
-        for _ in range(600):
-            try:
-                if call(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         assert call(port, "/recommend", {"history": [1], "k": 3})[0] == 401
         req = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=json.dumps({"history": [1], "k": 3}).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
@@ -340,17 +349,8 @@ def test_more_requests_in_flight_than_allowed_get_a_429(built, tmp_path):
     """serve.max_concurrency=1 and slow requests (a batch of 8 at the largest k): some of 6 clients at once are
     told 429 naming the setting, the others answered; none fails otherwise."""
     bundle = built["base"] / "int8" / "output"
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"serve.bundle={bundle}", f"serve.port={port}",
-                             "serve.max_concurrency=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = serve(bundle, tmp_path / "run", "serve.max_concurrency=1")
     try:
-        for _ in range(600):
-            try:
-                if call(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         from trainer.serving.bundle import Bundle
 
         b = Bundle.load(str(bundle))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import ROOT
-from test_serve import call, free_port
+from test_serve import call, serve
 
 pytestmark = pytest.mark.slow
 TRAIN = "experiment=debug trainer.max_steps=8"
@@ -33,18 +33,8 @@ def test_two_weeks_from_drops_to_a_served_bundle(tiny_drops, tmp_path):
     one = json.loads((chain / "week-01" / "train" / "metrics.json").read_text())
     assert one["warm_start"] is None  # the first week trains from zero
 
-    port = free_port()
-    served = chain / "serving" / "output"
-    server = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"serve.bundle={served}", f"serve.port={port}",
-                               "serve.reload_poll_s=0.2", f"hydra.run.dir={tmp_path / 'serve'}"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = serve(chain / "serving" / "output", tmp_path / "serve", "serve.reload_poll_s=0.2")
     try:
-        for _ in range(600):
-            try:
-                if call(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         before = call(port, "/version")[1]
         assert before["run"].endswith("week-01/train")
 
