@@ -102,6 +102,15 @@ class EventLog:
         return Jagged(offsets, self.article[pos])
 
 
+def first_sale_days(a: np.ndarray, d: np.ndarray, n_items: int) -> np.ndarray:
+    """(catalogue,) int32 the day of each article's first purchase among the given rows; -1 for none."""
+    out = np.full(n_items, -1, np.int32)
+    order = np.argsort(d, kind="stable")
+    articles, first = np.unique(a[order], return_index=True)
+    out[articles] = d[order][first]
+    return out
+
+
 def best_sellers(article: np.ndarray, day: np.ndarray, before: int, n_articles: int, k: int,
                  days: int = 7) -> np.ndarray:
     """The ``k`` most bought article rows in the ``days`` before day ``before`` (ties by row; never the OOV

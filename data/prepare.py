@@ -196,15 +196,6 @@ def eval_set(c: np.ndarray, a: np.ndarray, d: np.ndarray, rows: np.ndarray, quer
     })
 
 
-def first_sale_days(a: np.ndarray, d: np.ndarray, n_items: int) -> np.ndarray:
-    """(catalogue,) int32 the day of each article's first purchase among the given rows; -1 for none."""
-    out = np.full(n_items, -1, np.int32)
-    order = np.argsort(d, kind="stable")
-    articles, first = np.unique(a[order], return_index=True)
-    out[articles] = d[order][first]
-    return out
-
-
 def within_day(data_cfg, cfg) -> bool:
     """Whether histories include the day's earlier rows: prepare.history_within_day, else data.sessions."""
     if cfg.history_within_day is not None:
@@ -264,7 +255,7 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
         raise ValueError(f"split {split_cfg.protocol}: no training rows")
     train_log = features.EventLog(c[train_rows], d[train_rows], a[train_rows], order=train_rows)
     sold = np.bincount(a[train_rows], minlength=art_cards["article_id"])  # over all of training
-    first_sold = first_sale_days(a[train_rows], d[train_rows], art_cards["article_id"])
+    first_sold = features.first_sale_days(a[train_rows], d[train_rows], art_cards["article_id"])
     if cfg.train_days > 0:  # examples from the most recent days only; histories still see all of training
         recent_from = int(d[train_rows].max()) - cfg.train_days + 1
         train_rows = train_rows[d[train_rows] >= recent_from]
