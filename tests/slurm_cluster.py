@@ -57,6 +57,8 @@ SlurmctldHost={self.host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# cred_expire: also how long Slurm holds a requeued job back (default 120 s; the requeue tests wait it out)
+AuthInfo=cred_expire=10
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 StateSaveLocation={self.dir}/state

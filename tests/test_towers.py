@@ -129,3 +129,34 @@ def test_transformer_history_reads_order_and_positions_share_the_article_table()
     assert not torch.allclose(out[0], out[1], atol=1e-4)  # the same articles in another order
     longer = query([[9, 9, 3, 4, 5]])  # beyond 4 positions only the newest 4 count ...
     assert torch.allclose(longer[0], query([[9, 3, 4, 5]])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_sequence_encoder_is_the_pre_norm_transformer_at_the_cls_token(layers):
+    """The hand-written encoder (last layer for the [CLS] row only, boolean-masked attention) against
+    ``nn.TransformerEncoder`` with the same parameters: outputs and every parameter's gradient."""
+    from trainer.model.towers import SequenceEncoder
+
+    torch.manual_seed(layers)
+    n, p, d = 7, 5, 16
+    enc = SequenceEncoder(d, p, layers, heads=2, dropout=0.0).double()  # float64: only the math may differ
+    seq = torch.randn(n, p, d, dtype=torch.float64)
+    lengths = torch.tensor([0, 1, 2, 5, 9, 3, 4])  # empty, partial, full and longer than the window
+
+    def reference(m: SequenceEncoder) -> torch.Tensor:
+        x = torch.cat([m.cls.expand(n, 1, d), seq], dim=1) + m.position[None]
+        padding = torch.arange(p + 1)[None, :] > lengths.clamp(max=p)[:, None]
+        return m.norm(m.encoder(x, src_key_padding_mask=padding)[:, 0])
+
+    for mode in ("train", "eval"):
+        getattr(enc, mode)()
+        enc.zero_grad()
+        got = enc(seq, lengths)
+        got.pow(2).sum().backward()
+        got_grads = {k: v.grad.clone() for k, v in enc.named_parameters()}
+        enc.zero_grad()
+        want = reference(enc)
+        want.pow(2).sum().backward()
+        assert torch.allclose(got, want, atol=1e-10), (mode, (got - want).abs().max())
+        for k, v in enc.named_parameters():
+            assert torch.allclose(got_grads[k], v.grad, atol=1e-10), (mode, k, (got_grads[k] - v.grad).abs().max())
