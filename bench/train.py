@@ -16,6 +16,7 @@ and ``--profile DIR`` writes a torch.profiler trace of the stream-fed default st
     .venv/bin/python bench/train.py --data small --batch 1024
     python bench/train.py --device cuda --batch 16384 --profile /tmp/prof    # on a GPU machine
     python bench/train.py --device cuda --configs default hard_negatives hard_query
+    python bench/train.py --device cuda --batch 16384 --configs default bag bf16 hard_negatives --compile both
 
 Goals: CPU: trainer >= 10x the notebook way; stream-fed >= 0.8x in-memory. CUDA (H100, default model):
 >= 1M examples/s stream-fed, >= 0.9x in-memory, GPU utilisation >= 60%, with mined hard negatives
@@ -212,7 +213,7 @@ def profile(runs: TrainerRuns, out_dir: str, steps: int) -> None:
         table = prof.key_averages().table(sort_by=key, row_limit=30)
         with open(os.path.join(out_dir, f"top_{key}.txt"), "w") as f:
             f.write(table)
-        print(f"--- profile, {steps} stream-fed default steps, by {key} ---\n{table}")
+        print(f"--- profile, {steps} stream-fed steps ({os.path.basename(out_dir)}), by {key} ---\n{table}")
 
 
 class NotebookTwoTower(torch.nn.Module):
@@ -266,9 +267,13 @@ def main() -> None:
                     help="run each way for about this long (more steps than --steps when fast), so the GPU "
                          "sampler sees the steady state; default 5 on CUDA, 0 on the CPU")
     ap.add_argument("--profile", default=None, help="write a torch.profiler trace of the default steps here")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off", "both"],
+                    help="trainer.compile for every configuration; both: each one eager and compiled, side by side")
     args = ap.parse_args()
-    configs = {SHORT[c]: TrainerRuns(args.data, args.batch, CONFIGS[SHORT[c]], args.device, not args.no_pipelined)
-               for c in args.configs}
+    ways = [("", "off"), (", compiled", "on")] if args.compile == "both" else [("", args.compile)]
+    configs = {SHORT[c] + suffix: TrainerRuns(args.data, args.batch, [*CONFIGS[SHORT[c]], f"trainer.compile={mode}"],
+                                              args.device, not args.no_pipelined)
+               for c in args.configs for suffix, mode in ways}
     phase_s = args.phase_seconds if args.phase_seconds is not None else (5.0 if args.device == "cuda" else 0.0)
     for c in configs.values():
         rate = c.warm_up(args.warmup)
@@ -311,7 +316,8 @@ def main() -> None:
     if gpu is not None:
         gpu.close()
     if args.profile:
-        profile(configs.get("default") or next(iter(configs.values())), args.profile, 10)
+        for name in [n for n in ("default", "default, compiled") if n in configs] or [next(iter(configs))]:
+            profile(configs[name], os.path.join(args.profile, name.replace(", ", "_").replace(" ", "_")), 10)
     for c in configs.values():
         c.close()
 

@@ -160,3 +160,36 @@ def test_sequence_encoder_is_the_pre_norm_transformer_at_the_cls_token(layers):
         assert torch.allclose(got, want, atol=1e-10), (mode, (got - want).abs().max())
         for k, v in enc.named_parameters():
             assert torch.allclose(got_grads[k], v.grad, atol=1e-10), (mode, k, (got_grads[k] - v.grad).abs().max())
+
+
+@pytest.mark.parametrize("encoder,query_features", [
+    ("bag", None), ("transformer", None),
+    ("transformer", ["history", "customer_id", "age_bucket"]),  # the history first: no group before it
+    ("transformer", ["customer_id", "history", "postal_code"]),  # ... in the middle
+])
+def test_towers_read_each_feature_where_a_per_feature_concatenation_puts_it(encoder, query_features):
+    """The towers' inputs, built by one regroup of the pooled output, against the same inputs built from
+    the per-feature dict, concatenated in the configured feature order (the layout checkpoints hold)."""
+    extra = {"query_features": query_features} if query_features else {}
+    cfg = OmegaConf.structured(ModelConfig(history_encoder=encoder, history_positions=3, **extra))
+    torch.manual_seed(0)
+    model = TwoTower(cfg, CARDS, device="cpu").eval()
+    with torch.no_grad():
+        for table in model.ebc.embedding_bags.values():
+            table.weight.copy_(torch.randn_like(table.weight))
+    keys, b = model.feature_keys, 4
+    sparse = KeyedJaggedTensor(keys=keys, values=torch.randint(1, 4, (len(keys) * b,)),
+                               lengths=torch.ones(len(keys) * b, dtype=torch.long))
+    dense = torch.cat([torch.randn(b, 2), torch.tensor([[3.0], [1.0], [0.0], [2.0]])], dim=1)
+    seen = {}
+    model.query_tower.register_forward_pre_hook(lambda m, a: seen.__setitem__("q", a[0]))
+    model.item_tower.register_forward_pre_hook(lambda m, a: seen.__setitem__("i", a[0]))
+    with torch.no_grad():
+        model(sparse, dense, b)
+        pooled = model.ebc(sparse).to_dict()
+        history = (model.sequence(torch.stack([pooled[k] for k in model.positions], dim=1), dense[:, 2])
+                   if model.positions else None)
+    want_q = torch.cat([history if f == "history" and history is not None else pooled[f]
+                        for f in model.query_features] + [dense[:, :2]], dim=1)
+    want_i = torch.cat([pooled[f] for f in model.item_features], dim=1)
+    assert torch.equal(seen["q"], want_q) and torch.equal(seen["i"], want_i)

@@ -56,6 +56,12 @@ class Pipeline(Choice):
     off = "off"
 
 
+class Compile(Choice):
+    auto = "auto"  # on where it pays: CUDA (Triton kernels, fewer launches); off on a CPU (measured: no gain)
+    on = "on"
+    off = "off"
+
+
 class Device(Choice):
     auto = "auto"  # CUDA when every local rank has a GPU of its own, else CPU (more ranks than GPUs: an error)
     cpu = "cpu"
@@ -207,6 +213,9 @@ class LoopConfig:
     # TorchRec's TrainPipelineSparseDist (the next batch's embedding input-dist overlaps this step):
     # auto = on with more than one rank, off in a single process; never with mined hard negatives
     pipeline: Pipeline = Pipeline.auto
+    # torch.compile of the step's dense modules (history encoder, towers, scoring heads); the tables'
+    # lookups stay TorchRec's (trainer/parallel/compile.py)
+    compile: Compile = Compile.auto
     progress: bool = True
 
 

@@ -180,6 +180,7 @@ class Trainer:
         out = {"step": st.step, "epoch": st.epoch, "world_size": self.dist.world,
                "global_batch_size": loop.global_batch_size, "warm_start": self.parent,
                "examples_trained": st.step * loop.global_batch_size,  # global batches are whole
+               "compiled": self.steps.compiled, "compile_seconds": self.steps.compile_seconds,
                **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))

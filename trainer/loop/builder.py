@@ -129,6 +129,8 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.model.cold import IdDropout
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
+    from trainer.model.towers import unwrap
+    from trainer.parallel.compile import compile_dense, wanted
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
 
     loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
@@ -138,6 +140,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     n_items = ds.n_articles
     set_determinism(dev)
     built = build(cfg, ds, dev)
+    compiled = compile_dense(unwrap(built.model)) if wanted(loop.compile, dev) else []
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
     fresh = int(cfg.model.fresh_days)
     id_dropout = IdDropout(float(cfg.model.id_dropout), loop.seed, first_sold(ds.url, n_items) if fresh else None,
@@ -154,7 +157,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     task = TrainTask(built.model, built.keys, lc, logq, miner, stream.tables, n_items, loop.seed, dev,
                      set_precision(loop.precision, dev))
     steps = Steps(built.model, built.dense_optimizer, task, built.keys, dev,
-                  use_pipeline(loop.pipeline, miner is not None, dev, dist.world))
+                  use_pipeline(loop.pipeline, miner is not None, dev, dist.world), compiled)
     negatives = [uniform] if lc.mixed_negatives > 0 else []
     if miner is not None:
         negatives.append(MinedNegatives(miner, lc.hard_every, pause=steps.detach,

@@ -9,6 +9,7 @@ checkpoint records, so no pulled-ahead batch is skipped on resume.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -43,9 +44,11 @@ class _NoDenseOptimizer:
 
 class Steps:
     def __init__(self, model, dense_optimizer, task: TrainTask, keys: list[str], device: torch.device,
-                 pipelined: bool):
+                 pipelined: bool, compiled: list[str] | None = None):
         self.model, self.dense_optimizer, self.task = model, dense_optimizer, task
         self.keys, self.device = keys, device
+        self.compiled = list(compiled or [])  # the compiled modules: they compile in the first step
+        self.compile_seconds: float | None = None  # how long that step took, once it has run
         self.pipeline = None
         if pipelined:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -72,6 +75,7 @@ class Steps:
         inputs = self._inputs(loader)
         try:
             while True:
+                started = time.perf_counter()
                 if self.pipeline is not None:
                     try:
                         loss, stats, pos_ids = self.pipeline.progress(inputs)
@@ -82,9 +86,16 @@ class Steps:
                     if inp is None:
                         return
                     loss, stats, pos_ids = self._plain_step(inp.to(self.device, non_blocking=True))
+                if self.compiled and self.compile_seconds is None:
+                    self._compiled_in(time.perf_counter() - started)
                 yield len(pos_ids), loss, stats, pos_ids
         finally:  # also when the loop stops mid-epoch: the loader's workers shut down now
             inputs.close()
+
+    def _compiled_in(self, seconds: float) -> None:
+        """Reports, once, the first step's time: the compile of the dense modules (trainer.compile)."""
+        self.compile_seconds = seconds
+        log.info("torch.compile of %s: the first step took %.1f s", ", ".join(self.compiled), seconds)
 
     def _plain_step(self, inp: ModelInput):
         loss, stats, pos_ids = self.task(inp)
