@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from trainer.config import HistoryEncoder, RepeatMode
 from trainer.model.repeats import RepeatTerm
@@ -149,11 +149,6 @@ class TwoTower(nn.Module):
             self.item_tower = nn.Identity()
             self.output_dim = i_in
         self.feature_keys = [*query_keys(cfg), *self.item_features]
-        # the pooled output's groups, in the towers' input order (forward): with the transformer, the
-        # query's features up to the history, its positions, the query's after it; the item's
-        q = self.query_features
-        h = q.index("history") if self.positions else len(q)
-        self.groups = [q[:h], self.positions, q[h + 1:], self.item_features]
         # The scoring terms beside the inner product, each a typed submodule that the loss and the
         # Retriever call (a new term: one module with loss_term, plus its scoring side, and its test):
         # recent sales (trainer/model/sales.py) and buying again (trainer/model/repeats.py).
@@ -172,27 +167,16 @@ class TwoTower(nn.Module):
         of ``sparse``; rows without query (or item) features give meaningless vectors on that side,
         which callers slice away. Extra candidate rows come after the queries, so the query tower skips
         them."""
+        pooled = self.ebc(sparse).to_dict()
         n = n_query if n_query is not None else sparse.stride()
-        # The pooled features in four groups by one fused permute (FBGEMM's, with its backward): the
-        # query's features before the history, the history's positions (the transformer), the query's
-        # after it, the item's; not a split into 30-odd tensors and their concatenation (and the
-        # backward of each) as a per-feature dict would be.
-        tensors = KeyedTensor.regroup([self.ebc(sparse)], [g for g in self.groups if g])
-        at = [None] * len(self.groups)
-        j = 0
-        for k, g in enumerate(self.groups):
-            if g:
-                at[k], j = j, j + 1
-        parts = [tensors[at[0]][:n]] if at[0] is not None else []
-        if self.sequence is not None:  # the transformer's reading of the history, in the bag's place
-            seq = tensors[at[1]][:n].reshape(n, len(self.positions), -1)
-            parts.append(self.sequence(seq, query_dense[:n, 2].long()))  # query_dense[:, 2]: history length
-        if at[2] is not None:
-            parts.append(tensors[at[2]][:n])
-        if self.cfg.time_features:
-            parts.append(query_dense[:n, :2])
-        q = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        i = tensors[at[3]]
+        history = None  # the transformer's reading of the history, in the bag's place (no item
+        if self.sequence is not None:  # assignment into ``pooled``: TorchRec's FX trace must pass here)
+            seq = torch.stack([pooled[k][:n] for k in self.positions], dim=1)
+            history = self.sequence(seq, query_dense[:n, 2].long())  # query_dense[:, 2]: history length
+        q = torch.cat([history if f == "history" and history is not None else pooled[f][:n]
+                       for f in self.query_features]
+                      + ([query_dense[:n, :2]] if self.cfg.time_features else []), dim=1)
+        i = torch.cat([pooled[f] for f in self.item_features], dim=1)
         q, i = self.query_tower(q), self.item_tower(i)
         if self.cfg.normalize:
             q, i = F.normalize(q, dim=-1), F.normalize(i, dim=-1)
