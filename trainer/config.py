@@ -119,7 +119,9 @@ class ModelConfig:
     # faster per step on a CPU
     history_encoder: HistoryEncoder = HistoryEncoder.transformer
     history_positions: int = 20  # transformer: the most recent purchases it reads, newest first
-    encoder_layers: int = 2
+    # One layer: the [CLS] token attends to the positions (the last layer computes its row only); as good as
+    # two on MovieLens-100K (3 seeds) and small, at 0.6x the step time on a CPU (README, "Defaults")
+    encoder_layers: int = 1
     encoder_heads: int = 2
     dropout: float = 0.0  # in the transformer
     # New articles from their features: each global batch, this share of the catalogue's articles enter the
