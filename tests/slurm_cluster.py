@@ -74,6 +74,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 SchedulerType=sched/backfill
+# a pending job (a requeued one whose hold is over, a dependent one) starts within seconds, not at the next
+# minute's scheduling pass
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 JobRequeue=1
 KillWait=60

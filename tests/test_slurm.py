@@ -22,8 +22,9 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 and not shutil.which("slurmctld"),
                        reason="Slurm is not installed and installing it needs root"),
 ]
-COMMON = ["experiment=debug", "trainer.epochs=2", "trainer.checkpoint_every=15", "trainer.validate=false",
-          "trainer.log_every=5", "trainer.keep_checkpoints=10"]
+# Two epochs of 46 global batches of 1,024: a preemption at step 20 resumes mid-epoch and crosses an epoch's end.
+COMMON = ["experiment=debug", "trainer.epochs=2", "trainer.global_batch_size=1024", "trainer.checkpoint_every=15",
+          "trainer.validate=false", "trainer.log_every=5", "trainer.keep_checkpoints=10"]
 
 
 def submit_train(slurm, prepared: str, run_dir: pathlib.Path, name: str) -> int:
