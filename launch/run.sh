@@ -16,7 +16,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 NPROC="${NPROC:-$(( GPUS > 0 ? GPUS : 2 ))}"  # one process per GPU, else 2 CPU processes (gloo)
 # How long to train: on GPUs, or with EPOCHS=N as the budget, the default (validation stops the run within
-# trainer.epochs); a CPU demo trains one epoch (about 7 minutes on 2 cores).
+# trainer.epochs); a CPU demo trains one epoch (about 3 minutes on 2 cores).
 if [[ -n "${EPOCHS:-}" ]]; then BUDGET="trainer.epochs=$EPOCHS"; elif (( GPUS == 0 )); then BUDGET="trainer.epochs=1"; else BUDGET=""; fi
 step() { echo "[run] $*" >&2; }
 step "1/7 synthesise data=$DATA"
