@@ -31,6 +31,14 @@ def dense_modules(model) -> dict[str, nn.Module]:
     return {k: m for k, m in named.items() if m is not None and not isinstance(m, nn.Identity)}
 
 
+def eager_on_failure() -> None:
+    """Under ``auto``: a module whose compile fails (no C compiler for Triton's launcher, an operator inductor
+    cannot lower) runs eager, with dynamo's warning, instead of stopping the run; ``on`` lets it fail."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+
+
 def compile_dense(model) -> list[str]:
     """Compiles the dense modules of the TwoTower ``model`` in place; returns their names. Sizes are
     symbolic from the start (``dynamic=True``): one compile serves every batch size (a short last batch,
