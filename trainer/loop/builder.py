@@ -130,7 +130,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
     from trainer.model.towers import unwrap
-    from trainer.parallel.compile import compile_dense, eager_on_failure, wanted
+    from trainer.parallel.compile import apply as compile_model
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
 
     loop, lc, dev, prepared = cfg.trainer, cfg.loss, dist.device, cfg.prepare.out
@@ -140,9 +140,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     n_items = ds.n_articles
     set_determinism(dev)
     built = build(cfg, ds, dev)
-    compiled = compile_dense(unwrap(built.model)) if wanted(loop.compile, dev) else []
-    if compiled and str(loop.compile) == "auto":
-        eager_on_failure()
+    compiled = compile_model(loop.compile, unwrap(built.model), dev)
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
     fresh = int(cfg.model.fresh_days)
     id_dropout = IdDropout(float(cfg.model.id_dropout), loop.seed, first_sold(ds.url, n_items) if fresh else None,

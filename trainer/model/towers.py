@@ -90,7 +90,6 @@ class SequenceEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-        self.heads = heads
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         n, p, d = seq.shape
@@ -107,8 +106,9 @@ class SequenceEncoder(nn.Module):
                cls_only: bool) -> torch.Tensor:
         """One pre-norm encoder layer: x + attention(norm1(x)), then + feed-forward(norm2(.)); with
         ``cls_only`` for the [CLS] row alone (every row still gives its key and value)."""
-        n, t, d = x.shape
-        h, attn = self.heads, layer.self_attn
+        n, _, d = x.shape
+        attn = layer.self_attn
+        h = attn.num_heads
         z = layer.norm1(x)
         w, b = attn.in_proj_weight, attn.in_proj_bias
         if cls_only:

@@ -7,7 +7,8 @@ output distribution between the ranks) and the loss, whose candidate gathers are
 
 ``auto`` compiles on CUDA, where a step of the default model is many small kernels and inductor's fused
 Triton kernels cut the launches; on a CPU it stays eager: measured on 2 cores (bench/train.py, README
-"Speed") the compiled encoder and towers ran no faster than eager, and the compile costs ~30 s a process.
+"Speed of the step on a CPU") the compiled encoder and towers ran no faster than eager, and the compile
+costs ~30 s a process.
 """
 
 from __future__ import annotations
@@ -31,21 +32,24 @@ def dense_modules(model) -> dict[str, nn.Module]:
     return {k: m for k, m in named.items() if m is not None and not isinstance(m, nn.Identity)}
 
 
-def eager_on_failure() -> None:
-    """Under ``auto``: a module whose compile fails (no C compiler for Triton's launcher, an operator inductor
-    cannot lower) runs eager, with dynamo's warning, instead of stopping the run; ``on`` lets it fail."""
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-
-
 def compile_dense(model) -> list[str]:
     """Compiles the dense modules of the TwoTower ``model`` in place; returns their names. Sizes are
     symbolic from the start (``dynamic=True``): one compile serves every batch size (a short last batch,
     validation's batches, another world size's per-rank batch), and inductor's on-disk cache of it
     serves the next process, where static sizes would compile again for each."""
-    names = []
-    for name, module in dense_modules(model).items():
+    for module in dense_modules(model).values():
         module.compile(dynamic=True)
-        names.append(name)
-    return names
+    return list(dense_modules(model))
+
+
+def apply(mode: str, model, device: torch.device) -> list[str]:
+    """``trainer.compile`` for the TwoTower ``model`` on ``device``: the names compiled (none: eager). Under
+    ``auto`` a module whose compile fails (no C compiler for Triton's launcher, an operator inductor cannot
+    lower) runs eager with dynamo's warning instead of stopping the run; ``on`` lets it fail."""
+    if not wanted(mode, device):
+        return []
+    if Compile(str(mode)) == Compile.auto:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+    return compile_dense(model)
