@@ -38,6 +38,12 @@ class Protocol(Choice):
     week = "week"
     leave_last_n = "leave_last_n"
     random = "random"
+    holdout = "holdout"  # per customer, a random share of their interactions (no order)
+
+
+class HistoryOrder(Choice):
+    time = "time"  # a history is the customer's latest purchases before the example
+    none = "none"  # order means nothing: a random sample of the customer's other training purchases
 
 
 @dataclass
@@ -135,6 +141,7 @@ class SplitConfig:
     n: int = 1  # leave_last_n: each customer's last n purchases are validation (customers with more than n)
     test_n: int = 0  # leave_last_n: ... and the test_n after them test (the last ones; n before them validation)
     ratio: float = 0.1  # random: share of interactions held out
+    test_ratio: float = 0.2  # holdout: each customer's share of interactions held out as test (n more: validation)
     seed: int = 0
 
 
@@ -145,6 +152,7 @@ class PrepareOptions:
     # ... or before the transaction itself, earlier rows of its day included (in file order): for data
     # whose day holds an ordered session (MovieLens ratings); an H&M day is one basket, so not there.
     history_within_day: Optional[bool] = None  # None: as data.sessions
+    history_order: HistoryOrder = HistoryOrder.time
     train_days: int = 0  # > 0: training examples from the last N training days only (0: all)
     # A prepared dataset to grow from: its vocabularies keep every row, new customers, articles and feature
     # values are appended, and the manifest records the lineage, so a run on the parent can be continued here

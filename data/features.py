@@ -102,6 +102,44 @@ class EventLog:
         return Jagged(offsets, self.article[pos])
 
 
+class UnorderedLog(EventLog):
+    """Purchases whose order means nothing (``prepare.history_order=none``): each customer's events in a
+    random order (from ``seed``), so a history is a random sample of the customer's other events, not their
+    latest."""
+
+    def __init__(self, customer: np.ndarray, day: np.ndarray, article: np.ndarray, order: np.ndarray | None = None,
+                 seed: int = 0):
+        self.rows = np.arange(len(day)) if order is None else np.asarray(order)
+        draw = np.random.default_rng([seed, 15485863]).random(len(day))
+        sort = np.lexsort((draw, customer))
+        self.customer, self.article = customer[sort], article[sort].astype(np.int32)
+        self.sorted_rows = self.rows[sort]
+        self.key = self.customer.astype(np.int64)
+
+    def history_before_rows(self, rows: np.ndarray, n: int) -> Jagged:
+        """For each event (by original row): up to ``n`` of the customer's other events, the ones before it
+        in the random order, wrapping round (an event is never its own history)."""
+        by_row = np.argsort(self.sorted_rows, kind="stable")
+        pos = by_row[np.searchsorted(self.sorted_rows[by_row], rows)]
+        first = np.searchsorted(self.customer, self.customer[pos], side="left")
+        count = np.searchsorted(self.customer, self.customer[pos], side="right") - first
+        lengths = np.minimum(n, count - 1)
+        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        back = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + 1  # 1..length
+        at = np.repeat(first, lengths) + (np.repeat(pos - first, lengths) - back) % np.repeat(count, lengths)
+        return Jagged(offsets, self.article[at])
+
+    def history(self, customer: np.ndarray, day: np.ndarray, n: int) -> Jagged:
+        """For each query: up to ``n`` of the customer's events (the day is not looked at: the log holds
+        only what the query may know)."""
+        lo = np.searchsorted(self.key, customer.astype(np.int64), side="left")
+        hi = np.minimum(np.searchsorted(self.key, customer.astype(np.int64), side="right"), lo + n)
+        lengths = hi - lo
+        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
+        return Jagged(offsets, self.article[pos])
+
+
 def first_sale_days(a: np.ndarray, d: np.ndarray, n_items: int) -> np.ndarray:
     """(catalogue,) int32 the day of each article's first purchase among the given rows; -1 for none."""
     out = np.full(n_items, -1, np.int32)

@@ -196,6 +196,14 @@ def eval_set(c: np.ndarray, a: np.ndarray, d: np.ndarray, rows: np.ndarray, quer
     })
 
 
+def event_log(c: np.ndarray, d: np.ndarray, a: np.ndarray, rows: np.ndarray, cfg) -> features.EventLog:
+    """The searchable log of ``rows`` histories are drawn from: in time order, or (``prepare.history_order=
+    none``) in a random order per customer."""
+    if cfg.history_order == "none":
+        return features.UnorderedLog(c[rows], d[rows], a[rows], order=rows, seed=cfg.seed)
+    return features.EventLog(c[rows], d[rows], a[rows], order=rows)
+
+
 def within_day(data_cfg, cfg) -> bool:
     """Whether histories include the day's earlier rows: prepare.history_within_day, else data.sessions."""
     if cfg.history_within_day is not None:
@@ -253,7 +261,8 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
     train_rows = np.flatnonzero(labels == split.TRAIN)
     if len(train_rows) == 0:
         raise ValueError(f"split {split_cfg.protocol}: no training rows")
-    train_log = features.EventLog(c[train_rows], d[train_rows], a[train_rows], order=train_rows)
+    unordered = cfg.history_order == "none"
+    train_log = event_log(c, d, a, train_rows, cfg)
     sold = np.bincount(a[train_rows], minlength=art_cards["article_id"])  # over all of training
     first_sold = features.first_sale_days(a[train_rows], d[train_rows], art_cards["article_id"])
     if cfg.train_days > 0:  # examples from the most recent days only; histories still see all of training
@@ -267,7 +276,7 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
                             "first_sold": pa.array(first_sold)}), join(out, "item_freq.parquet"))
     sales = recent_sales(a, d, labels == split.TRAIN)
     write_parquet(sales.pop("table"), join(out, "item_week_sales.parquet"))
-    shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day, progress)
+    shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day or unordered, progress)
 
     evals = {}
     for period, label in split.PERIODS.items():
@@ -277,14 +286,14 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
         if split_cfg.protocol == "week":
             start = bounds["val_start"] if period == "val" else bounds["test_start"]
             known = np.flatnonzero(d < start)  # everything before the period: train (+ val for test)
-            source = train_log if period == "val" else features.EventLog(c[known], d[known], a[known], order=known)
+            source = train_log if period == "val" else event_log(c, d, a, known, cfg)
             table = eval_set(c, a, d, rows, start, source, cfg.history_len, vocabs)
-        elif split_cfg.protocol == "leave_last_n":
+        elif split_cfg.protocol in ("leave_last_n", "holdout"):
             # test queries know the validation rows too (they come before); with history_within_day a
             # query sees everything before its targets, same-day rows included
             known = np.flatnonzero(labels != split.TEST)
-            source = train_log if period == "val" else features.EventLog(c[known], d[known], a[known], order=known)
-            day = int(d.max()) + 1 if same_day else d
+            source = train_log if period == "val" else event_log(c, d, a, known, cfg)
+            day = int(d.max()) + 1 if same_day or unordered or split_cfg.protocol == "holdout" else d
             table = eval_set(c, a, d, rows, day, source, cfg.history_len, vocabs)
         else:  # random: not temporal; history is the customer's latest training purchases
             table = eval_set(c, a, d, rows, int(d.max()) + 1, train_log, cfg.history_len, vocabs)
@@ -307,6 +316,7 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
                    if parent is not None else None),
         "history_len": cfg.history_len,
         "history_within_day": same_day,
+        "history_order": str(cfg.history_order),
         "row_group_rows": cfg.row_group_rows,
         "examples": {"rows": int(len(train_rows)), "shards": shards},
         "eval": evals,

@@ -69,6 +69,7 @@ class Prepared(Mapping):
     article_features: tuple[str, ...]  # with "desc_tokens" when descriptions are tokenised
     history_len: int
     history_within_day: bool
+    history_order: str  # time: histories are the latest purchases; none: order means nothing (a random sample)
     first_day: int  # days since 1970-01-01 of the first and last transaction kept
     last_day: int
     protocol: str
@@ -97,6 +98,7 @@ class Prepared(Mapping):
                 article_features=tuple(manifest["article_features"]),
                 history_len=int(manifest["history_len"]),
                 history_within_day=bool(manifest.get("history_within_day", False)),
+                history_order=str(manifest.get("history_order", "time")),
                 first_day=day_number(split["first_day"]), last_day=day_number(split["last_day"]),
                 protocol=str(split.get("protocol", "week")),
                 lineage=Lineage.from_manifest(manifest.get("lineage")),

@@ -65,6 +65,30 @@ def random(n_rows: int, ratio: float, seed: int, key: np.ndarray | None = None) 
     return held.astype(np.int8) * VAL, {"ratio": ratio, "seed": seed}
 
 
+def holdout(customer: np.ndarray, day: np.ndarray, article: np.ndarray, test_ratio: float, n: int, seed: int
+            ) -> tuple[np.ndarray, dict]:
+    """Per customer, a random ``test_ratio`` of their interactions (rounded, at least one) are test targets
+    and ``n`` random others validation targets, for customers with more than ``n + 1`` interactions, so each
+    keeps at least one training interaction (the matching benchmarks' per-user random split: no order).
+    Rows identical to a held-out one (same customer, article and day) are one interaction: they share a draw."""
+    key = interaction_key(customer, article, day)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    cust = (uniq >> 40).astype(np.int64)  # uniq is sorted by customer first
+    draw = np.random.default_rng([seed, 6007]).random(len(uniq))
+    order = np.lexsort((draw, cust))
+    starts = np.flatnonzero(np.r_[True, cust[order][1:] != cust[order][:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    count = np.repeat(counts, counts)
+    n_test = np.clip(np.floor(test_ratio * count + 0.5), 1, None)
+    eligible = count > n + 1
+    n_test = np.minimum(n_test, count - n - 1)
+    label_u = np.zeros(len(uniq), dtype=np.int8)
+    label_u[order[eligible & (rank < n_test)]] = TEST
+    label_u[order[eligible & (rank >= n_test) & (rank < n_test + n)]] = VAL
+    return label_u[inverse], {"test_ratio": test_ratio, "n": n, "seed": seed}
+
+
 def assign(protocol: str, customer: np.ndarray, day: np.ndarray, cfg,
            article: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     if protocol == "week":
@@ -74,4 +98,8 @@ def assign(protocol: str, customer: np.ndarray, day: np.ndarray, cfg,
     if protocol == "random":
         key = None if article is None else interaction_key(customer, article, day)
         return random(len(day), cfg.ratio, cfg.seed, key)
-    raise ValueError(f"split.protocol={protocol!r}: expected week, leave_last_n or random")
+    if protocol == "holdout":
+        if article is None:
+            raise ValueError("split.protocol=holdout needs the articles (identical rows share a side)")
+        return holdout(customer, day, article, cfg.test_ratio, cfg.n, cfg.seed)
+    raise ValueError(f"split.protocol={protocol!r}: expected week, leave_last_n, random or holdout")

@@ -261,3 +261,51 @@ def test_null_keys_and_days_are_dropped_and_counted(tmp_path):
     assert (t["missing_t_dat"], t["missing_customer_id"], t["missing_article_id"]) == (1, 2, 0)
     assert t["rows_read"] == 6 and t["kept"] == 3
     assert t["rows_read"] == t["kept"] + sum(v for k, v in t.items() if k.startswith(("missing_", "unknown_")))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=log_strategy)
+def test_holdout_with_unordered_histories(tmp_path_factory, rows):
+    """split=holdout with prepare.history_order=none: a training example's history is min(3, others) of
+    the customer's other training interactions (never the example itself, any day); validation queries
+    draw from training, test queries from training + validation. Checked as multisets against the labels."""
+    from collections import Counter
+
+    from data import split as split_mod
+
+    tmp = tmp_path_factory.mktemp("holdout")
+    root, out = str(tmp / "d"), str(tmp / "p")
+    write_dataset(root, 5, 8, rows)
+    split_kw = {"protocol": "holdout", "test_ratio": 0.3, "n": 1}
+    try:
+        run(root, out, split_kw, history_len=3, history_order="none")
+    except ValueError as e:
+        assert "no training rows" in str(e)
+        return
+    cust_vocab = {v: i for v, i in zip(*[vocab.load(out, "customer_id")[k].to_pylist() for k in ("value", "index")])}
+    rows_idx = [(cust_vocab[f"c{c}"], a + 1, d + EPOCH_D0) for c, a, d in rows]
+    c_arr, a_arr, d_arr = (np.array([r[k] for r in rows_idx]) for k in (0, 1, 2))
+    label, _ = split_mod.assign("holdout", c_arr, d_arr, OmegaConf.structured(SplitConfig(**split_kw)), article=a_arr)
+    train = label == split_mod.TRAIN
+
+    def pool(customer, allowed):
+        return Counter(a for (c, a, _), ok in zip(rows_idx, allowed) if ok and c == customer)
+
+    ex = examples(out)
+    assert sorted((e["customer_idx"], e["article_idx"], e["day"]) for e in ex) == \
+        sorted(r for r, t in zip(rows_idx, train) if t)
+    for e in ex:
+        others = pool(e["customer_idx"], train) - Counter([e["article_idx"]])
+        assert len(e["history"]) == min(3, sum(others.values()))
+        assert not Counter(e["history"]) - others  # drawn from the others, each at most as often
+    for period, allowed in (("val", train), ("test", label != split_mod.TEST)):
+        try:
+            table = pq.read_table(join(out, "eval", f"{period}.parquet")).to_pylist()
+        except FileNotFoundError:
+            assert not (label == split_mod.PERIODS[period]).any()
+            continue
+        for r in table:
+            known = pool(r["customer_idx"], allowed)
+            assert len(r["history"]) == min(3, sum(known.values())) and not Counter(r["history"]) - known
+            truth = {a for (c, a, _), t in zip(rows_idx, label) if c == r["customer_idx"] and t == split_mod.PERIODS[period]}
+            assert set(r["targets"]) == truth

@@ -60,3 +60,27 @@ def test_identical_rows_stay_together():
     key = split.interaction_key(np.repeat(np.arange(500), 2), np.zeros(1000, int), np.zeros(1000, int))
     label, _ = split.random(1000, 0.5, seed=0, key=key)
     assert np.array_equal(label[0::2], label[1::2]) and 0.4 < (label == VAL).mean() < 0.6
+
+
+def test_holdout_per_customer_shares():
+    """Per customer: round(0.2 x count) (at least one) test interactions and n validation ones, drawn at
+    random; a customer with n + 1 interactions or fewer keeps them all; identical rows share a side."""
+    customer = np.r_[np.full(10, 1), np.full(2, 2), np.full(5, 3), [4, 4, 4]]
+    article = np.r_[np.arange(10), [0, 1], np.arange(5), [8, 8, 9]]  # customer 4: article 8 twice on one day
+    day = np.zeros(len(customer), int)
+    label, _ = split.holdout(customer, day, article, test_ratio=0.2, n=1, seed=0)
+    for c, (n_test, n_val) in {1: (2, 1), 2: (0, 0), 3: (1, 1)}.items():
+        mine = label[customer == c]
+        assert ((mine == TEST).sum(), (mine == VAL).sum()) == (n_test, n_val), c
+    assert label[-3] == label[-2]  # the two identical rows: one interaction (customer 4 has 2: n + 1)
+    again, _ = split.holdout(customer, day, article, 0.2, 1, seed=0)
+    other = [split.holdout(customer, day, article, 0.2, 1, seed=s)[0] for s in range(1, 6)]
+    assert np.array_equal(label, again) and any(not np.array_equal(label, o) for o in other)
+    # at scale the test share is the ratio, and every customer keeps a training interaction
+    rng = np.random.default_rng(0)
+    customer = np.repeat(np.arange(2000), rng.integers(3, 60, 2000))
+    article, day = np.arange(len(customer)), np.zeros(len(customer), int)
+    label, _ = split.holdout(customer, day, article, 0.2, 1, seed=1)
+    assert abs((label == TEST).mean() - 0.2) < 0.02
+    assert np.bincount(customer[label == TRAIN], minlength=2000).min() >= 1
+    assert np.array_equal(np.bincount(customer[label == VAL], minlength=2000), np.ones(2000))

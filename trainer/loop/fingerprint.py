@@ -22,6 +22,8 @@ _DATA_KEYS = ("split", "cardinalities", "customer_features", "article_features",
 def data_digest(manifest: dict) -> str:
     """A short digest of the prepared data: equal for the same data prepared again, anywhere."""
     ident = {k: manifest[k] for k in _DATA_KEYS if k in manifest}  # (a key newer than the manifest: absent)
+    if manifest.get("history_order", "time") != "time":  # (time: as every manifest before the setting)
+        ident["history_order"] = manifest["history_order"]
     shards = ident.get("examples") or {}
     ident["examples"] = {"rows": shards.get("rows"), "shards": [
         {k: v for k, v in s.items() if k != "file"} if isinstance(s, dict) else s for s in shards.get("shards", [])]}
