@@ -17,12 +17,18 @@ Rows of the table:
     (``export checkpoint=best``);
   * popularity (train + validation counts), item-kNN (cosine, neighbours tuned on validation), EASE
     (λ tuned on validation; Steck 2019), fitted here with numpy.
-Every row is scored here (Recall@10/20, NDCG@10/20 with one test item per user), independently of
-``trainer/evaluation/metrics.py``. The test item is looked at once, for this table.
+Every row is scored here (Recall@10/20, NDCG@10/20), independently of ``trainer/evaluation/metrics.py``.
+The test items are looked at once, for this table.
+
+``--split holdout``: the matching benchmarks' shape instead: no order (every rating given the same day), per
+user a random 20% of the ratings are test and one more validation (``split=holdout``, histories a random
+sample of the user's other training ratings: ``prepare.history_order=none``), Recall@K = test items in the
+top K over the user's test items, NDCG@K with the ideal DCG over min(test items, K); the same baselines.
 
     .venv/bin/python bench/movielens.py                    # fetch, prepare, train, score: a few minutes
     .venv/bin/python bench/movielens.py --nproc 1 2 4      # a table per world size, and their spread
     .venv/bin/python bench/movielens.py --models two_tower --override trainer.epochs=5 --seeds 0 1
+    .venv/bin/python bench/movielens.py --split holdout --models defaults mf --nproc 2
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
-PREPARE = ["split=leave_last_n", "split.n=1", "split.test_n=1", "prepare.history_len=50"]
+PREPARE = {"loo": ["split=leave_last_n", "split.n=1", "split.test_n=1", "prepare.history_len=50"],
+           "holdout": ["split=holdout", "split.n=1", "split.test_ratio=0.2", "prepare.history_len=50",
+                       "prepare.history_order=none"]}
+DATA = {"loo": [], "holdout": ["data.name=ml-100k-holdout"]}  # its own dataset folder (one day, no order)
 MODELS = {"two_tower": ["experiment=movielens"], "two_tower_bag": ["experiment=movielens", "model.history_encoder=bag"],
           "mf": ["experiment=movielens", "model=mf"], "defaults": ["data=movielens"]}
 
@@ -67,10 +76,13 @@ def atomic(raw: bytes) -> list[list[str]]:
     return [line.split("\t") for line in lines[1:] if line]
 
 
-def convert(files: dict[str, bytes], out: pathlib.Path) -> np.ndarray:
-    """GroupLens ml-100k files from recbole's; returns the ratings (user, item, timestamp) in file order."""
+def convert(files: dict[str, bytes], out: pathlib.Path, one_day: bool = False) -> np.ndarray:
+    """GroupLens ml-100k files from recbole's; returns the ratings (user, item, timestamp) in file order.
+    ``one_day``: every rating at the first rating's time (no order left to learn)."""
     out.mkdir(parents=True, exist_ok=True)
     inter = np.array([[int(u), int(i), int(float(r)), int(float(t))] for u, i, r, t in atomic(files["inter"])])
+    if one_day:
+        inter[:, 3] = inter[:, 3].min()
     order = np.lexsort((np.arange(len(inter)), inter[:, 3], inter[:, 0]))  # by user, then time, then file order
     inter = inter[order]
     (out / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in inter))
@@ -98,19 +110,39 @@ def split(ratings: np.ndarray) -> tuple[np.ndarray, dict, dict]:
     return train, dict(zip(*ratings[val_row][:, :2].T)), dict(zip(*ratings[test_row][:, :2].T))
 
 
+def holdout_split(ratings: np.ndarray, prepared: pathlib.Path) -> tuple[np.ndarray, dict, dict]:
+    """The per-user random split as prepare drew it (its evaluation sets), checked here: per user round(20%)
+    test items (at least one), one validation item, disjoint, the rest training. Returns train rows,
+    {user: {val items}}, {user: {test items}}."""
+    held = {}
+    for period in ("val", "test"):
+        t = pq.read_table(prepared / "eval" / f"{period}.parquet", columns=["customer_id", "target_article_ids"])
+        held[period] = {int(c): {int(a) for a in ts} for c, ts in zip(t["customer_id"].to_pylist(),
+                                                                       t["target_article_ids"].to_pylist())}
+    val, test = held["val"], held["test"]
+    counts = np.bincount(ratings[:, 0])
+    for u, items in test.items():
+        assert len(items) == max(1, int(np.floor(0.2 * counts[u] + 0.5))) and len(val[u]) == 1 and not items & val[u], u
+    out = np.array([u in test and (i in test[u] or i in val[u]) for u, i in ratings[:, :2]])
+    return ratings[~out], val, test
+
+
 # ---------------------------------------------------------------- scoring (independent of trainer/evaluation/metrics.py)
 
 
 def score(ranked: dict, truth: dict, ks=(10, 20)) -> dict:
-    """Recall@k (= hit rate, one relevant item) and NDCG@k over the users of ``truth``."""
+    """Over the users of ``truth`` (user -> one item, or a set of items): Recall@k = relevant items in the
+    top k over the user's relevant items (the hit rate with one), NDCG@k with the ideal DCG over
+    min(relevant, k)."""
     out = {}
     for k in ks:
         rec, ndcg = [], []
-        for user, item in truth.items():
+        for user, items in truth.items():
+            items = items if isinstance(items, (set, frozenset)) else {items}
             top = list(ranked[user][:k])
-            hit = item in top
-            rec.append(float(hit))
-            ndcg.append(1.0 / np.log2(top.index(item) + 2) if hit else 0.0)
+            gains = [1.0 / np.log2(r + 2) for r, item in enumerate(top) if item in items]
+            rec.append(len(gains) / len(items))
+            ndcg.append(sum(gains) / sum(1.0 / np.log2(r + 2) for r in range(min(len(items), k))))
         out[f"recall@{k}"], out[f"ndcg@{k}"] = float(np.mean(rec)), float(np.mean(ndcg))
     return out
 
@@ -149,19 +181,24 @@ def item_knn(x: np.ndarray, k: int) -> np.ndarray:
     return x @ sim.T
 
 
+def as_set(x) -> set:
+    return set(x) if isinstance(x, (set, frozenset)) else {x}
+
+
 def baselines(train: np.ndarray, val: dict, test: dict, n_users: int, n_items: int) -> dict:
     """Each baseline tuned on validation (fitted on train), then refitted on train + validation for test."""
     users = sorted(test)
     seen_val = {u: set(train[train[:, 0] == u, 1]) for u in users}
-    seen_test = {u: seen_val[u] | {val[u]} for u in users}
-    full = np.vstack([train[:, :2], np.array([[u, val[u]] for u in users])])
+    seen_test = {u: seen_val[u] | as_set(val[u]) for u in users}
+    full = np.vstack([train[:, :2], np.array([[u, i] for u in users for i in as_set(val[u])])])
     x_train, x_full = matrix(train, n_users, n_items), matrix(full, n_users, n_items)
     out = {}
     pop = x_full.sum(0)
     out["popularity"] = score(rank_scores(np.tile(pop, (len(users), 1)), users, seen_test), test)
     for name, fit, grid in (("item-kNN", item_knn, [20, 50, 100, 200, 400]),
                             ("EASE", ease, [50.0, 100.0, 250.0, 500.0, 1000.0])):
-        tuned = {p: score(rank_scores(fit(x_train, p)[users], users, seen_val), val)["recall@20"] for p in grid}
+        tuned = {p: score(rank_scores(fit(x_train, p)[users], users, seen_val), {u: val[u] for u in users})["recall@20"]
+                 for p in grid}
         best = max(tuned, key=tuned.get)
         out[f"{name} ({'k' if name == 'item-kNN' else 'λ'}={best:g})"] = score(
             rank_scores(fit(x_full, best)[users], users, seen_test), test)
@@ -178,14 +215,14 @@ def run(args: list[str]) -> None:
 
 
 def project_model(name: str, overrides: list[str], paths: list[str], out: pathlib.Path, val: dict, test: dict,
-                  seen_test: dict, nproc: int = 1) -> tuple[dict, dict]:
+                  seen_test: dict, nproc: int = 1, data: list[str] = ()) -> tuple[dict, dict]:
     """Train on ``nproc`` processes, export the best-on-validation checkpoint, rank the test users' unseen
     items exactly."""
     train_dir, export_dir = out / f"train-{name}", out / f"export-{name}"
     run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train",
-         *MODELS[name], *paths, f"hydra.run.dir={train_dir}", "trainer.resume=false", "trainer.progress=false",
-         *overrides])
-    run(["-m", "trainer.export", "data=movielens", *paths, f"train_dir={train_dir}", "checkpoint=best",
+         *MODELS[name], *data, *paths, f"hydra.run.dir={train_dir}", "trainer.resume=false",
+         "trainer.progress=false", *overrides])
+    run(["-m", "trainer.export", "data=movielens", *data, *paths, f"train_dir={train_dir}", "checkpoint=best",
          f"hydra.run.dir={export_dir}"])
     metrics = json.loads((train_dir / "metrics.json").read_text())
     items = pq.read_table(export_dir / "output" / "items.parquet")
@@ -210,23 +247,28 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the project's training")
     ap.add_argument("--nproc", type=int, nargs="*", default=[1], help="world sizes to train each row on")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0], help="trainer.seed of each run (rows: the mean)")
+    ap.add_argument("--split", choices=list(PREPARE), default="loo",
+                    help="loo: leave-last-one-out by time; holdout: per-user random 20%% test, no order")
     args = ap.parse_args()
-    out = pathlib.Path(args.out)
-    raw = ROOT / "datasets" / "raw" / "ml-100k"
-    ratings = convert(fetch(ROOT / "datasets" / "raw" / "cache"), raw)
+    out = pathlib.Path(args.out) / ("" if args.split == "loo" else args.split)
+    unordered = args.split == "holdout"
+    raw = ROOT / "datasets" / "raw" / ("ml-100k-one-day" if unordered else "ml-100k")
+    ratings = convert(fetch(ROOT / "datasets" / "raw" / "cache"), raw, one_day=unordered)
     paths = [f"paths.datasets={ROOT / 'datasets'}", f"paths.runs={out}"]
-    run(["-m", "data.ingest", "data=movielens", f"data.raw_dir={raw}", *paths])
-    run(["-m", "data.prepare", "data=movielens", *paths, *PREPARE])
+    data = DATA[args.split]
+    run(["-m", "data.ingest", "data=movielens", *data, f"data.raw_dir={raw}", *paths])
+    run(["-m", "data.prepare", "data=movielens", *data, *paths, *PREPARE[args.split]])
 
-    train, val, test = split(ratings)
+    prepared = ROOT / "datasets" / ("ml-100k-holdout" if unordered else "ml-100k") / "prepared"
+    train, val, test = holdout_split(ratings, prepared) if unordered else split(ratings)
     n_users, n_items = int(ratings[:, 0].max()), int(ratings[:, 1].max())
-    prepared = ROOT / "datasets" / "ml-100k" / "prepared"
     for period, truth in (("val", val), ("test", test)):  # the project's split is the same split
         t = pq.read_table(prepared / "eval" / f"{period}.parquet", columns=["customer_id", "target_article_ids"])
         mine = {int(c): [int(a) for a in ts] for c, ts in zip(t["customer_id"].to_pylist(),
                                                               t["target_article_ids"].to_pylist())}
-        assert mine == {u: [i] for u, i in truth.items()}, f"prepare's {period} set differs from the bench's split"
-    seen_test = {u: set(train[train[:, 0] == u, 1]) | {val[u]} for u in test}
+        assert {u: set(ts) for u, ts in mine.items()} == {u: as_set(i) for u, i in truth.items()}, \
+            f"prepare's {period} set differs from the bench's split"
+    seen_test = {u: set(train[train[:, 0] == u, 1]) | as_set(val.get(u, set())) for u in test}
     fitted = baselines(train, val, test, n_users, n_items)
     tables = {}
     for nproc in args.nproc:
@@ -236,7 +278,7 @@ def main() -> None:
             for seed in args.seeds:
                 where = out / f"nproc{nproc}" / f"seed{seed}"
                 got, best = project_model(name, [*args.override, f"trainer.seed={seed}"], paths, where, val, test,
-                                          seen_test, nproc)
+                                          seen_test, nproc, data)
                 runs.append(got)
                 print(f"{nproc} process(es), project {name}, seed {seed}: test {got}; best validation {best}",
                       flush=True)
@@ -244,8 +286,9 @@ def main() -> None:
         rows.update(fitted)
         tables[nproc] = rows
         seeds = f", mean of seeds {args.seeds}" if len(args.seeds) > 1 else ""
-        print(f"\nMovieLens-100K, leave-last-one-out, {len(test)} users, full-catalogue ranking of unseen items "
-              f"(test item; hyper-parameters and checkpoints chosen on the validation item); the project's rows "
+        shape = "per-user random 20% holdout, no order" if unordered else "leave-last-one-out"
+        print(f"\nMovieLens-100K, {shape}, {len(test)} users, full-catalogue ranking of unseen items "
+              f"(test items; hyper-parameters and checkpoints chosen on the validation item); the project's rows "
               f"trained on {nproc} process(es){seeds}")
         print("| model | Recall@10 | Recall@20 | NDCG@10 | NDCG@20 |\n|---|---:|---:|---:|---:|")
         for name, m in rows.items():
@@ -257,6 +300,7 @@ def main() -> None:
         for name in [f"project {m}" for m in args.models]:
             values = [tables[n][name]["recall@20"] for n in tables]
             print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {max(values) - min(values):.4f} |")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "movielens.json").write_text(json.dumps({str(n): rows for n, rows in tables.items()}, indent=1))
 
 
