@@ -17,7 +17,8 @@ from trainer.model.loss import LogQ, Negatives, retrieval_loss
 
 
 def cfg(**kw):
-    base = dict(temperature=0.1, cross_rank=True, mask_accidental_hits=True)
+    base = dict(temperature=0.1, cross_rank=True, mask_accidental_hits=True, kind="softmax", ccl_margin=0.8,
+                ccl_negative_weight=1.0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -107,6 +108,58 @@ def test_logq_mixed_and_hard_negatives_and_gradients():
                               log_q=prob, catalog=10)
             flat[k] = old
             assert grad.view(-1)[k].item() == pytest.approx((up - down) / (2 * eps), abs=1e-5)
+
+
+def naive_ccl(q, pos, pos_ids, margin, weight, extra=None, extra_ids=None, hard=None, hard_ids=None):
+    """SimpleX's cosine contrastive loss row by row: (1 - cos(q, p)) + w x the mean over the row's negatives
+    (other rows' positives, the extra and the hard ones, none equal to the row's positive) of
+    max(0, cos - margin)."""
+    def cos(x, y):
+        return sum(a * b for a, b in zip(x, y)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
+
+    total = 0.0
+    for b in range(len(q)):
+        negs = [pos[j] for j in range(len(pos)) if j != b and pos_ids[j] != pos_ids[b]]
+        negs += [extra[j] for j in range(len(extra or [])) if extra_ids[j] != pos_ids[b]]
+        negs += [hard[b][h] for h in range(len(hard[b]) if hard else 0) if hard_ids[b][h] != pos_ids[b]]
+        hinge = [max(0.0, cos(q[b], n) - margin) for n in negs]
+        total += (1 - cos(q[b], pos[b])) + weight * (sum(hinge) / max(len(hinge), 1))
+    return total / len(q)
+
+
+def test_cosine_contrastive_loss_against_a_naive_reference():
+    """loss.kind=ccl over in-batch, extra and hard negatives, unnormalised inputs (cosines taken inside),
+    accidental hits left out of the mean; gradients against finite differences of the reference."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_()
+    p = torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_()
+    ids = torch.tensor([1, 2, 2, 4, 6])
+    extra, extra_ids = torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_(), torch.tensor([2, 8, 9, 3])
+    hard = torch.randn(5, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+    hard_ids = torch.tensor([[7, 1], [3, 4], [2, 5], [8, 8], [0, 1]])
+    c = cfg(kind="ccl", ccl_margin=0.1, ccl_negative_weight=3.0)
+
+    def ref():
+        return naive_ccl(q.tolist(), p.tolist(), ids.tolist(), 0.1, 3.0, extra.tolist(), extra_ids.tolist(),
+                         hard.tolist(), hard_ids.tolist())
+    loss, stats = retrieval_loss(q, p, ids, c, Negatives(extra, extra_ids, hard, hard_ids),
+                                 LogQ("static", 10, torch.ones(10)), catalog_size=10)  # logQ: not in ccl
+    assert loss.item() == pytest.approx(ref(), rel=1e-9)
+    assert stats["candidates"] == 5 + 4 + 2
+    assert ref() != pytest.approx(naive_ccl(q.tolist(), p.tolist(), ids.tolist(), 0.5, 3.0, extra.tolist(),
+                                            extra_ids.tolist(), hard.tolist(), hard_ids.tolist()), rel=1e-3)
+    loss.backward()
+    eps = 1e-6
+    for tensor, grad in ((q, q.grad), (p, p.grad), (extra, extra.grad), (hard, hard.grad)):
+        flat = tensor.detach().view(-1)
+        for k in range(flat.numel()):
+            old = flat[k].item()
+            flat[k] = old + eps
+            up = ref()
+            flat[k] = old - eps
+            down = ref()
+            flat[k] = old
+            assert grad.view(-1)[k].item() == pytest.approx((up - down) / (2 * eps), abs=1e-6)
 
 
 def test_streaming_logq_tracks_frequency():

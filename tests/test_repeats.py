@@ -180,7 +180,7 @@ def test_the_loss_mixes_recent_articles_under_the_logq_correction():
     level = torch.from_numpy(rng.normal(size=(b, 3)).astype(np.float32))
     counts = torch.arange(1, n_items + 1, dtype=torch.float64)
     logq = LogQ("static", n_items, counts)
-    cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False)
+    cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False, kind="softmax")
     got, _ = retrieval_loss(q, pos, ids, cfg, None, logq, with_stats=False,
                             bonus=lambda logits, c, shift: mix_recent(logits, recent, c, level, shift))
     log_q = np.log((counts.numpy() + 1) / (counts.numpy() + 1).sum())
@@ -214,7 +214,7 @@ def test_the_loss_adds_the_bonus_to_in_batch_and_hard_logits():
     hard_ids = torch.tensor([[4, 9], [3, 8], [9, 9], [5, 1], [2, 2]])
     recent = torch.tensor([[4, 3, 0], [5, 0, 0], [0, 0, 0], [6, 5, 1], [7, 2, 0]])
     bias = torch.tensor([1.5, 0.7, 0.2])
-    cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False)
+    cfg = SimpleNamespace(temperature=t, cross_rank=False, mask_accidental_hits=False, kind="softmax")
     got, _ = retrieval_loss(q, pos, ids, cfg, Negatives(hard=hard, hard_ids=hard_ids), None, with_stats=False,
                             bonus=lambda logits, c, shift: add_bonus(logits, recent, c, bias))
     total = 0.0

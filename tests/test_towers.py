@@ -193,3 +193,26 @@ def test_towers_read_each_feature_where_a_per_feature_concatenation_puts_it(enco
                         for f in model.query_features] + [dense[:, :2]], dim=1)
     want_i = torch.cat([pooled[f] for f in model.item_features], dim=1)
     assert torch.equal(seen["q"], want_q) and torch.equal(seen["i"], want_i)
+
+
+def test_id_rows_are_the_table_rows_the_queries_looked_up():
+    """model.id_rows (optim.table_l2): training returns the customer and article rows of the first n rows,
+    read straight from the tables; eval returns the two towers only; input dropout only trains."""
+    cfg = OmegaConf.structured(ModelConfig(history_encoder="bag", input_dropout=0.5))
+    model = TwoTower(cfg, CARDS, device="cpu")
+    b, keys = 3, model.feature_keys
+    cust, art = torch.tensor([4, 0, 9]), torch.tensor([7, 20, 7])
+    values = {"customer_id": cust, "article_id": art}
+    lengths = torch.cat([torch.ones(b, dtype=torch.long) for _ in keys])
+    sparse = KeyedJaggedTensor(keys=keys, values=torch.cat([values.get(k, torch.zeros(b, dtype=torch.long))
+                                                            for k in keys]), lengths=lengths)
+    model.id_rows = True
+    q, i, rows = model(sparse, torch.zeros(b, 3), 2)
+    tables = model.ebc.embedding_bags
+    assert torch.equal(rows[0], tables["t_customer_id"].weight[cust[:2]])
+    assert torch.equal(rows[1], tables["t_article"].weight[art[:2]])
+    model.eval()
+    out = model(sparse, torch.zeros(b, 3), 2)
+    assert len(out) == 2 and torch.equal(model(sparse, torch.zeros(b, 3), 2)[0], out[0])  # no dropout
+    model.train()
+    assert not torch.equal(model(sparse, torch.zeros(b, 3), 2)[0], out[0])

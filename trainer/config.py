@@ -31,6 +31,11 @@ class LogQMode(Choice):
     streaming = "streaming"  # the estimate of Yi et al. 2019, updated every step
 
 
+class LossKind(Choice):
+    softmax = "softmax"  # sampled softmax cross-entropy over the candidates (logQ-corrected)
+    ccl = "ccl"  # SimpleX's cosine contrastive loss: (1 - cos+) + w x mean over negatives of max(0, cos- - margin)
+
+
 class HardAnchor(Choice):
     positive = "positive"  # the target's neighbours, listed once per refresh (PinSage): cheap per step
     query = "query"  # the query's exact top over the catalogue, every step (ANCE): costly
@@ -124,6 +129,7 @@ class ModelConfig:
     encoder_layers: int = 1
     encoder_heads: int = 2
     dropout: float = 0.0  # in the transformer
+    input_dropout: float = 0.0  # on each tower's input (its concatenated features), training only
     # New articles from their features: each global batch, this share of the catalogue's articles enter the
     # item tower without their id (the OOV row: "an article not known by id"), so the features learn to
     # place an article alone; at scoring time an article with fewer than cold_start_sales training purchases
@@ -141,12 +147,17 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    kind: LossKind = LossKind.softmax
+    ccl_margin: float = 0.8  # ccl: a negative costs only above this cosine
+    ccl_negative_weight: float = 1.0  # ccl: w, the weight of the negatives' mean hinge against the positive's term
     temperature: float = 0.05
     logq: LogQMode = LogQMode.streaming
     streaming_alpha: float = 0.01  # step size of the streaming frequency estimate
     mask_accidental_hits: bool = True  # another row's positive that equals this row's is not a negative
     cross_rank: bool = True  # candidates all-gathered from every rank
-    mixed_negatives: int = 1024  # uniform random catalogue articles per batch, shared by all rows
+    # uniform random catalogue articles per batch, shared by all rows; -1: every catalogue article (the full
+    # softmax: where the item tower over the whole catalogue fits in a step)
+    mixed_negatives: int = 1024
     hard_negatives: int = 0  # mined per row by exact search over a snapshot of the item embeddings
     hard_anchor: HardAnchor = HardAnchor.positive  # search around the row's target or its query
     hard_every: int = 0  # refresh the snapshot every N steps (0: each epoch)
@@ -172,6 +183,10 @@ class ShardingConfig:
 class OptimConfig:
     lr: float = 1e-3  # dense parts (MLPs): AdamW
     weight_decay: float = 0.0
+    # L2 on the id rows a batch looks up (its customers' and positive articles' rows): weight x the mean over
+    # rows of their squared norms, added to the loss, so the fused table optimiser applies it to the rows a
+    # batch touches (FBGEMM 1.9.0's CPU kernels ignore the TBE's own weight_decay: measured)
+    table_l2: float = 0.0
     # the schedule scales both base rates (optim.lr and sharding.fused_lr) by the step (trainer/loop/schedule.py)
     warmup_steps: int = 0  # linear from 1/(warmup_steps + 1) of the base to the base
     decay: Decay = Decay.plateau  # halved per validation without a new best: fits a run early stopping ends

@@ -30,9 +30,12 @@ def reference(q: torch.Tensor, pos: torch.Tensor, neg: Negatives) -> torch.Tenso
 class TrainTask:
     def __init__(self, model, keys: list[str], loss_cfg, logq: LogQ, miner: HardNegativeMiner | None,
                  tables: FeatureTables, n_items: int, seed: int, device: torch.device,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, mixed: int | None = None, table_l2: float = 0.0):
         self.model, self.keys, self.cfg, self.logq, self.miner = model, keys, loss_cfg, logq, miner
         self.tables, self.n_items, self.seed, self.device = tables, n_items, seed, device
+        self.table_l2 = table_l2  # optim.table_l2: the model returns the rows it looked up
+        unwrap(model).id_rows = table_l2 > 0
+        self.mixed = loss_cfg.mixed_negatives if mixed is None else mixed  # uniform negatives a global batch
         self.autocast = autocast  # bfloat16 for the towers and logits (trainer.precision=bf16), or None
         self.item_features: ItemFeatures | None = None  # built on first use (mined hard negatives only)
         self.step = 0  # the step being trained (for the miner's draws)
@@ -51,11 +54,12 @@ class TrainTask:
 
     def _loss(self, inp: ModelInput) -> tuple[torch.Tensor, dict, torch.Tensor]:
         b = len(inp)
-        q_all, i_all = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
+        out = self.model(inp.sparse, inp.query_dense, b)  # extra rows: item tower only
+        q_all, i_all = out[0], out[1]  # (indexed: under the pipeline's FX trace ``out`` is a proxy)
         q, pos = q_all[:b], i_all[:b]
         neg = Negatives()
-        if self.cfg.mixed_negatives > 0:  # this rank's share of the global batch's draws: gather them all
-            sizes = shares(self.cfg.mixed_negatives, D.world_size())
+        if self.mixed > 0:  # this rank's share of the global batch's draws: gather them all
+            sizes = shares(self.mixed, D.world_size())
             neg.extra, _ = D.all_gather_with_grad(i_all[b:], sizes)
             neg.extra_ids = D.all_gather_rows(inp.extra_ids, sizes)
         if self.miner is not None and self.miner.ready:
@@ -63,6 +67,8 @@ class TrainTask:
         loss, stats = retrieval_loss(q, pos, inp.article_idx, self.cfg, neg, self.logq,
                                      group=True if self.cfg.cross_rank else None, catalog_size=self.n_items,
                                      with_stats=self.with_stats, bonus=self._bonus(inp, b, q, pos, neg))
+        if self.table_l2 > 0:  # the mean over this rank's rows, as the loss: the same sum over any world size
+            loss = loss + self.table_l2 * sum(r.float().pow(2).sum(1).mean() for r in out[2])
         return loss, stats, inp.article_idx
 
     def _bonus(self, inp: ModelInput, b: int, q: torch.Tensor, pos: torch.Tensor, neg: Negatives):
@@ -95,7 +101,7 @@ class TrainTask:
             self.item_features = ItemFeatures(self.tables, self.keys, self.device)
         h_inp = self.item_features.model_input(hard_ids)
         # one (ignored) query row: the sequence encoder's attention cannot run on an empty batch
-        _, h = self.model(h_inp.sparse, h_inp.query_dense, 1)
+        h = self.model(h_inp.sparse, h_inp.query_dense, 1)[1]
         return h.view(b, -1, h.shape[-1]), hard_ids
 
     def after_step(self, positive_ids: torch.Tensor, step: int) -> None:

@@ -7,7 +7,9 @@ For query row b with positive article p_b, the candidates are
   * ``M`` uniform catalogue articles shared by all rows (mixed negatives; the caller gathers each
     rank's share of the global batch's draws),
   * ``H`` hard negatives of its own (mined, see trainer/model/negatives.py).
-Logits are dot products over ``temperature``. With logQ correction each shared candidate's logit is
+Logits are dot products over ``temperature``. ``loss.kind=ccl`` instead takes SimpleX's cosine contrastive
+loss (Mao et al. 2021) over the same candidates: ``(1 - s+) + w * mean_j max(0, s_j - margin)`` with ``s``
+the cosine plus the scoring terms, no logQ correction, masked candidates left out of the mean. With logQ correction each shared candidate's logit is
 reduced by the log of its expected count in the candidate set: ``log(N_batch * q_j)`` for in-batch
 candidates sampled by popularity ``q_j``, ``log(M / catalogue)`` for uniform ones (Yi et al. 2019;
 Yang et al. 2020). With accidental-hit masking, a candidate whose article equals the row's positive
@@ -100,6 +102,17 @@ class LogQ:
             self.copies.copy_(state["copies"])
 
 
+def contrastive(scores: torch.Tensor, target: torch.Tensor, cfg) -> torch.Tensor:
+    """SimpleX's cosine contrastive loss, mean over rows: (1 - s[b, target_b]) + w * the mean over the row's
+    other unmasked candidates of max(0, s - margin)."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    negative = scores > MASKED * cfg.temperature / 2  # masked candidates are no negatives
+    negative[rows, target] = False
+    hinge = torch.relu(scores - cfg.ccl_margin) * negative
+    per_row = hinge.sum(1) / negative.sum(1).clamp(min=1)
+    return ((1 - scores[rows, target]) + cfg.ccl_negative_weight * per_row).mean()
+
+
 def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor, cfg,
                    negatives: Negatives | None = None, logq: LogQ | None = None, group=None,
                    catalog_size: int | None = None, with_stats: bool = True,
@@ -118,7 +131,17 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     n_batch = cand.shape[0]
     batch_cand = cand
     correction = []
-    if logq is not None and logq.mode != LogQMode.off:
+    ccl = cfg.kind == "ccl"
+    if ccl:  # cosines, whatever the towers' normalisation
+        query, cand = F.normalize(query, dim=-1), F.normalize(cand, dim=-1)
+        batch_cand = cand
+        if negatives.hard is not None:
+            negatives = Negatives(negatives.extra, negatives.extra_ids, F.normalize(negatives.hard, dim=-1),
+                                  negatives.hard_ids)
+        if negatives.extra is not None:
+            negatives = Negatives(F.normalize(negatives.extra, dim=-1), negatives.extra_ids, negatives.hard,
+                                  negatives.hard_ids)
+    if logq is not None and logq.mode != LogQMode.off and not ccl:
         correction.append(math.log(n_batch) + logq.log_q(cand_ids))
     if negatives.extra is not None:
         m = negatives.extra.shape[0]
@@ -144,7 +167,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
             hard_logits = bonus(hard_logits, negatives.hard_ids, None)
         hard_logits = hard_logits.masked_fill(negatives.hard_ids == positive_ids[:, None], MASKED)
         logits = torch.cat([logits, hard_logits], dim=1)
-    loss = F.cross_entropy(logits, target)
+    loss = contrastive(logits * cfg.temperature, target, cfg) if ccl else F.cross_entropy(logits, target)
     stats = {"candidates": int(logits.shape[1])}
     if with_stats:
         with torch.no_grad():

@@ -64,19 +64,31 @@ class UniformNegatives:
     (``ExampleStream(extra_rows=...)``) for this rank's share, so the ranks' shares, gathered in rank order
     by the loss, are the one-rank draw: the same negatives at any world size."""
 
-    count: int
+    count: int  # -1: the whole catalogue, every article once (the full softmax)
     n_items: int
     seed: int
     rank: int = 0
     world_size: int = 1
     name = "uniform"  # stateless: a function of (seed, epoch, global batch)
 
+    def __post_init__(self):
+        if self.count < -1:
+            raise ValueError(f"loss.mixed_negatives={self.count}: expected a count, 0 (none) or -1 (the catalogue)")
+        if self.count < 0:
+            object.__setattr__(self, "count", self.n_items - 1)
+            object.__setattr__(self, "catalogue", True)
+
+    catalogue: bool = False
+
     def before_step(self, at: StepAt) -> None:
         pass
 
     def __call__(self, epoch: int, batch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, UNIFORM_SALT, epoch, batch])
-        ids = rng.integers(1, self.n_items, self.count).astype(np.int32)
+        if self.catalogue:
+            ids = np.arange(1, self.n_items, dtype=np.int32)
+        else:
+            rng = np.random.default_rng([self.seed, UNIFORM_SALT, epoch, batch])
+            ids = rng.integers(1, self.n_items, self.count).astype(np.int32)
         split = shares(self.count, self.world_size)
         lo = sum(split[:self.rank])
         return ids[lo:lo + split[self.rank]]

@@ -149,6 +149,9 @@ class TwoTower(nn.Module):
             self.item_tower = nn.Identity()
             self.output_dim = i_in
         self.feature_keys = [*query_keys(cfg), *self.item_features]
+        self.id_rows = False  # see forward
+        # dropout on each tower's input (the concatenated features), training only
+        self.input_dropout = nn.Dropout(float(getattr(cfg, "input_dropout", 0.0) or 0.0))
         # The scoring terms beside the inner product, each a typed submodule that the loss and the
         # Retriever call (a new term: one module with loss_term, plus its scoring side, and its test):
         # recent sales (trainer/model/sales.py) and buying again (trainer/model/repeats.py).
@@ -162,11 +165,13 @@ class TwoTower(nn.Module):
         return [t for t in (self.sales, self.repeats) if t is not None]
 
     def forward(self, sparse: KeyedJaggedTensor, query_dense: torch.Tensor,
-                n_query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                n_query: int | None = None):
         """Query vectors for the first ``n_query`` rows (all by default) and item vectors for every row
         of ``sparse``; rows without query (or item) features give meaningless vectors on that side,
         which callers slice away. Extra candidate rows come after the queries, so the query tower skips
-        them."""
+        them. With ``self.id_rows`` set, training also returns the id embeddings the first ``n_query`` rows
+        looked up (customer, article: the loss's L2 on the rows a batch touches; an attribute, not an
+        argument, so that TorchRec's FX trace of the pipelined model sees no branch on an input)."""
         pooled = self.ebc(sparse).to_dict()
         n = n_query if n_query is not None else sparse.stride()
         history = None  # the transformer's reading of the history, in the bag's place (no item
@@ -177,9 +182,12 @@ class TwoTower(nn.Module):
                        for f in self.query_features]
                       + ([query_dense[:n, :2]] if self.cfg.time_features else []), dim=1)
         i = torch.cat([pooled[f] for f in self.item_features], dim=1)
-        q, i = self.query_tower(q), self.item_tower(i)
+        q, i = self.query_tower(self.input_dropout(q)), self.item_tower(self.input_dropout(i))
         if self.cfg.normalize:
             q, i = F.normalize(q, dim=-1), F.normalize(i, dim=-1)
+        if self.id_rows and self.training:
+            return q, i, [pooled[f][:n] for f in ("customer_id", "article_id")
+                          if f in self.feature_keys]
         return q, i
 
 
