@@ -307,5 +307,6 @@ def test_holdout_with_unordered_histories(tmp_path_factory, rows):
         for r in table:
             known = pool(r["customer_idx"], allowed)
             assert len(r["history"]) == min(3, sum(known.values())) and not Counter(r["history"]) - known
-            truth = {a for (c, a, _), t in zip(rows_idx, label) if c == r["customer_idx"] and t == split_mod.PERIODS[period]}
+            truth = {a for (c, a, _), t in zip(rows_idx, label)
+                     if c == r["customer_idx"] and t == split_mod.PERIODS[period]}
             assert set(r["targets"]) == truth
