@@ -35,7 +35,7 @@ def plans(fused_optimizer: str = "rowwise_adagrad"):
     """(scale, topology, {table: sharding type}, per-rank bytes) for every case."""
     sharding = OmegaConf.structured(ShardingConfig(fused_optimizer=fused_optimizer))
     for scale, cards in SCALES.items():
-        model = TwoTower(OmegaConf.structured(ModelConfig()), cards, device="meta")
+        model = TwoTower(OmegaConf.structured(ModelConfig(history_encoder="transformer")), cards, device="meta")
         for topo, (world, local) in TOPOLOGIES.items():
             plan, per_rank = plan_on_paper(model, sharding, world, local)
             types = {t: p.sharding_type for params in plan.plan.values() for t, p in params.items()}

@@ -149,6 +149,11 @@ class SplitConfig:
 class PrepareOptions:
     out: str = "${data.root}/prepared"  # vocabularies, feature tables, example shards, eval sets
     history_len: int = 20  # last N purchases strictly before the transaction's day
+    # > 0: the history length is this quantile of the customers' training interaction counts (rounded up,
+    # at most history_cap) instead of history_len: a window that follows the data (0.9: 90% of customers'
+    # whole training histories fit)
+    history_quantile: float = 0.0
+    history_cap: int = 200
     # ... or before the transaction itself, earlier rows of its day included (in file order): for data
     # whose day holds an ordered session (MovieLens ratings); an H&M day is one basket, so not there.
     history_within_day: Optional[bool] = None  # None: as data.sessions

@@ -146,7 +146,7 @@ def read_interactions(root: str, vocabs: dict, progress: bool) -> tuple[np.ndarr
 
 
 def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_rows: np.ndarray,
-                   log_: features.EventLog, cfg, same_day: bool, progress: bool) -> list[dict]:
+                   log_: features.EventLog, cfg, same_day: bool, progress: bool, history_len: int) -> list[dict]:
     """Globally shuffled training examples, one shard at a time (history looked up per shard)."""
     rng = np.random.default_rng([cfg.seed, 104729])
     perm = train_rows[rng.permutation(len(train_rows))]
@@ -154,8 +154,8 @@ def write_examples(out: str, c: np.ndarray, a: np.ndarray, d: np.ndarray, train_
     n_shards = max(1, -(-len(perm) // cfg.shard_rows))
     for k in progress_bar(range(n_shards), progress, desc="write examples", unit="shard"):
         rows = perm[k * cfg.shard_rows:(k + 1) * cfg.shard_rows]
-        hist = log_.history_before_rows(rows, cfg.history_len) if same_day else \
-            log_.history(c[rows], d[rows], cfg.history_len)
+        hist = log_.history_before_rows(rows, history_len) if same_day else \
+            log_.history(c[rows], d[rows], history_len)
         table = pa.table({
             "customer_idx": pa.array(c[rows], pa.int32()),
             "article_idx": pa.array(a[rows], pa.int32()),
@@ -194,6 +194,21 @@ def eval_set(c: np.ndarray, a: np.ndarray, d: np.ndarray, rows: np.ndarray, quer
         "target_article_ids": pa.ListArray.from_arrays(pa.array(t_offsets.astype(np.int32)), art_ids.combine_chunks()
                                                        if isinstance(art_ids, pa.ChunkedArray) else art_ids),
     })
+
+
+def history_window(train_customers: np.ndarray, cfg) -> tuple[int, dict]:
+    """The history length: ``prepare.history_len``, or with ``prepare.history_quantile`` > 0 that quantile of
+    the customers' training interaction counts (rounded up, at most ``prepare.history_cap``), so the window
+    follows the data's own histories. Returns it and what the report says of it."""
+    counts = np.bincount(train_customers)
+    counts = counts[counts > 0]
+    n = int(cfg.history_len)
+    if cfg.history_quantile > 0:
+        n = int(min(cfg.history_cap, max(1, np.ceil(np.quantile(counts, cfg.history_quantile)))))
+    covered = float(np.minimum(counts, n).sum() / max(counts.sum(), 1))
+    return n, {"quantile": float(cfg.history_quantile), "cap": int(cfg.history_cap), "length": n,
+               "median_customer": float(np.median(counts)) if len(counts) else 0.0,
+               "share_of_training_within": round(covered, 4)}
 
 
 def event_log(c: np.ndarray, d: np.ndarray, a: np.ndarray, rows: np.ndarray, cfg) -> features.EventLog:
@@ -276,7 +291,8 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
                             "first_sold": pa.array(first_sold)}), join(out, "item_freq.parquet"))
     sales = recent_sales(a, d, labels == split.TRAIN)
     write_parquet(sales.pop("table"), join(out, "item_week_sales.parquet"))
-    shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day or unordered, progress)
+    history_len, window = history_window(c[labels == split.TRAIN], cfg)
+    shards = write_examples(out, c, a, d, train_rows, train_log, cfg, same_day or unordered, progress, history_len)
 
     evals = {}
     for period, label in split.PERIODS.items():
@@ -287,16 +303,16 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
             start = bounds["val_start"] if period == "val" else bounds["test_start"]
             known = np.flatnonzero(d < start)  # everything before the period: train (+ val for test)
             source = train_log if period == "val" else event_log(c, d, a, known, cfg)
-            table = eval_set(c, a, d, rows, start, source, cfg.history_len, vocabs)
+            table = eval_set(c, a, d, rows, start, source, history_len, vocabs)
         elif split_cfg.protocol in ("leave_last_n", "holdout"):
             # test queries know the validation rows too (they come before); with history_within_day a
             # query sees everything before its targets, same-day rows included
             known = np.flatnonzero(labels != split.TEST)
             source = train_log if period == "val" else event_log(c, d, a, known, cfg)
             day = int(d.max()) + 1 if same_day or unordered or split_cfg.protocol == "holdout" else d
-            table = eval_set(c, a, d, rows, day, source, cfg.history_len, vocabs)
+            table = eval_set(c, a, d, rows, day, source, history_len, vocabs)
         else:  # random: not temporal; history is the customer's latest training purchases
-            table = eval_set(c, a, d, rows, int(d.max()) + 1, train_log, cfg.history_len, vocabs)
+            table = eval_set(c, a, d, rows, int(d.max()) + 1, train_log, history_len, vocabs)
         write_parquet(table, join(out, "eval", f"{period}.parquet"))
         evals[period] = {"customers": table.num_rows, "target_rows": int(len(rows)),
                          "distinct_targets": int(pc.sum(pc.list_value_length(table["targets"])).as_py())}
@@ -314,7 +330,8 @@ def _prepare(data_cfg, split_cfg, cfg, out: str, progress: bool) -> dict:
         "lineage": lineage(vocabs, parent).to_json(),
         "parent": ({"prepared": parent.url, "version": parent.version or version_of(parent.url), **grown}
                    if parent is not None else None),
-        "history_len": cfg.history_len,
+        "history_len": history_len,
+        "history_window": window,
         "history_within_day": same_day,
         "history_order": str(cfg.history_order),
         "row_group_rows": cfg.row_group_rows,

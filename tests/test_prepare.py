@@ -310,3 +310,23 @@ def test_holdout_with_unordered_histories(tmp_path_factory, rows):
             truth = {a for (c, a, _), t in zip(rows_idx, label)
                      if c == r["customer_idx"] and t == split_mod.PERIODS[period]}
             assert set(r["targets"]) == truth
+
+
+def test_history_window_follows_the_customers_counts(tmp_path):
+    """prepare.history_quantile: the window is that quantile of the customers' training counts, rounded up
+    and capped; the examples' histories reach it (customer 0's 10th purchase sees 3 before it)."""
+    from types import SimpleNamespace
+
+    from data.prepare import history_window
+
+    customers = np.repeat([0, 1, 2, 3], [10, 1, 2, 3])
+    n, report = history_window(customers, SimpleNamespace(history_len=20, history_quantile=0.5, history_cap=200))
+    assert n == 3 and report["median_customer"] == 2.5  # quantile(1, 2, 3, 10; 0.5) = 2.5 -> 3
+    assert report["share_of_training_within"] == round((3 + 1 + 2 + 3) / 16, 4)
+    assert history_window(customers, SimpleNamespace(history_len=20, history_quantile=0.5, history_cap=2))[0] == 2
+    assert history_window(customers, SimpleNamespace(history_len=7, history_quantile=0.0, history_cap=2))[0] == 7
+    root, out = str(tmp_path / "d"), str(tmp_path / "p")
+    write_dataset(root, 4, 8, [(0, a % 8, a) for a in range(10)] + [(1, 0, 1), (2, 1, 1), (2, 2, 2),
+                                                                   (3, 3, 1), (3, 4, 2), (3, 5, 3)])
+    m = run(root, out, {"val_days": 1}, history_len=20, history_quantile=0.5)
+    assert m["history_len"] == 3 and max(len(e["history"]) for e in examples(out)) == 3

@@ -28,7 +28,7 @@ def test_history_shares_the_article_table():
 
 
 def test_unknown_feature_is_named():
-    cfg = OmegaConf.structured(ModelConfig(item_features=["article_id", "sleeve_length"]))
+    cfg = OmegaConf.structured(ModelConfig(history_encoder="transformer", item_features=["article_id", "sleeve_length"]))
     with pytest.raises(ValueError, match="'sleeve_length' has no cardinality"):
         table_configs(cfg, CARDS)
 

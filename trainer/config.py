@@ -16,6 +16,7 @@ class ModelName(Choice):
 
 
 class HistoryEncoder(Choice):
+    auto = "auto"  # transformer where the prepared histories carry an order, else bag (trainer/model/signals.py)
     bag = "bag"  # the mean of the history's article embeddings
     transformer = "transformer"  # the ordered history, with positions, through a small transformer
 
@@ -122,7 +123,7 @@ class ModelConfig:
     repeat_mode: RepeatMode = RepeatMode.mixture  # how it scores (trainer/model/repeats.py)
     # the ordered history beats the bag on every shape measured (README, "Defaults"); the bag is ~1.6x
     # faster per step on a CPU
-    history_encoder: HistoryEncoder = HistoryEncoder.transformer
+    history_encoder: HistoryEncoder = HistoryEncoder.auto
     history_positions: int = 20  # transformer: the most recent purchases it reads, newest first
     # One layer: the [CLS] token attends to the positions (the last layer computes its row only); as good as
     # two on MovieLens-100K (3 seeds) and small, at 0.6x the step time on a CPU (README, "Defaults")

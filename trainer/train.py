@@ -181,7 +181,7 @@ class Trainer:
                "global_batch_size": loop.global_batch_size, "warm_start": self.parent,
                "examples_trained": st.step * loop.global_batch_size,  # global batches are whole
                "compiled": self.steps.compiled, "compile_seconds": self.steps.compile_seconds,
-               **st.history}
+               "follows_data": self.parts.follows_data, **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))
             plots.training_curves(st.history, join(self.run_dir, "training.png"), loop.select_metric)

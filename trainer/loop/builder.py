@@ -92,6 +92,7 @@ class Training:
     schedule: "LRSchedule"
     total_steps: int
     negatives: list  # the negative sources beyond the batch (trainer/model/negatives.py), each a component
+    follows_data: list  # what the model's settings resolved to on this data (trainer/model/signals.py)
 
     @property
     def components(self) -> list:
@@ -129,6 +130,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.model.cold import IdDropout
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
+    from trainer.model.signals import follow_data
     from trainer.model.towers import unwrap
     from trainer.parallel.compile import apply as compile_model
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
@@ -139,6 +141,10 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
                          f"rank(s): choose a multiple of {dist.world}")
     n_items = ds.n_articles
     set_determinism(dev)
+    notes = follow_data(cfg.model, ds)  # before anything reads the model's settings (or saves them)
+    if dist.rank == 0:
+        for line in notes:
+            log.info("following the data: %s", line)
     built = build(cfg, ds, dev)
     compiled = compile_model(loop.compile, unwrap(built.model), dev)
     uniform = UniformNegatives(lc.mixed_negatives, n_items, loop.seed, dist.rank, dist.world)
@@ -175,7 +181,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
                  "training on any number of ranks", dist.world, loop.global_batch_size,
                  loop.global_batch_size // dist.world, stream.batches_per_epoch(0))
     return Training(built, stream, make_loader(stream, pin_memory=dev.type == "cuda", packed=True), embedder, logq,
-                    miner, task, steps, schedule, total, negatives)
+                    miner, task, steps, schedule, total, negatives, notes)
 
 
 def not_invariant(cfg, plan) -> list[str]:

@@ -40,6 +40,9 @@ def position_keys(cfg) -> list[str]:
 
 def query_keys(cfg) -> list[str]:
     """The query tower's sparse features: with the transformer, the history by position."""
+    if str(cfg.history_encoder) == "auto" and "history" in cfg.query_features:
+        raise ValueError("model.history_encoder=auto is resolved against the prepared data before the model is "
+                         "built (trainer/model/signals.py follow_data)")
     if cfg.history_encoder != HistoryEncoder.transformer or "history" not in cfg.query_features:
         return list(cfg.query_features)
     return [f for f in cfg.query_features if f != "history"] + position_keys(cfg)
