@@ -247,6 +247,7 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", default=[], help="Hydra overrides for the project's training")
     ap.add_argument("--nproc", type=int, nargs="*", default=[1], help="world sizes to train each row on")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0], help="trainer.seed of each run (rows: the mean)")
+    ap.add_argument("--prepare", nargs="*", default=[], help="Hydra overrides for data.prepare (after the split's)")
     ap.add_argument("--split", choices=list(PREPARE), default="loo",
                     help="loo: leave-last-one-out by time; holdout: per-user random 20%% test, no order")
     args = ap.parse_args()
@@ -257,7 +258,7 @@ def main() -> None:
     paths = [f"paths.datasets={ROOT / 'datasets'}", f"paths.runs={out}"]
     data = DATA[args.split]
     run(["-m", "data.ingest", "data=movielens", *data, f"data.raw_dir={raw}", *paths])
-    run(["-m", "data.prepare", "data=movielens", *data, *paths, *PREPARE[args.split]])
+    run(["-m", "data.prepare", "data=movielens", *data, *paths, *PREPARE[args.split], *args.prepare])
 
     prepared = ROOT / "datasets" / ("ml-100k-holdout" if unordered else "ml-100k") / "prepared"
     train, val, test = holdout_split(ratings, prepared) if unordered else split(ratings)

@@ -18,7 +18,7 @@ from trainer.model.loss import LogQ, Negatives, retrieval_loss
 
 def cfg(**kw):
     base = dict(temperature=0.1, cross_rank=True, mask_accidental_hits=True, kind="softmax", ccl_margin=0.8,
-                ccl_negative_weight=1.0)
+                ccl_negative_weight=1.0, ccl_in_batch=True)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -110,16 +110,17 @@ def test_logq_mixed_and_hard_negatives_and_gradients():
             assert grad.view(-1)[k].item() == pytest.approx((up - down) / (2 * eps), abs=1e-5)
 
 
-def naive_ccl(q, pos, pos_ids, margin, weight, extra=None, extra_ids=None, hard=None, hard_ids=None):
+def naive_ccl(q, pos, pos_ids, margin, weight, extra=None, extra_ids=None, hard=None, hard_ids=None,
+              in_batch=True):
     """SimpleX's cosine contrastive loss row by row: (1 - cos(q, p)) + w x the mean over the row's negatives
-    (other rows' positives, the extra and the hard ones, none equal to the row's positive) of
-    max(0, cos - margin)."""
+    (other rows' positives when ``in_batch``, the extra and the hard ones, none equal to the row's positive)
+    of max(0, cos - margin)."""
     def cos(x, y):
         return sum(a * b for a, b in zip(x, y)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
 
     total = 0.0
     for b in range(len(q)):
-        negs = [pos[j] for j in range(len(pos)) if j != b and pos_ids[j] != pos_ids[b]]
+        negs = [pos[j] for j in range(len(pos)) if in_batch and j != b and pos_ids[j] != pos_ids[b]]
         negs += [extra[j] for j in range(len(extra or [])) if extra_ids[j] != pos_ids[b]]
         negs += [hard[b][h] for h in range(len(hard[b]) if hard else 0) if hard_ids[b][h] != pos_ids[b]]
         hinge = [max(0.0, cos(q[b], n) - margin) for n in negs]
@@ -148,6 +149,12 @@ def test_cosine_contrastive_loss_against_a_naive_reference():
     assert stats["candidates"] == 5 + 4 + 2
     assert ref() != pytest.approx(naive_ccl(q.tolist(), p.tolist(), ids.tolist(), 0.5, 3.0, extra.tolist(),
                                             extra_ids.tolist(), hard.tolist(), hard_ids.tolist()), rel=1e-3)
+    # without the other rows' positives among the negatives (the default): uniform and mined ones only
+    no_batch, _ = retrieval_loss(q, p, ids, cfg(kind="ccl", ccl_margin=0.1, ccl_negative_weight=3.0, ccl_in_batch=False),
+                                 Negatives(extra, extra_ids, hard, hard_ids))
+    want = naive_ccl(q.tolist(), p.tolist(), ids.tolist(), 0.1, 3.0, extra.tolist(), extra_ids.tolist(),
+                     hard.tolist(), hard_ids.tolist(), in_batch=False)
+    assert no_batch.item() == pytest.approx(want, rel=1e-9) and want != pytest.approx(ref(), rel=1e-3)
     loss.backward()
     eps = 1e-6
     for tensor, grad in ((q, q.grad), (p, p.grad), (extra, extra.grad), (hard, hard.grad)):

@@ -151,6 +151,9 @@ class LossConfig:
     kind: LossKind = LossKind.softmax
     ccl_margin: float = 0.8  # ccl: a negative costs only above this cosine
     ccl_negative_weight: float = 1.0  # ccl: w, the weight of the negatives' mean hinge against the positive's term
+    # ccl: the other rows' positives are negatives too (popularity-drawn; without logQ they push popular
+    # articles down for everyone); off: the uniform (loss.mixed_negatives) and mined ones only, as SimpleX
+    ccl_in_batch: bool = False
     temperature: float = 0.05
     logq: LogQMode = LogQMode.streaming
     streaming_alpha: float = 0.01  # step size of the streaming frequency estimate

@@ -102,11 +102,15 @@ class LogQ:
             self.copies.copy_(state["copies"])
 
 
-def contrastive(scores: torch.Tensor, target: torch.Tensor, cfg) -> torch.Tensor:
+def contrastive(scores: torch.Tensor, target: torch.Tensor, cfg, n_batch: int) -> torch.Tensor:
     """SimpleX's cosine contrastive loss, mean over rows: (1 - s[b, target_b]) + w * the mean over the row's
-    other unmasked candidates of max(0, s - margin)."""
+    unmasked negatives of max(0, s - margin). The negatives are the uniform and mined ones; the other rows'
+    positives (the first ``n_batch`` candidates) too only with ``loss.ccl_in_batch``: they are drawn by
+    popularity, and with no logQ correction here they would push the popular articles down for everyone."""
     rows = torch.arange(scores.shape[0], device=scores.device)
     negative = scores > MASKED * cfg.temperature / 2  # masked candidates are no negatives
+    if not cfg.ccl_in_batch:
+        negative[:, :n_batch] = False
     negative[rows, target] = False
     hinge = torch.relu(scores - cfg.ccl_margin) * negative
     per_row = hinge.sum(1) / negative.sum(1).clamp(min=1)
@@ -167,7 +171,7 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
             hard_logits = bonus(hard_logits, negatives.hard_ids, None)
         hard_logits = hard_logits.masked_fill(negatives.hard_ids == positive_ids[:, None], MASKED)
         logits = torch.cat([logits, hard_logits], dim=1)
-    loss = contrastive(logits * cfg.temperature, target, cfg) if ccl else F.cross_entropy(logits, target)
+    loss = contrastive(logits * cfg.temperature, target, cfg, n_batch) if ccl else F.cross_entropy(logits, target)
     stats = {"candidates": int(logits.shape[1])}
     if with_stats:
         with torch.no_grad():
