@@ -8,9 +8,11 @@ For query row b with positive article p_b, the candidates are
     rank's share of the global batch's draws),
   * ``H`` hard negatives of its own (mined, see trainer/model/negatives.py).
 Logits are dot products over ``temperature``. ``loss.kind=ccl`` instead takes SimpleX's cosine contrastive
-loss (Mao et al. 2021) over the same candidates: ``(1 - s+) + w * mean_j max(0, s_j - margin)`` with ``s``
-the cosine plus the scoring terms, no logQ correction, masked candidates left out of the mean.
-With logQ correction each shared candidate's logit is reduced by the log of its expected count in the candidate set: ``log(N_batch * q_j)`` for in-batch
+loss (Mao et al. 2021): ``(1 - s+) + w * mean_j max(0, s_j - margin)`` with ``s`` the cosine plus the
+scoring terms, over the uniform and mined negatives (the other rows' positives too with
+``loss.ccl_in_batch``), no logQ correction, masked candidates left out of the mean.
+With logQ correction each shared candidate's logit is reduced by the log of its expected count in the
+candidate set: ``log(N_batch * q_j)`` for in-batch
 candidates sampled by popularity ``q_j``, ``log(M / catalogue)`` for uniform ones (Yi et al. 2019;
 Yang et al. 2020). With accidental-hit masking, a candidate whose article equals the row's positive
 (other than the positive itself) is removed from the softmax.
