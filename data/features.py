@@ -84,22 +84,14 @@ class EventLog:
         by_row = np.argsort(self.sorted_rows, kind="stable")
         pos = by_row[np.searchsorted(self.sorted_rows[by_row], rows)]
         first = np.searchsorted(self.customer, self.customer[pos], side="left")
-        lo = np.maximum(first, pos - n)
-        lengths = pos - lo
-        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-        at = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
-        return Jagged(offsets, self.article[at])
+        return _slices(self.article, np.maximum(first, pos - n), pos)
 
     def history(self, customer: np.ndarray, day: np.ndarray, n: int) -> Jagged:
         """For each query (customer, day): the customer's last ``n`` articles strictly before ``day``,
         oldest first."""
         hi = np.searchsorted(self.key, _key(customer, day), side="left")
         first = np.searchsorted(self.key, _key(customer, np.zeros_like(day)), side="left")
-        lo = np.maximum(first, hi - n)
-        lengths = hi - lo
-        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-        pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
-        return Jagged(offsets, self.article[pos])
+        return _slices(self.article, np.maximum(first, hi - n), hi)
 
 
 class UnorderedLog(EventLog):
@@ -134,10 +126,7 @@ class UnorderedLog(EventLog):
         only what the query may know)."""
         lo = np.searchsorted(self.key, customer.astype(np.int64), side="left")
         hi = np.minimum(np.searchsorted(self.key, customer.astype(np.int64), side="right"), lo + n)
-        lengths = hi - lo
-        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-        pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
-        return Jagged(offsets, self.article[pos])
+        return _slices(self.article, lo, hi)
 
 
 def first_sale_days(a: np.ndarray, d: np.ndarray, n_items: int) -> np.ndarray:
@@ -156,6 +145,14 @@ def best_sellers(article: np.ndarray, day: np.ndarray, before: int, n_articles: 
     recent = (day >= before - days) & (day < before)
     order = np.argsort(-np.bincount(article[recent], minlength=n_articles), kind="stable")
     return order[order != 0][:k]
+
+
+def _slices(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Jagged:
+    """Row i: ``values[lo[i]:hi[i]]``, gathered in one vectorised take."""
+    lengths = hi - lo
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    at = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths) + np.repeat(lo, lengths)
+    return Jagged(offsets, values[at])
 
 
 def _key(customer: np.ndarray, day: np.ndarray) -> np.ndarray:
