@@ -141,3 +141,16 @@ def test_mined_negatives_refresh_on_their_schedule_as_a_component():
     again = MinedNegatives(HardNegativeMiner(2, 0, 10, 50, 4), 8, embed, lambda: None)
     again.load_state_dict(source.state_dict())
     assert torch.equal(again.miner.neighbours, source.miner.neighbours)
+
+
+def test_the_catalogue_as_negatives_is_every_article_once_dealt_over_the_ranks():
+    """loss.mixed_negatives=-1: each global batch the whole catalogue but the OOV row (1..N-1), every article
+    once, the ranks' shares in rank order making the one-rank list; any other negative count is an error."""
+    from trainer.model.negatives import UniformNegatives
+
+    one = UniformNegatives(-1, 10, seed=0)
+    assert one.count == 9 and one(0, 0).tolist() == list(range(1, 10)) == one(3, 7).tolist()
+    shares = [UniformNegatives(-1, 10, seed=0, rank=r, world_size=2)(0, 5) for r in range(2)]
+    assert np.concatenate(shares).tolist() == list(range(1, 10))
+    with pytest.raises(ValueError, match="mixed_negatives=-2"):
+        UniformNegatives(-2, 10, seed=0)
