@@ -197,6 +197,26 @@ def test_train_days_limits_examples_not_histories(tmp_path):
     assert m["transactions"]["train"] == 3 and m["transactions"]["train_examples"] == 2
 
 
+def prepare_and_label(tmp, rows, split_kw: dict, **opts):
+    """Prepares ``rows`` with ``split_kw`` and labels them with the split itself, on the prepared indices:
+    (out, rows as (customer_idx, article_idx, day), labels), or None when no training row is left."""
+    from data import split as split_mod
+
+    root, out = str(tmp / "d"), str(tmp / "p")
+    write_dataset(root, 5, 8, rows)
+    try:
+        run(root, out, split_kw, **opts)
+    except ValueError as e:
+        assert "no training rows" in str(e)
+        return None
+    cust_vocab = {v: i for v, i in zip(*[vocab.load(out, "customer_id")[k].to_pylist() for k in ("value", "index")])}
+    rows_idx = [(cust_vocab[f"c{c}"], a + 1, d + EPOCH_D0) for c, a, d in rows]
+    c_arr, a_arr, d_arr = (np.array([r[k] for r in rows_idx]) for k in (0, 1, 2))
+    label, _ = split_mod.assign(split_kw["protocol"], c_arr, d_arr, OmegaConf.structured(SplitConfig(**split_kw)),
+                                article=a_arr)
+    return out, rows_idx, label
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=log_strategy)
 def test_leave_last_one_out_with_test_and_same_day_histories(tmp_path_factory, rows):
@@ -206,20 +226,11 @@ def test_leave_last_one_out_with_test_and_same_day_histories(tmp_path_factory, r
     validation row. Checked against a naive implementation."""
     from data import split as split_mod
 
-    tmp = tmp_path_factory.mktemp("lloo")
-    root, out = str(tmp / "d"), str(tmp / "p")
-    write_dataset(root, 5, 8, rows)
-    split_kw = {"protocol": "leave_last_n", "n": 1, "test_n": 1}
-    try:
-        run(root, out, split_kw, history_len=3, history_within_day=True)
-    except ValueError as e:
-        assert "no training rows" in str(e)
+    got = prepare_and_label(tmp_path_factory.mktemp("lloo"), rows, {"protocol": "leave_last_n", "n": 1, "test_n": 1},
+                            history_len=3, history_within_day=True)
+    if got is None:
         return
-    cust_vocab = {v: i for v, i in zip(*[vocab.load(out, "customer_id")[k].to_pylist() for k in ("value", "index")])}
-    rows_idx = [(cust_vocab[f"c{c}"], a + 1, d + EPOCH_D0) for c, a, d in rows]
-    c_arr, a_arr, d_arr = (np.array([r[k] for r in rows_idx]) for k in (0, 1, 2))
-    label, _ = split_mod.assign("leave_last_n", c_arr, d_arr, OmegaConf.structured(SplitConfig(**split_kw)),
-                                article=a_arr)
+    out, rows_idx, label = got
 
     def before(i, allowed, n=3):  # the customer's allowed rows before row i, by (day, file order)
         c, _, d = rows_idx[i]
@@ -273,19 +284,11 @@ def test_holdout_with_unordered_histories(tmp_path_factory, rows):
 
     from data import split as split_mod
 
-    tmp = tmp_path_factory.mktemp("holdout")
-    root, out = str(tmp / "d"), str(tmp / "p")
-    write_dataset(root, 5, 8, rows)
-    split_kw = {"protocol": "holdout", "test_ratio": 0.3, "n": 1}
-    try:
-        run(root, out, split_kw, history_len=3, history_order="none")
-    except ValueError as e:
-        assert "no training rows" in str(e)
+    got = prepare_and_label(tmp_path_factory.mktemp("holdout"), rows,
+                            {"protocol": "holdout", "test_ratio": 0.3, "n": 1}, history_len=3, history_order="none")
+    if got is None:
         return
-    cust_vocab = {v: i for v, i in zip(*[vocab.load(out, "customer_id")[k].to_pylist() for k in ("value", "index")])}
-    rows_idx = [(cust_vocab[f"c{c}"], a + 1, d + EPOCH_D0) for c, a, d in rows]
-    c_arr, a_arr, d_arr = (np.array([r[k] for r in rows_idx]) for k in (0, 1, 2))
-    label, _ = split_mod.assign("holdout", c_arr, d_arr, OmegaConf.structured(SplitConfig(**split_kw)), article=a_arr)
+    out, rows_idx, label = got
     train = label == split_mod.TRAIN
 
     def pool(customer, allowed):
