@@ -149,7 +149,7 @@ def test_the_catalogue_as_negatives_is_every_article_once_dealt_over_the_ranks()
     from trainer.model.negatives import UniformNegatives
 
     one = UniformNegatives(-1, 10, seed=0)
-    assert one.count == 9 and one(0, 0).tolist() == list(range(1, 10)) == one(3, 7).tolist()
+    assert one.rows == 9 and one(0, 0).tolist() == list(range(1, 10)) == one(3, 7).tolist()
     shares = [UniformNegatives(-1, 10, seed=0, rank=r, world_size=2)(0, 5) for r in range(2)]
     assert np.concatenate(shares).tolist() == list(range(1, 10))
     with pytest.raises(ValueError, match="mixed_negatives=-2"):

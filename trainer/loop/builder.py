@@ -153,7 +153,7 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
                            fresh) if cfg.model.id_dropout > 0 or fresh else None
     stream = ExampleStream(prepared, loop.global_batch_size, rank=dist.rank, world_size=dist.world, seed=loop.seed,
                            shuffle_rows=loop.shuffle_rows, num_workers=loader_workers(loop.num_workers, dev),
-                           extra_rows=uniform if uniform.count > 0 else None, item_ids=id_dropout)
+                           extra_rows=uniform if uniform.rows > 0 else None, item_ids=id_dropout)
     embedder = Embedder(built.model, built.keys, ds, dev, stream.tables, lc.temperature,
                         cold_start_sales=int(cfg.model.cold_start_sales))
     counts = torch.from_numpy(np.array(pq.read_table(join(prepared, "item_freq.parquet"))["count"].to_numpy()))
@@ -161,11 +161,11 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     miner = HardNegativeMiner(lc.hard_negatives, lc.hard_rank_lo, lc.hard_rank_hi, n_items, built.output_dim, dev,
                               lc.hard_anchor) if lc.hard_negatives > 0 else None
     task = TrainTask(built.model, built.keys, lc, logq, miner, stream.tables, n_items, loop.seed, dev,
-                     set_precision(loop.precision, dev), mixed=uniform.count,
+                     set_precision(loop.precision, dev), mixed=uniform.rows,
                      table_l2=float(cfg.optim.table_l2))
     steps = Steps(built.model, built.dense_optimizer, task, built.keys, dev,
                   use_pipeline(loop.pipeline, miner is not None, dev, dist.world), compiled)
-    negatives = [uniform] if uniform.count > 0 else []
+    negatives = [uniform] if uniform.rows > 0 else []
     if miner is not None:
         negatives.append(MinedNegatives(miner, lc.hard_every, pause=steps.detach,
                                         embed_items=lambda check_stop: embedder.items(check_stop=check_stop,

@@ -74,11 +74,15 @@ class UniformNegatives:
     def __post_init__(self):
         if self.count < -1:
             raise ValueError(f"loss.mixed_negatives={self.count}: expected a count, 0 (none) or -1 (the catalogue)")
-        if self.count < 0:
-            object.__setattr__(self, "count", self.n_items - 1)
-            object.__setattr__(self, "catalogue", True)
 
-    catalogue: bool = False
+    @property
+    def catalogue(self) -> bool:
+        return self.count == -1
+
+    @property
+    def rows(self) -> int:
+        """Negatives per global batch."""
+        return self.n_items - 1 if self.catalogue else self.count
 
     def before_step(self, at: StepAt) -> None:
         pass
@@ -89,7 +93,7 @@ class UniformNegatives:
         else:
             rng = np.random.default_rng([self.seed, UNIFORM_SALT, epoch, batch])
             ids = rng.integers(1, self.n_items, self.count).astype(np.int32)
-        split = shares(self.count, self.world_size)
+        split = shares(self.rows, self.world_size)
         lo = sum(split[:self.rank])
         return ids[lo:lo + split[self.rank]]
 
