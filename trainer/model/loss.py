@@ -141,12 +141,8 @@ def retrieval_loss(query: torch.Tensor, positive: torch.Tensor, positive_ids: to
     if ccl:  # cosines, whatever the towers' normalisation
         query, cand = F.normalize(query, dim=-1), F.normalize(cand, dim=-1)
         batch_cand = cand
-        if negatives.hard is not None:
-            negatives = Negatives(negatives.extra, negatives.extra_ids, F.normalize(negatives.hard, dim=-1),
-                                  negatives.hard_ids)
-        if negatives.extra is not None:
-            negatives = Negatives(F.normalize(negatives.extra, dim=-1), negatives.extra_ids, negatives.hard,
-                                  negatives.hard_ids)
+        unit = lambda t: None if t is None else F.normalize(t, dim=-1)  # noqa: E731
+        negatives = Negatives(unit(negatives.extra), negatives.extra_ids, unit(negatives.hard), negatives.hard_ids)
     if logq is not None and logq.mode != LogQMode.off and not ccl:
         correction.append(math.log(n_batch) + logq.log_q(cand_ids))
     if negatives.extra is not None:
