@@ -29,10 +29,10 @@ def run(cmd, timeout=900):
 def test_nccl_training_checkpoints_and_resumes(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     common = ["trainer.epochs=2", "trainer.checkpoint_every=20"]
-    out = run(train_cmd(prepared, tmp_path, *common, "trainer.max_steps=50", nproc=1, port=29701))
+    out = run(train_cmd(prepared, tmp_path, *common, "trainer.max_steps=50", nproc=1))
     assert "backend nccl" in out or "nccl" in out.lower()
     assert max(complete_steps(tmp_path)) == 50
-    out = run(train_cmd(prepared, tmp_path, *common, nproc=1, port=29702))
+    out = run(train_cmd(prepared, tmp_path, *common, nproc=1))
     assert f"resumed from {tmp_path / 'checkpoints' / 'step-00000050'} " in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and len(metrics["val"]) == 2
@@ -45,7 +45,7 @@ def test_row_wise_sharding_with_fused_adam_then_export_index_evaluate(tiny_prepa
     run(train_cmd(prepared, train, "trainer.epochs=1",
                   "sharding.fused_optimizer=adam", "sharding.fused_lr=0.01",
                   "+sharding.constraints={t_article: {sharding_types: [row_wise]}, "
-                  "t_customer_id: {sharding_types: [row_wise]}}", nproc=1, port=29711))
+                  "t_customer_id: {sharding_types: [row_wise]}}", nproc=1))
     val = json.loads((train / "metrics.json").read_text())["val"][-1]["recall@12"]
     assert val > 0.3
     export = tmp_path / "export"

@@ -29,9 +29,9 @@ EVERYTHING = [  # the default loss (cross-rank, 1024 uniform negatives, streamin
 ]
 
 
-def train(prepared, run_dir, nproc: int, port: int, *overrides: str) -> dict:
+def train(prepared, run_dir, nproc: int, *overrides: str) -> dict:
     run(train_cmd(prepared, run_dir, "trainer.log_every=1", "trainer.keep_checkpoints=10", *overrides,
-                  nproc=nproc, port=port))
+                  nproc=nproc))
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -71,8 +71,8 @@ def test_two_ranks_train_what_one_rank_trains(tiny_prepared, tmp_path, name, ove
                                               per_tensor):
     prepared, _ = tiny_prepared
     common = [*overrides, f"trainer.max_steps={steps}", "trainer.epochs=2"]
-    one = train(prepared, tmp_path / "one", 1, 29701, *common)
-    two = train(prepared, tmp_path / "two", 2, 29702, *common)
+    one = train(prepared, tmp_path / "one", 1, *common)
+    two = train(prepared, tmp_path / "two", 2, *common)
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == steps
     # the first steps agree to the float noise of a sum taken in another order; later ones drift as float
@@ -95,10 +95,10 @@ def test_resume_on_another_world_size_continues_the_same_training(tiny_prepared,
     prepared, _ = tiny_prepared
     # constant rates: the schedule's length is the run's max_steps, which the two phases set differently
     common = ["trainer.epochs=1", "trainer.validate=false", "optim.decay=none"]
-    straight = train(prepared, tmp_path / "straight", 1, 29711, *common, "trainer.max_steps=50")
-    train(prepared, tmp_path / "moved", 2, 29712, *common, "trainer.max_steps=30")
+    straight = train(prepared, tmp_path / "straight", 1, *common, "trainer.max_steps=50")
+    train(prepared, tmp_path / "moved", 2, *common, "trainer.max_steps=30")
     out = run(train_cmd(prepared, tmp_path / "moved", *common, "trainer.max_steps=50", "trainer.log_every=1",
-                        nproc=1, port=29713))
+                        nproc=1))
     assert "world size changed from 2 to 1" in out.stdout + out.stderr
     moved = json.loads((tmp_path / "moved" / "metrics.json").read_text())
     after = [t["loss"] for t in moved["train"] if t["step"] > 30]
@@ -117,8 +117,8 @@ def test_one_rank_repeats_itself_bit_for_bit(tiny_prepared, tmp_path):
     it, the tolerances above would hold run-to-run noise besides world-size noise."""
     prepared, _ = tiny_prepared
     common = ["trainer.epochs=1", "trainer.validate=false", "optim.decay=none", "trainer.max_steps=50"]
-    first = train(prepared, tmp_path / "first", 1, 29721, *common)
-    again = train(prepared, tmp_path / "again", 1, 29722, *common)
+    first = train(prepared, tmp_path / "first", 1, *common)
+    again = train(prepared, tmp_path / "again", 1, *common)
     assert losses(first).tolist() == losses(again).tolist()
     a, b = final_weights(tmp_path / "first"), final_weights(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

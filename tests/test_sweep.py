@@ -50,7 +50,7 @@ def test_a_sweep_reports_its_trials_and_its_best_preset_reproduces(tiny_prepared
     preset = sweep / "presets" / "experiment" / "tuned.yaml"
     assert preset.exists()
     again = tmp_path / "again"
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29721", "-m",
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
          "trainer.train", "--config-dir", str(sweep / "presets"), "experiment=tuned", f"prepare.out={prepared}",
          f"hydra.run.dir={again}"])
     got = json.loads((again / "metrics.json").read_text())["best"]["value"]

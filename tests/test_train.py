@@ -21,9 +21,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int = 2, port: int = 29611) -> list[str]:
-    """torchrun on the shared debug preset (conf/experiment/debug.yaml) plus the test's overrides."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int = 2) -> list[str]:
+    """torchrun on the shared debug preset (conf/experiment/debug.yaml) plus the test's overrides; --standalone
+    takes a free port, so tests on parallel workers never meet on one."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             "-m", "trainer.train", "experiment=debug", f"prepare.out={prepared}", f"hydra.run.dir={run_dir}",
             *overrides]
 
@@ -108,7 +109,7 @@ def test_two_process_training_learns_and_beats_popularity(tiny_prepared, tmp_pat
     exp1, exp2 = tmp_path / "export1", tmp_path / "export2"
     base = [f"train_dir={tmp_path / 'run'}", "sharding.print_plan=false"]
     run([sys.executable, "-m", "trainer.export", f"hydra.run.dir={exp1}", *base[:1]])
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641", "-m",
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
          "trainer.export", f"hydra.run.dir={exp2}", *base[:1]])
     e1 = pq.read_table(exp1 / "output" / "items.parquet")
     e2 = pq.read_table(exp2 / "output" / "items.parquet")
@@ -159,12 +160,12 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
     # two epochs of 46 global batches of 1,024: killed past step 30, it resumes mid-epoch and crosses an epoch's end
     common = ["trainer.epochs=2", "trainer.global_batch_size=1024", "trainer.checkpoint_every=15",
               "trainer.validate=false", "trainer.log_every=5", "trainer.keep_checkpoints=10"]
-    run(train_cmd(prepared, tmp_path / "a", *common, "trainer.pipeline=off", port=29621))
+    run(train_cmd(prepared, tmp_path / "a", *common, "trainer.pipeline=off"))
     # The same run, SIGKILLed (every process) once it has a complete checkpoint past step 30, then restarted;
     # through TorchRec's TrainPipelineSparseDist this time, which must change nothing: it only reorders
     # the embedding input-dist, and checkpoints the position of the last trained batch, not of the
     # batches it has pulled ahead.
-    cmd = train_cmd(prepared, tmp_path / "b", *common, "trainer.pipeline=on", port=29622)
+    cmd = train_cmd(prepared, tmp_path / "b", *common, "trainer.pipeline=on")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=ENV)
     deadline = time.time() + 300
@@ -188,7 +189,7 @@ def test_resume_after_sigkill_is_bit_exact(tiny_prepared, tmp_path):
 
     # Preemption as Slurm does it: SIGTERM to every process. The ranks agree, checkpoint the step they
     # are at, leave a PREEMPTED marker and stop; a restart resumes and ends the same (unpipelined).
-    cmd = train_cmd(prepared, tmp_path / "c", *common, "trainer.pipeline=off", port=29623)
+    cmd = train_cmd(prepared, tmp_path / "c", *common, "trainer.pipeline=off")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=ENV)
     log_file = tmp_path / "c" / "train.log"
@@ -215,7 +216,7 @@ def test_partial_and_corrupt_checkpoints(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     common = ["trainer.epochs=1", "trainer.global_batch_size=512", "trainer.validate=false", "trainer.max_steps=10"]
     run_dir = tmp_path / "run"
-    run(train_cmd(prepared, run_dir, *common, nproc=1, port=29631))
+    run(train_cmd(prepared, run_dir, *common, nproc=1))
     good = run_dir / "checkpoints" / f"step-{complete_steps(run_dir)[-1]:08d}"
     partial = run_dir / "checkpoints" / "step-00000500"  # no run.json: a save that was cut off
     partial.mkdir()
@@ -227,7 +228,7 @@ def test_partial_and_corrupt_checkpoints(tiny_prepared, tmp_path):
     (corrupt / ".metadata").write_bytes(b"not a checkpoint")
     info = json.loads((good / "run.json").read_text())
     (corrupt / "run.json").write_text(json.dumps({**info, "step": 900, "seq": info["seq"] + 1}))
-    proc = run(train_cmd(prepared, run_dir, *common[:-1], "trainer.max_steps=12", nproc=1, port=29632))
+    proc = run(train_cmd(prepared, run_dir, *common[:-1], "trainer.max_steps=12", nproc=1))
     out = proc.stdout + proc.stderr
     assert "skipping unreadable checkpoint" in out and "step-00000900" in out
     assert "removing incomplete checkpoint" in out and not partial.exists() and not leftover.exists()
@@ -241,12 +242,12 @@ def test_mined_hard_negatives_train_unpipelined(tiny_prepared, tmp_path):
     model learns, and pipeline=on is refused with a reason."""
     prepared, _ = tiny_prepared
     common = ["loss=hard_negatives"]
-    run(train_cmd(prepared, tmp_path / "run", *common, "trainer.epochs=2", port=29661))
+    run(train_cmd(prepared, tmp_path / "run", *common, "trainer.epochs=2"))
     log = (tmp_path / "run" / "train.log").read_text()  # TorchRec's lines go to the log file only
     assert "GreedyPerfPartitioner" in log and "will be pipelined" not in log
     recall = json.loads((tmp_path / "run" / "metrics.json").read_text())["val"][-1]["recall@12"]
     assert recall > 1.2 * popularity_recall(prepared), recall
-    refused = subprocess.run(train_cmd(prepared, tmp_path / "on", *common, "trainer.pipeline=on", port=29662),
+    refused = subprocess.run(train_cmd(prepared, tmp_path / "on", *common, "trainer.pipeline=on"),
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0
     assert "cannot run with loss.hard_negatives" in refused.stdout + refused.stderr
@@ -258,7 +259,7 @@ def test_sigterm_to_every_process_with_loader_workers(tiny_prepared, tmp_path):
     prepared, _ = tiny_prepared
     common = ["trainer.epochs=1", "trainer.validate=false", "trainer.log_every=5",
               "trainer.num_workers=2"]
-    cmd = train_cmd(prepared, tmp_path, *common, nproc=1, port=29671)
+    cmd = train_cmd(prepared, tmp_path, *common, nproc=1)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=ENV)
     log_file, deadline = tmp_path / "train.log", time.time() + 300
@@ -287,6 +288,6 @@ def test_transformer_history_trains_pipelined_on_two_ranks(tiny_prepared, tmp_pa
     prepared, _ = tiny_prepared
     run(train_cmd(prepared, tmp_path, "trainer.epochs=1", "trainer.max_steps=20",
                   "trainer.validate=false", "trainer.pipeline=on", "model.history_encoder=transformer",
-                  "model.history_positions=8", port=29681))
+                  "model.history_positions=8"))
     assert "Module 'ebc' will be pipelined" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 20
