@@ -83,14 +83,6 @@ def write_hm_fixture(folder: pathlib.Path) -> dict:
     }
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (launch/test.sh runs one worker per core) the Slurm tests share one worker: the
-    cluster they start listens on fixed localhost ports, so two workers must not each start one."""
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-
-
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> tuple[str, dict]:
     root = str(tmp_path_factory.mktemp("synth") / "tiny")
