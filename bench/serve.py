@@ -94,7 +94,7 @@ def main() -> None:
     import torch
 
     from data import vocab
-    from trainer.evaluation.validation import list_column
+    from trainer.retrieval.search import list_column
     from trainer.parallel import distributed as D
     from trainer.loop.runs import load_run
     from trainer.retrieval.retriever import Retriever

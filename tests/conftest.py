@@ -207,7 +207,7 @@ def build_bundle(train_dir, out, *overrides):
 
 @pytest.fixture(scope="session")
 def built(tiny_prepared, tmp_path_factory):
-    from trainer.evaluation.validation import list_column
+    from trainer.retrieval.search import list_column
     from trainer.parallel import distributed as D
     from trainer.loop.runs import load_run
 

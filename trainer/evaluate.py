@@ -32,7 +32,7 @@ from trainer.evaluation import freshness as fresh
 from trainer.evaluation import plots
 from trainer.evaluation.metrics import evaluate as metrics
 from trainer.evaluation.metrics import recall_curve
-from trainer.evaluation.validation import list_column, training_purchases
+from trainer.retrieval.search import list_column, training_purchases
 from trainer.loop.fingerprint import data_digest
 from trainer.retrieval import ivf as ix
 from trainer.retrieval.ranker import Queries

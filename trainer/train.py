@@ -24,7 +24,6 @@ from data.lock import output_lock
 from data.prepared import Prepared
 from data.runinfo import progress_bar, start_run
 from trainer import config as _train_config  # noqa: F401  (registers the train configs)
-from trainer.evaluation import plots
 from trainer.loop import stops
 from trainer.loop.builder import build_training
 from trainer.loop.checkpoint import CheckpointManager
@@ -184,6 +183,8 @@ class Trainer:
                "follows_data": self.parts.follows_data, **st.history}
         if self.dist.rank == 0:
             write_json(out, join(self.run_dir, "metrics.json"))
+            from trainer.evaluation import plots  # here: matplotlib costs every rank half a second at start-up
+
             plots.training_curves(st.history, join(self.run_dir, "training.png"), loop.select_metric)
         self.validator.log_early_stop()
         self.scalars.close()

@@ -6,28 +6,14 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from data.io import join
 from data.jagged import Jagged
 from trainer.evaluation.metrics import evaluate
 from trainer.parallel import distributed as D
 from trainer.retrieval.embedder import Embedder
 from trainer.retrieval.retriever import Retriever
-from trainer.retrieval.search import seen_lists
-
-
-def training_purchases(prepared: str, customers: np.ndarray) -> Jagged:
-    """The distinct articles each of ``customers`` bought in the training examples, in the order of
-    ``customers``."""
-    ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx"])
-    return seen_lists(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), customers)
-
-
-def list_column(table, column: str = "targets") -> Jagged:
-    """A list column of an evaluation table (targets, history), int64."""
-    return Jagged.from_arrow(table[column]).astype(np.int64)
+from trainer.retrieval.search import list_column
 
 
 @torch.no_grad()

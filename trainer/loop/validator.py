@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from trainer.evaluation.validation import training_purchases, validate
+from trainer.evaluation.validation import validate
+from trainer.retrieval.search import training_purchases
 from trainer.loop.schedule import stalls
 
 log = logging.getLogger(__name__)
