@@ -100,6 +100,29 @@ def test_a_warm_start_begins_with_the_parents_rows_and_a_fresh_runs_new_rows(tin
     assert torch.equal(sq, saved["dense_optimizer.query_tower.0.weight.exp_avg_sq"])
 
 
+def test_a_warm_start_without_the_optimisers_takes_the_weights_and_a_fresh_runs_state(tiny_drops, parent, tmp_path):
+    """trainer.init_optimizer=false: the parent's weights, and the optimiser state a fresh run starts with
+    (row-wise Adagrad's accumulators and Adam's step and moments all zero), not the parent's."""
+    saved = saved_state(parent)
+    try:
+        warm = started(tiny_drops["second"].url, tmp_path / "warm", f"trainer.init_from={parent}",
+                       "trainer.init_optimizer=false")
+        model = {k: whole(v).clone() for k, v in warm.built.model.state_dict().items()}
+        fused = {k: whole(t).clone() for v in warm.built.fused_optimizer.state_dict()["state"].values()
+                 for k, t in v.items()}
+        dense = warm.built.dense_optimizer.state_dict()["state"]
+    finally:
+        D.shutdown()
+    table = model["ebc.embedding_bags.t_article.weight"]
+    old = saved["model.ebc.embedding_bags.t_article.weight"]
+    assert torch.equal(table[:len(old)], old)
+    for name in ("t_customer_id", "t_article"):
+        assert saved[f"fused_optimizer.ebc.embedding_bags.{name}.weight.{name}.momentum1"].abs().sum() > 0
+        assert torch.all(fused[f"{name}.momentum1"] == 0), name
+    assert saved["dense_optimizer.query_tower.0.weight.exp_avg"].abs().sum() > 0
+    assert all(float(t.abs().sum()) == 0 for t in dense["query_tower.0.weight"].values())  # step 0, zero moments
+
+
 def test_a_checkpoint_of_another_lineage_or_model_is_refused_by_name(tiny_drops, parent, tmp_path):
     afresh = prepare_drop(f"{tiny_drops['out']}/week-02", out=str(tmp_path / "afresh"))  # sorted anew: not grown
     with pytest.raises(CheckpointError, match=f"vocabulary version {tiny_drops['first'].version}, which is not in "

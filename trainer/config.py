@@ -219,6 +219,10 @@ class LoopConfig:
     # is resumed instead: resuming a warm-started run continues it.
     init_from: Optional[str] = None
     init_checkpoint: Which = Which.selected
+    # Carry the parent's optimiser state over (row-wise Adagrad's accumulators, Adam's moments). false: the
+    # weights only, the optimisers start empty (Adagrad's step size as in a fresh run, not shrunk by every
+    # earlier week's gradients).
+    init_optimizer: bool = True
     recall_k: list = field(default_factory=lambda: [12, 100])  # the k of Recall/NDCG/HitRate@k in validation
     validate: bool = True  # rank the validation customers against the catalogue after each epoch
     validate_exclude_seen: bool = "${data.exclude_seen}"  # leave out articles bought in training

@@ -150,7 +150,8 @@ class Trainer:
             self.parent = loaded.info.get("warm_start")
         elif loop.init_from:
             parent = warm_start(str(loop.init_from), str(loop.init_checkpoint), self.checkpoints.parts, self.ds,
-                                self.checkpoints.fingerprint, RENAMED, tell=self.dist.rank == 0)
+                                self.checkpoints.fingerprint, RENAMED, tell=self.dist.rank == 0,
+                                optimizer=bool(loop.init_optimizer))
             self.parent = record(parent)
         self.checkpoints.record["warm_start"] = self.parent
 

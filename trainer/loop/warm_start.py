@@ -112,14 +112,14 @@ def _copy_rows(full: torch.Tensor, target: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_grown(found: Found, parts: dict, renamed: dict[str, str]) -> list[str]:
-    """Loads ``PARTS`` of ``parts`` from the checkpoint, tensors whose rows grew into their first rows;
-    returns the names of the grown tensors."""
+def load_grown(found: Found, parts: dict, renamed: dict[str, str], optimizer: bool = True) -> list[str]:
+    """Loads ``PARTS`` of ``parts`` from the checkpoint (the model only when not ``optimizer``), tensors
+    whose rows grew into their first rows; returns the names of the grown tensors."""
     why = damage(found)
     if why:
         raise CheckpointError(f"{found.path} cannot be read: {why}")
     meta = dcp.FileSystemReader(found.path).read_metadata().state_dict_metadata
-    names = [n for n in PARTS if n in parts]
+    names = [n for n in PARTS if n in parts and (optimizer or n == "model")]
     state = {n: parts[n].state_dict() for n in names}
     undo = _old_names(state, meta, renamed)
     grown, bad = [], []
@@ -151,16 +151,18 @@ def load_grown(found: Found, parts: dict, renamed: dict[str, str]) -> list[str]:
 
 
 def warm_start(init_from: str, which: str, parts: dict, ds: Prepared, fingerprint: dict,
-               renamed: dict[str, str], tell: bool) -> Parent:
+               renamed: dict[str, str], tell: bool, optimizer: bool = True) -> Parent:
     """Starts the run's parts from ``init_from``'s checkpoint (``which``: selected, best, latest); see the
-    module docstring. ``tell``: log what was loaded (rank 0)."""
+    module docstring. ``tell``: log what was loaded (rank 0). ``optimizer``: the optimisers' state too
+    (``trainer.init_optimizer``)."""
     found, which = selected_checkpoint(init_from, which)
     version = check_parent(found, ds, fingerprint)
-    grown = load_grown(found, parts, renamed)
+    grown = load_grown(found, parts, renamed, optimizer)
     parent = Parent(init_from, found.path, which, found.step, str(found.info.get("fingerprint_id")), version)
     if tell:
-        log.info("warm start from %s (the %s checkpoint, step %d, vocabulary %s; this data %s): %d tensor(s) grew "
-                 "by new rows%s", found.path, which, found.step, version, ds.version, len(grown),
+        log.info("warm start from %s (the %s checkpoint, step %d, vocabulary %s; this data %s; %s): %d tensor(s) "
+                 "grew by new rows%s", found.path, which, found.step, version, ds.version,
+                 "weights and optimiser state" if optimizer else "weights only, fresh optimisers", len(grown),
                  f" ({', '.join(grown[:6])}{', ...' if len(grown) > 6 else ''})" if grown else "")
     return parent
 
