@@ -41,7 +41,8 @@ def agree(got, want) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tiny_prepared, tmp_path_factory):
-    from trainer.retrieval.search import list_column, training_purchases
+    from trainer.evaluation.purchases import training_purchases
+    from trainer.retrieval.search import list_column
     from trainer.export import export
     from trainer.parallel import distributed as D
     from trainer.loop.runs import load_run

@@ -32,12 +32,12 @@ from trainer.evaluation import freshness as fresh
 from trainer.evaluation import plots
 from trainer.evaluation.metrics import evaluate as metrics
 from trainer.evaluation.metrics import recall_curve
-from trainer.retrieval.search import list_column, training_purchases
+from trainer.evaluation.purchases import training_purchases
 from trainer.loop.fingerprint import data_digest
 from trainer.retrieval import ivf as ix
 from trainer.retrieval.ranker import Queries
 from trainer.retrieval.retriever import Retriever
-from trainer.retrieval.search import drop_seen
+from trainer.retrieval.search import drop_seen, list_column
 
 log = logging.getLogger(__name__)
 

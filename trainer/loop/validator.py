@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 
+from trainer.evaluation.purchases import training_purchases
 from trainer.evaluation.validation import validate
-from trainer.retrieval.search import training_purchases
 from trainer.loop.schedule import stalls
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,8 @@ list, e.g. what the customer already bought): their scores become -inf and they 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from data.io import join
 from data.jagged import Jagged
 
 
@@ -89,13 +87,6 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     lengths = hi - lo
     out = np.r_[0, np.cumsum(lengths)]
     return np.arange(out[-1], dtype=np.int64) - np.repeat(out[:-1], lengths) + np.repeat(lo, lengths)
-
-
-def training_purchases(prepared: str, customers: np.ndarray) -> Jagged:
-    """The distinct articles each of ``customers`` bought in the training examples, in the order of
-    ``customers``."""
-    ex = pq.read_table(join(prepared, "examples"), columns=["customer_idx", "article_idx"])
-    return seen_lists(ex["customer_idx"].to_numpy(), ex["article_idx"].to_numpy(), customers)
 
 
 def list_column(table, column: str = "targets") -> Jagged:
