@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def train_cmd(prepared: str, run_dir: pathlib.Path, *overrides: str, nproc: int = 2) -> list[str]:
     """torchrun on the shared debug preset (conf/experiment/debug.yaml) plus the test's overrides; --standalone
-    takes a free port, so tests on parallel workers never meet on one."""
+    takes a free port, so no run waits on a port another left behind."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             "-m", "trainer.train", "experiment=debug", f"prepare.out={prepared}", f"hydra.run.dir={run_dir}",
             *overrides]

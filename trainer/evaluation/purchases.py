@@ -1,5 +1,5 @@
 """What each customer bought in training: the articles validation and evaluation leave out of a ranking.
-Apart from trainer/retrieval/search.py, which serving loads and which reads no dataset."""
+Kept out of trainer/retrieval/search.py, which serving loads: serving reads no dataset."""
 
 from __future__ import annotations
 
