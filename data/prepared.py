@@ -121,6 +121,14 @@ class Prepared(Mapping):
     def version(self) -> str | None:
         return self.lineage.version
 
+    def parent_rows(self, feature: str) -> int | None:
+        """Rows of ``feature``'s vocabulary the previous version of the lineage already held (the rows
+        above were listed by this version: this week's new articles); None without a previous version."""
+        if len(self.lineage.sizes) < 2:
+            return None
+        rows = self.lineage.sizes[-2].get(feature)
+        return None if rows is None else int(rows)
+
     @property
     def has_desc(self) -> bool:
         return "desc_tokens" in self.article_features

@@ -45,6 +45,8 @@ def test_a_grown_dataset_keeps_every_row_of_its_parent_and_records_the_lineage(t
     assert second.lineage.versions == (first.version, second.version) and first.lineage.versions == (first.version,)
     assert second.parent["version"] == first.version and second.parent["new_article_id"] == \
         second.n_articles - first.n_articles
+    # the rows listed since the parent: above the parent's (its vocabulary's size), none known without one
+    assert second.parent_rows("article_id") == first.n_articles and first.parent_rows("article_id") is None
     # the feature rows of the parent's ids are the parent's
     for name, key in (("customers", "customer_idx"), ("articles", "article_idx")):
         a = read_table(f"{first.url}/features/{name}.parquet")

@@ -120,6 +120,19 @@ def test_age_buckets_follow_the_first_sale_as_of_each_week():
             assert got[r, a] == want, (r, a)
 
 
+def test_at_scoring_only_articles_listed_since_the_parent_launch_the_older_unsold_are_old():
+    from trainer.model.sales import age_buckets_of
+
+    starts = np.array([100, 107])  # the last: scoring's week
+    first = np.array([-1, -1, 95, -1, -1, 103])  # rows 0..3 held by the parent's vocabulary, 4..5 listed since
+    got = age_buckets_of(first, starts, 6, listed_rows=4)
+    # scoring week: unsold rows 0, 1, 3 listed a week or more ago (the oldest bucket, 5), unsold row 4 listed
+    # since (launching, 1); sold rows by their first sale as without listings (95: 2 weeks; 103: 1 week)
+    assert got[-1].tolist() == [5, 5, 1 + 2, 5, 1, 1 + 1]
+    assert got[0].tolist() == age_buckets_of(first, starts, 6)[0].tolist()  # training weeks: unchanged
+    assert got[-1].tolist() != age_buckets_of(first, starts, 6)[-1].tolist()
+
+
 def test_an_article_not_in_the_shop_yet_is_no_negative_and_ages_pair_with_sales(sales_setup):
     root, manifest, a, d, train = sales_setup
     n_items = manifest["cardinalities"]["article_id"]

@@ -40,26 +40,33 @@ def buckets_of(counts: np.ndarray, n_buckets: int) -> np.ndarray:
     return np.minimum(np.ceil(2 * np.log2(1 + counts.astype(np.float64))), n_buckets - 1).astype(np.uint8)
 
 
-def age_buckets_of(first_sold: np.ndarray, week_starts: np.ndarray, n_age: int) -> np.ndarray:
+def age_buckets_of(first_sold: np.ndarray, week_starts: np.ndarray, n_age: int,
+                   listed_rows: int | None = None) -> np.ndarray:
     """(weeks, catalogue) an article's age as of each week's first day: 0 not sold by the week's end (not
     in the shop yet: masked as a training negative), 1 first sold within the week (launching), 1 + j first
     sold j weeks before it, capped at ``n_age - 1``. The last week (scoring's, after training) places the
-    articles never sold in training as launching: they are in the catalogue."""
+    articles never sold in training as launching: they are in the catalogue. With ``listed_rows`` (the
+    article rows the previous vocabulary version held: data/prepared.py ``parent_rows``) only the rows
+    listed since are launching; an older row that never sold has been in the shop a week or more without
+    a sale and is scored as the oldest articles that sold nothing last week (``n_age - 1``), not as a launch."""
     start, f = week_starts[:, None].astype(np.int64), first_sold[None, :].astype(np.int64)
     never = f < 0
     launching = ~never & (f >= start) & (f < start + 7)
     weeks_since = -(-(start - f) // 7)  # ceil, >= 1 for an article first sold before the week
     out = np.where(never | (f >= start + 7), 0, np.where(launching, 1, 1 + np.minimum(weeks_since, n_age - 2)))
     out[-1, never[0]] = 1
+    if listed_rows is not None:
+        out[-1, np.flatnonzero(never[0][:listed_rows])] = n_age - 1
     return out.astype(np.int16)
 
 
 class RecentSales:
     def __init__(self, prepared: str, info: dict | None, n_items: int, n_buckets: int,
-                 device: torch.device | str = "cpu", first_sold: np.ndarray | None = None, n_age: int = 0):
+                 device: torch.device | str = "cpu", first_sold: np.ndarray | None = None, n_age: int = 0,
+                 listed_rows: int | None = None):
         """``info``: the prepared dataset's ``recent_sales`` entry; ``n_items``: its article rows. With
         ``n_age`` > 0 a bucket is the pair (sales, age: :func:`age_buckets_of` of ``first_sold``, each
-        article's first training purchase day or -1), ``n_buckets * n_age`` of them."""
+        article's first training purchase day or -1, and ``listed_rows``), ``n_buckets * n_age`` of them."""
         url = join(prepared, "item_week_sales.parquet")
         if info is None or not fs_and_path(url)[0].exists(fs_and_path(url)[1]):
             raise FileNotFoundError(f"{prepared}: the prepared data has no recent sales (item_week_sales.parquet); "
@@ -80,7 +87,7 @@ class RecentSales:
         table = buckets_of(counts, n_buckets).astype(np.int16)  # (weeks + 1, catalogue)
         if self.n_age:
             starts = self.end + 7 * (np.arange(self.weeks + 1) - self.weeks)
-            table = table * self.n_age + age_buckets_of(first_sold, starts, self.n_age)
+            table = table * self.n_age + age_buckets_of(first_sold, starts, self.n_age, listed_rows)
         self.table = torch.from_numpy(table).to(device)
 
     def week_of(self, day: torch.Tensor) -> torch.Tensor:
