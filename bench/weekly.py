@@ -67,6 +67,9 @@ def main() -> None:
     p.add_argument("--full-args", default="trainer.epochs=1", help="training overrides of the full retrain")
     p.add_argument("--warm-args", default="trainer.epochs=3", help="training overrides of the warm start")
     p.add_argument("--common-args", default="", help="training overrides of both arms (model, loss)")
+    p.add_argument("--full-grows", action="store_true",
+                   help="the full arm grows its vocabularies from its last week (launch/weekly.py --retrain: it "
+                        "knows which articles are new listings, as the warm arm does) and trains from zero")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "weekly"))
     args = p.parse_args()
     out = pathlib.Path(args.out)
@@ -83,11 +86,12 @@ def main() -> None:
     warm, full = out / "warm", out / "full"
     common = args.common_args
     report = {"data": args.data, "nproc": args.nproc, "window_days": args.window_days, "full_args": args.full_args,
-              "warm_args": args.warm_args, "common_args": common, "weeks": []}
+              "warm_args": args.warm_args, "common_args": common, "full_grows": args.full_grows, "weeks": []}
     t0 = time.time()
     for k in range(1, args.weeks + 2):
         name = f"week-{k:02d}"
-        weekly(full, drops / name, args.nproc, f"{common} {args.full_args}", args.data, runs, "--from-zero")
+        grow = ["--retrain", "--parent", str(full / f"week-{k - 1:02d}")] if args.full_grows and k > 1 else ["--from-zero"]
+        weekly(full, drops / name, args.nproc, f"{common} {args.full_args}", args.data, runs, *grow)
         if k == 1:  # the first week: one run from zero serves both arms
             if not (warm / name).exists():
                 shutil.copytree(full / name, warm / name)

@@ -11,8 +11,9 @@ the service watches: ``python -m trainer.serve serve.bundle=<chain>/serving/outp
     prepare   vocabularies grown from the last published week's (prepare.parent): every id keeps its
               row; the first week builds them afresh. Training examples of the last --window-days only
               after the first week (histories still see everything)
-    train     torchrun; warm-started from the last published week's run (trainer.init_from), validated
-              on the drop's last week and early-stopped as any run; the first week trains from zero
+    train     torchrun; warm-started from the last published week's run (trainer.init_from, at
+              trainer.init_lr_scale of the rates), validated on the drop's last week and early-stopped as
+              any run; the first week trains from zero (and every week with --retrain, on all examples)
     export, index, evaluate (against the baselines, Recall@12 by kind of article), bundle
     publish   the bundle copied whole into <chain>/serving (the service swaps it in by itself) and the
               week appended to <chain>/chain.json
@@ -54,6 +55,7 @@ class Week:
     nproc: int
     overrides: list[str] = field(default_factory=list)
     train_args: list[str] = field(default_factory=list)
+    warm: bool = True  # with a parent: warm-start from its run (False: grow the vocabularies, train from zero)
 
     @property
     def dir(self) -> str:
@@ -97,7 +99,7 @@ class Week:
             return [py, "-m", "data.ingest", *common, f"data.raw_dir={self.raw}", f"hydra.run.dir={self.path('ingest')}"]
         if stage == "prepare":
             grow = [f"prepare.parent={os.path.join(self.parent, 'prepared')}",
-                    f"prepare.train_days={self.window_days}"] if self.parent else []
+                    f"prepare.train_days={self.window_days if self.warm else 0}"] if self.parent else []
             return [py, "-m", "data.prepare", *common, prepared, *grow, f"hydra.run.dir={self.path('prepare')}"]
         if stage == "train":
             return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
@@ -119,7 +121,7 @@ class Week:
 
     def train_overrides(self) -> list[str]:
         """trainer.train's overrides (the run directory aside): also what slurm/train.sbatch gets."""
-        warm = [f"trainer.init_from={os.path.join(self.parent, 'train')}"] if self.parent else []
+        warm = [f"trainer.init_from={os.path.join(self.parent, 'train')}"] if self.parent and self.warm else []
         return [*self.overrides, f"data.root={self.data_root}", f"prepare.out={self.path('prepared')}",
                 "trainer.progress=false", *warm, *self.train_args]
 
@@ -195,7 +197,7 @@ def make_week(args, overrides: list[str]) -> Week:
     parent = os.path.join(args.chain, earlier[-1]) if earlier else None
     parent = None if args.from_zero else args.parent or parent
     return Week(args.chain, name, args.drop, args.raw, parent, args.window_days, args.nproc, overrides,
-                list(args.train_args.split()) if args.train_args else [])
+                list(args.train_args.split()) if args.train_args else [], warm=not args.retrain)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="training processes (default: one per GPU, else 2)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"which stages (comma-separated, of {','.join(STAGES)})")
     p.add_argument("--from-zero", action="store_true", help="no warm start: vocabularies afresh, training from zero")
+    p.add_argument("--retrain", action="store_true",
+                   help="vocabularies grown from the parent (what is new stays known) but training from zero on "
+                        "every example: a periodic full retrain inside the chain")
     p.add_argument("--parent", help="the week folder to grow from and warm-start from (default: the last published)")
     p.add_argument("--train-args", default="", help="Hydra overrides for training only")
     p.add_argument("--print-train", action="store_true",
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     if week.name in published(args.chain) and set(stages) == set(STAGES):
         log.info("[%s] already published; nothing to do", week.name)
         return {s: "done" for s in stages}
-    log.info("[%s] %s", week.name, f"warm start from {week.parent}" if week.parent else "from zero")
+    log.info("[%s] %s", week.name, f"warm start from {week.parent}" if week.parent and week.warm else
+             f"from zero on vocabularies grown from {week.parent}" if week.parent else "from zero")
     return run_week(week, stages)
 
 

@@ -149,3 +149,40 @@ def test_an_article_not_in_the_shop_yet_is_no_negative_and_ages_pair_with_sales(
     assert out[0, 0] == bias[bucket3] and bucket3 % 4 == 1  # launching in the first week
     scoring = sales.item(torch.zeros(3, 2), torch.tensor([3, 5, 7]), bias)[:, -1]
     assert (scoring > -1e8).all()  # at scoring time every catalogue article is in the shop
+
+
+def test_the_launch_boost_lifts_only_the_unsold_launches_and_only_at_scoring(tmp_path):
+    rng = np.random.default_rng(1)
+    n_items, n = 12, 300
+    d = rng.integers(18000, 18035, n)
+    a = rng.integers(1, 9, n)  # 9, 10, 11 never sold: 9 listed before the parent, 10 and 11 since
+    train = d < 18034
+    info = recent_sales(a, d, train)
+    pq.write_table(info.pop("table"), tmp_path / "item_week_sales.parquet")
+    first = np.full(n_items, -1)
+    first[1:9] = [d[train & (a == i)].min() for i in range(1, 9)]
+    sales = RecentSales(str(tmp_path), info, n_items, 8, first_sold=first, n_age=4, listed_rows=10)
+    plain, boosted = SalesTerm(32, 4), SalesTerm(32, 4, launch_boost=0.25)
+    with torch.no_grad():
+        for term in (plain, boosted):
+            term.bias.copy_(torch.linspace(-1, 1, 32))
+            term.attach(sales)
+    ids = torch.arange(1, n_items)
+    gap = boosted.scoring_item(torch.zeros(len(ids), 2), ids)[:, -1] - plain.scoring_item(torch.zeros(len(ids), 2), ids)[:, -1]
+    assert gap.tolist() == pytest.approx([0.0] * 9 + [0.25, 0.25])  # rows 10 and 11 only
+    assert boosted.new_article_score() == pytest.approx(plain.new_article_score() + 0.25)
+    week = sales.week_of(torch.tensor([int(d[train].max())]))
+    logits = torch.zeros(1, len(ids))
+    assert torch.equal(boosted.loss_term(SimpleNamespace(day=torch.tensor([int(d[train].max())])), None, None, 1.0)(
+        logits, ids, None), sales.add_bonus(logits, week, ids, boosted.bias))  # the loss: the learned bias only
+    # without a parent the unsold launches and the articles that never sold are one: no boost but an added article's
+    alone = RecentSales(str(tmp_path), info, n_items, 8, first_sold=first, n_age=4)
+    unboosted = SalesTerm(32, 4, launch_boost=0.25)
+    with torch.no_grad():
+        unboosted.bias.copy_(torch.linspace(-1, 1, 32))
+    unboosted.attach(alone)
+    assert torch.equal(unboosted.scoring_item(torch.zeros(len(ids), 2), ids)[:, -1],
+                       unboosted.bias[alone.table[-1, ids].long()])
+    assert unboosted.new_article_score() == pytest.approx(float(unboosted.bias[1]) + 0.25)
+    with pytest.raises(ValueError, match="age_buckets"):
+        SalesTerm(8, 0, launch_boost=0.1)

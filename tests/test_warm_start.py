@@ -164,3 +164,22 @@ def test_one_and_two_ranks_warm_start_the_same_training(tiny_drops, parent, tmp_
     assert np.abs(a[:8] - b[:8]).max() < 2e-5, np.abs(a - b)
     assert np.abs(a - b).max() < 1e-2
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), 5e-2, False)
+
+
+def test_a_warm_start_steps_at_its_share_of_the_rates(tiny_drops, parent, tmp_path):
+    second = tiny_drops["second"]
+    base = compose_train(second.url, tmp_path / "base")
+    rates = {}
+    for name, overrides in (("warm", [f"trainer.init_from={parent}"]), ("fresh", []),
+                            ("full rates", [f"trainer.init_from={parent}", "trainer.init_lr_scale=1.0"])):
+        try:
+            t = started(second.url, tmp_path / name.replace(" ", "_"), *overrides)
+            rates[name] = ([g["lr"] for g in t.built.dense_optimizer.param_groups],
+                           [g["lr"] for g in t.built.fused_optimizer.param_groups])
+        finally:
+            D.shutdown()
+    lr, fused = float(base.optim.lr), float(base.sharding.fused_lr)
+    # the optimisers as the first step finds them (the parent's optimiser state loaded): a quarter by default
+    assert rates["fresh"] == (pytest.approx([lr]), pytest.approx([fused] * len(rates["fresh"][1])))
+    assert rates["warm"] == (pytest.approx([lr / 4]), pytest.approx([fused / 4] * len(rates["warm"][1])))
+    assert rates["full rates"] == rates["fresh"]

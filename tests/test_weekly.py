@@ -69,3 +69,23 @@ def test_two_weeks_from_drops_to_a_served_bundle(tiny_drops, tmp_path):
 
     again = weekly(chain, f"{out}/week-02")
     assert "already published; nothing to do" in again.stderr
+
+
+def test_a_retrain_grows_the_vocabularies_and_trains_from_zero_on_every_example(tmp_path, capsys):
+    from launch.weekly import main, make_week
+
+    parent = tmp_path / "chain" / "week-01"
+    args = ["--chain", str(tmp_path / "chain"), "--drop", str(tmp_path / "week-02"), "--nproc", "1",
+            "--parent", str(parent), "data=tiny"]
+    for retrain in (False, True):
+        main([*args, *(["--retrain"] if retrain else []), "--print-train"])
+        train = capsys.readouterr().out.split()
+        assert train[0] == str(tmp_path / "chain" / "week-02" / "train")
+        assert (f"trainer.init_from={parent}/train" in train) is not retrain
+    import argparse
+
+    week = make_week(argparse.Namespace(chain=str(tmp_path / "chain"), drop=str(tmp_path / "week-02"), raw=None,
+                                        week=None, from_zero=False, parent=str(parent), window_days=28, nproc=1,
+                                        train_args="", retrain=True), ["data=tiny"])
+    prepare = week.command("prepare")
+    assert f"prepare.parent={parent}/prepared" in prepare and "prepare.train_days=0" in prepare

@@ -45,6 +45,7 @@ class Trainer:
         quiet_libraries()
         self.dist = D.init(loop.device, loop.backend)
         self.ds = Prepared.read(cfg.prepare.out)
+        warm_start_rates(cfg)
         self.parts = p = build_training(cfg, self.ds, self.dist)
         self.built, self.stream, self.loader, self.embedder = p.built, p.stream, p.loader, p.embedder
         self.task, self.steps = p.task, p.steps
@@ -190,6 +191,21 @@ class Trainer:
         self.validator.log_early_stop()
         self.scalars.close()
         return out
+
+
+def warm_start_rates(cfg: DictConfig) -> None:
+    """A warm start's learning rates: ``trainer.init_lr_scale`` of the configured ones (the run's recorded
+    config holds the rates it ran at; a resumed warm start scales the composed config the same way)."""
+    loop = cfg.trainer
+    scale = float(loop.init_lr_scale)
+    if not loop.init_from or scale == 1.0:
+        return
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"trainer.init_lr_scale={scale}: expected a share of the rates in (0, 1]")
+    cfg.sharding.fused_lr = float(cfg.sharding.fused_lr) * scale
+    cfg.optim.lr = float(cfg.optim.lr) * scale
+    log.info("warm start: learning rates x%g (trainer.init_lr_scale): tables %g, dense %g", scale,
+             cfg.sharding.fused_lr, cfg.optim.lr)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -76,6 +76,8 @@ class RecentSales:
         if n_age and not 3 <= n_age <= 64:
             raise ValueError(f"model.age_buckets={n_age}: expected 3..64 (or 0: off)")
         self.weeks, self.n_age = int(info["weeks"]), int(n_age)
+        # whether scoring's launches are the articles listed since the parent (else: every unsold one)
+        self.knows_launches = bool(self.n_age) and listed_rows is not None
         self.n_buckets = n_buckets * max(1, self.n_age)
         self.end = int(np.datetime64(info["train_end"], "D").astype(np.int64))  # the first day after training
         t = pq.read_table(url)
@@ -130,9 +132,15 @@ class SalesTerm(nn.Module):
 
     scoring_columns = 1
 
-    def __init__(self, n_buckets: int):
+    def __init__(self, n_buckets: int, n_age: int = 0, launch_boost: float = 0.0):
+        """``launch_boost``: added to the launching, never-sold bucket's bonus at scoring time only
+        (``model.launch_boost``; with ages: without them a launch and an article that stopped selling
+        share a bucket)."""
         super().__init__()
+        if launch_boost and not n_age:
+            raise ValueError(f"model.launch_boost={launch_boost} needs model.age_buckets (a launch is an age)")
         self.bias = nn.Parameter(torch.zeros(n_buckets))
+        self.launch_boost = float(launch_boost)
         self.table: RecentSales | None = None
 
     def attach(self, table: RecentSales) -> "SalesTerm":
@@ -158,9 +166,20 @@ class SalesTerm(nn.Module):
 
     def new_article_score(self) -> float:
         """The scoring column of an article never sold (no sales last week; launching, with ages): what an
-        article added to the catalogue after training gets."""
+        article added to the catalogue after training gets (a new listing: with the launch boost)."""
         table = self._table()
-        return float(self.bias.detach()[1 if table.n_age else 0])
+        return float(self.scoring_bias()[1 if table.n_age else 0])
+
+    def scoring_bias(self) -> torch.Tensor:
+        """The bonus per bucket as scoring reads it: the learned one, with the launch boost on bucket 1
+        (no sales last week, launching: at scoring time only the articles nobody has bought yet)."""
+        bias = self.bias.detach()
+        if not self.launch_boost:
+            return bias
+        return bias + torch.zeros_like(bias).index_fill_(0, torch.tensor([1], device=bias.device), self.launch_boost)
 
     def scoring_item(self, i: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self._table().item(i, ids, self.bias)
+        """The scoring items; the launch boost only where the data tells launches from articles that never
+        sold (a dataset grown from a parent: data/prepared.py ``parent_rows``)."""
+        table = self._table()
+        return table.item(i, ids, self.scoring_bias() if table.knows_launches else self.bias.detach())

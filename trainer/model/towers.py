@@ -158,8 +158,9 @@ class TwoTower(nn.Module):
         # The scoring terms beside the inner product, each a typed submodule that the loss and the
         # Retriever call (a new term: one module with loss_term, plus its scoring side, and its test):
         # recent sales (trainer/model/sales.py) and buying again (trainer/model/repeats.py).
-        self.sales = SalesTerm(cfg.recent_sales_buckets * max(1, int(getattr(cfg, "age_buckets", 0) or 0))) \
-            if cfg.recent_sales_buckets else None
+        n_age = int(getattr(cfg, "age_buckets", 0) or 0)
+        self.sales = SalesTerm(cfg.recent_sales_buckets * max(1, n_age), n_age,
+                               float(getattr(cfg, "launch_boost", 0.0) or 0.0)) if cfg.recent_sales_buckets else None
         mixture = cfg.repeat_mode == RepeatMode.mixture
         self.repeats = RepeatTerm(cfg.repeat_positions, self.output_dim, mixture) if cfg.repeat_positions else None
 
