@@ -90,7 +90,8 @@ def main() -> None:
     t0 = time.time()
     for k in range(1, args.weeks + 2):
         name = f"week-{k:02d}"
-        grow = ["--retrain", "--parent", str(full / f"week-{k - 1:02d}")] if args.full_grows and k > 1 else ["--from-zero"]
+        grow = (["--retrain", "--parent", str(full / f"week-{k - 1:02d}")] if args.full_grows and k > 1
+                else ["--from-zero"])
         weekly(full, drops / name, args.nproc, f"{common} {args.full_args}", args.data, runs, *grow)
         if k == 1:  # the first week: one run from zero serves both arms
             if not (warm / name).exists():

@@ -168,7 +168,8 @@ def test_the_launch_boost_lifts_only_the_unsold_launches_and_only_at_scoring(tmp
             term.bias.copy_(torch.linspace(-1, 1, 32))
             term.attach(sales)
     ids = torch.arange(1, n_items)
-    gap = boosted.scoring_item(torch.zeros(len(ids), 2), ids)[:, -1] - plain.scoring_item(torch.zeros(len(ids), 2), ids)[:, -1]
+    zero = torch.zeros(len(ids), 2)
+    gap = boosted.scoring_item(zero, ids)[:, -1] - plain.scoring_item(zero, ids)[:, -1]
     assert gap.tolist() == pytest.approx([0.0] * 9 + [0.25, 0.25])  # rows 10 and 11 only
     assert boosted.new_article_score() == pytest.approx(plain.new_article_score() + 0.25)
     week = sales.week_of(torch.tensor([int(d[train].max())]))
