@@ -8,7 +8,7 @@ index, so the row at ``--used`` can differ from its report by the index's recall
 boost: MAP@12, Recall@12, and Recall@12 over the validation week's purchase pairs by kind of article.
 
     .venv/bin/python bench/launch_boost.py bench/out/weekly/warm/week-0{2,3,4,5} --used 0.025 \
-        --boosts -0.05,0,0.025
+        --boosts=-0.05,0,0.025
 
 A week's run selects its checkpoint by validation at its own boost; with one validation per run (the
 weekly simulation's one epoch) that choice does not depend on the boost, and these rows are what a run at
