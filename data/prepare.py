@@ -97,7 +97,9 @@ def lineage(vocabs: dict[str, pa.Table], parent: Prepared | None) -> Lineage:
     if parent is not None:
         before = parent.lineage if parent.version else Lineage(
             (version_of(parent.url),), (dict(parent.cardinalities),))
-    return Lineage(before.versions + (h.hexdigest()[:16],), before.sizes + (sizes,))
+    listed = (before.listed_from or (None,) * len(before.versions)) + (
+        parent.last_day + 1 if parent is not None else None,)  # new rows: in the shop after the parent's data
+    return Lineage(before.versions + (h.hexdigest()[:16],), before.sizes + (sizes,), listed)
 
 
 def version_of(url: str) -> str:

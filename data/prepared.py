@@ -41,11 +41,15 @@ class Lineage:
 
     versions: tuple[str, ...] = ()
     sizes: tuple[dict, ...] = ()  # each version's vocabulary sizes (rows, the OOV row included)
+    # the day (since 1970-01-01) each version's new rows entered the shop: its parent's last day + 1 (None:
+    # the first version, or not recorded)
+    listed_from: tuple[int | None, ...] = ()
 
     @classmethod
     def from_manifest(cls, entries: list | None) -> "Lineage":
         entries = entries or []
-        return cls(tuple(e["version"] for e in entries), tuple(dict(e.get("sizes", {})) for e in entries))
+        return cls(tuple(e["version"] for e in entries), tuple(dict(e.get("sizes", {})) for e in entries),
+                   tuple(e.get("listed_from") for e in entries))
 
     @property
     def version(self) -> str | None:
@@ -55,7 +59,9 @@ class Lineage:
         return version is not None and version in self.versions
 
     def to_json(self) -> list[dict]:
-        return [{"version": v, "sizes": s} for v, s in zip(self.versions, self.sizes)]
+        listed = self.listed_from or (None,) * len(self.versions)
+        return [{"version": v, "sizes": s, **({"listed_from": d} if d is not None else {})}
+                for v, s, d in zip(self.versions, self.sizes, listed)]
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,18 @@ class Prepared(Mapping):
             return None
         rows = self.lineage.sizes[-2].get(feature)
         return None if rows is None else int(rows)
+
+    def listing_days(self, feature: str = "article_id") -> np.ndarray:
+        """(rows,) int64 the day each row of ``feature``'s vocabulary entered the shop, as the lineage knows
+        it (the version that added the row: its ``listed_from``); -1 for the first version's rows and
+        where not recorded."""
+        out = np.full(self.cardinalities[feature], -1, np.int64)
+        listed = self.lineage.listed_from or (None,) * len(self.lineage.sizes)
+        for j in range(1, len(self.lineage.sizes)):
+            lo, hi = self.lineage.sizes[j - 1].get(feature), self.lineage.sizes[j].get(feature)
+            if listed[j] is not None and lo is not None and hi is not None:
+                out[lo:hi] = int(listed[j])
+        return out
 
     @property
     def has_desc(self) -> bool:

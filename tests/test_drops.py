@@ -47,6 +47,10 @@ def test_a_grown_dataset_keeps_every_row_of_its_parent_and_records_the_lineage(t
         second.n_articles - first.n_articles
     # the rows listed since the parent: above the parent's (its vocabulary's size), none known without one
     assert second.parent_rows("article_id") == first.n_articles and first.parent_rows("article_id") is None
+    # ... and entered the shop after the parent's data: their listing day; the first version's rows unknown
+    assert second.lineage.listed_from == (None, first.last_day + 1)
+    days = second.listing_days("article_id")
+    assert (days[:first.n_articles] == -1).all() and (days[first.n_articles:] == first.last_day + 1).all()
     # the feature rows of the parent's ids are the parent's
     for name, key in (("customers", "customer_idx"), ("articles", "article_idx")):
         a = read_table(f"{first.url}/features/{name}.parquet")

@@ -133,6 +133,23 @@ def test_at_scoring_only_articles_listed_since_the_parent_launch_the_older_unsol
     assert got[-1].tolist() != age_buckets_of(first, starts, 6)[-1].tolist()
 
 
+def test_an_unsold_listing_is_in_the_shop_from_its_listing_day_aged_by_it():
+    from trainer.model.sales import age_buckets_of
+
+    starts = np.array([100, 107, 114, 121])  # the last: scoring's week
+    first = np.array([-1, -1, -1, -1, 109, -1])
+    listed = np.array([-1, 101, 108, 95, 101, 121])  # row 5 listed since the parent (listed_rows=5)
+    got = age_buckets_of(first, starts, 6, listed_rows=5, listed_day=listed)
+    # week 100: rows 1 and 4 listed on 101 (launching, unsold), row 3 on 95 (a week before)
+    want = [[0, 1, 0, 1 + 1, 1, 0],
+            [0, 1 + 1, 1, 1 + 2, 1, 0],  # week 107: row 4 first sold on 109 (by its sale), row 2 listed on 108
+            [0, 1 + 2, 1 + 1, 1 + 3, 1 + 1, 0],
+            [5, 1 + 3, 1 + 2, 1 + 4, 1 + 2, 1]]  # scoring: row 0 unknown listing (oldest), row 5 launching
+    assert got.tolist() == want
+    without = age_buckets_of(first, starts, 6, listed_rows=5)
+    assert without[0].tolist() == [0, 0, 0, 0, 0, 0]  # without listings an unsold article is not in the shop
+
+
 def test_an_article_not_in_the_shop_yet_is_no_negative_and_ages_pair_with_sales(sales_setup):
     root, manifest, a, d, train = sales_setup
     n_items = manifest["cardinalities"]["article_id"]

@@ -54,7 +54,7 @@ def build(cfg, ds: Prepared, device: torch.device, print_plan: bool | None = Non
         model.sales.attach(RecentSales(ds.url, ds.get("recent_sales"), ds.n_articles,
                                        int(cfg.model.recent_sales_buckets), device,
                                        first_sold(ds.url, ds.n_articles) if n_age else None, n_age,
-                                       ds.parent_rows("article_id")))
+                                       ds.parent_rows("article_id"), ds.listing_days("article_id")))
     sharding = cfg.sharding
     dmp = shard(model, sharding, device, print_plan=sharding.print_plan if print_plan is None else print_plan)
     init_tables(dmp, model.tables, cfg.trainer.seed)

@@ -41,32 +41,47 @@ def buckets_of(counts: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 def age_buckets_of(first_sold: np.ndarray, week_starts: np.ndarray, n_age: int,
-                   listed_rows: int | None = None) -> np.ndarray:
+                   listed_rows: int | None = None, listed_day: np.ndarray | None = None) -> np.ndarray:
     """(weeks, catalogue) an article's age as of each week's first day: 0 not sold by the week's end (not
     in the shop yet: masked as a training negative), 1 first sold within the week (launching), 1 + j first
     sold j weeks before it, capped at ``n_age - 1``. The last week (scoring's, after training) places the
     articles never sold in training as launching: they are in the catalogue. With ``listed_rows`` (the
     article rows the previous vocabulary version held: data/prepared.py ``parent_rows``) only the rows
     listed since are launching; an older row that never sold has been in the shop a week or more without
-    a sale and is scored as the oldest articles that sold nothing last week (``n_age - 1``), not as a launch."""
+    a sale and is scored as the oldest articles that sold nothing last week (``n_age - 1``), not as a launch.
+    With ``listed_day`` (each row's day in the shop, -1 unknown: data/prepared.py ``listing_days``) an article
+    listed by a week's end that had not sold is in the shop that week, aged by its listing: launching in
+    its listing week, and so a negative there, so the launch bonus is learned over every listing and not only
+    over those that sold at once."""
     start, f = week_starts[:, None].astype(np.int64), first_sold[None, :].astype(np.int64)
     never = f < 0
     launching = ~never & (f >= start) & (f < start + 7)
     weeks_since = -(-(start - f) // 7)  # ceil, >= 1 for an article first sold before the week
     out = np.where(never | (f >= start + 7), 0, np.where(launching, 1, 1 + np.minimum(weeks_since, n_age - 2)))
+    if listed_day is not None:
+        listed = listed_day[None, :].astype(np.int64)
+        unsold_in_shop = (out == 0) & (listed >= 0) & (listed < start + 7)
+        by_listing = np.where(listed >= start, 1, 1 + np.minimum(-(-(start - listed) // 7), n_age - 2))
+        out = np.where(unsold_in_shop, by_listing, out)
+    by_listing_now = out[-1].copy()
     out[-1, never[0]] = 1
     if listed_rows is not None:
-        out[-1, np.flatnonzero(never[0][:listed_rows])] = n_age - 1
+        older = np.flatnonzero(never[0][:listed_rows])
+        out[-1, older] = n_age - 1
+        if listed_day is not None:  # an unsold row whose listing day is known: aged by it, as in training
+            known = older[listed_day[older] >= 0]
+            out[-1, known] = by_listing_now[known]
     return out.astype(np.int16)
 
 
 class RecentSales:
     def __init__(self, prepared: str, info: dict | None, n_items: int, n_buckets: int,
                  device: torch.device | str = "cpu", first_sold: np.ndarray | None = None, n_age: int = 0,
-                 listed_rows: int | None = None):
+                 listed_rows: int | None = None, listed_day: np.ndarray | None = None):
         """``info``: the prepared dataset's ``recent_sales`` entry; ``n_items``: its article rows. With
         ``n_age`` > 0 a bucket is the pair (sales, age: :func:`age_buckets_of` of ``first_sold``, each
-        article's first training purchase day or -1, and ``listed_rows``), ``n_buckets * n_age`` of them."""
+        article's first training purchase day or -1, ``listed_rows`` and ``listed_day``), ``n_buckets * n_age``
+        of them."""
         url = join(prepared, "item_week_sales.parquet")
         if info is None or not fs_and_path(url)[0].exists(fs_and_path(url)[1]):
             raise FileNotFoundError(f"{prepared}: the prepared data has no recent sales (item_week_sales.parquet); "
@@ -89,7 +104,7 @@ class RecentSales:
         table = buckets_of(counts, n_buckets).astype(np.int16)  # (weeks + 1, catalogue)
         if self.n_age:
             starts = self.end + 7 * (np.arange(self.weeks + 1) - self.weeks)
-            table = table * self.n_age + age_buckets_of(first_sold, starts, self.n_age, listed_rows)
+            table = table * self.n_age + age_buckets_of(first_sold, starts, self.n_age, listed_rows, listed_day)
         self.table = torch.from_numpy(table).to(device)
 
     def week_of(self, day: torch.Tensor) -> torch.Tensor:
