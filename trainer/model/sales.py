@@ -63,14 +63,13 @@ def age_buckets_of(first_sold: np.ndarray, week_starts: np.ndarray, n_age: int,
         unsold_in_shop = (out == 0) & (listed >= 0) & (listed < start + 7)
         by_listing = np.where(listed >= start, 1, 1 + np.minimum(-(-(start - listed) // 7), n_age - 2))
         out = np.where(unsold_in_shop, by_listing, out)
-    by_listing_now = out[-1].copy()
-    out[-1, never[0]] = 1
-    if listed_rows is not None:
-        older = np.flatnonzero(never[0][:listed_rows])
-        out[-1, older] = n_age - 1
-        if listed_day is not None:  # an unsold row whose listing day is known: aged by it, as in training
-            known = older[listed_day[older] >= 0]
-            out[-1, known] = by_listing_now[known]
+    unsold = np.flatnonzero(never[0])
+    if listed_rows is None:
+        out[-1, unsold] = 1
+    else:  # launching: the rows listed since the parent; older unsold rows aged by their listing when known
+        out[-1, unsold[unsold >= listed_rows]] = 1
+        older = unsold[unsold < listed_rows]
+        out[-1, older if listed_day is None else older[listed_day[older] < 0]] = n_age - 1
     return out.astype(np.int16)
 
 
@@ -188,10 +187,9 @@ class SalesTerm(nn.Module):
     def scoring_bias(self) -> torch.Tensor:
         """The bonus per bucket as scoring reads it: the learned one, with the launch boost on bucket 1
         (no sales last week, launching: at scoring time only the articles nobody has bought yet)."""
-        bias = self.bias.detach()
-        if not self.launch_boost:
-            return bias
-        return bias + torch.zeros_like(bias).index_fill_(0, torch.tensor([1], device=bias.device), self.launch_boost)
+        bias = self.bias.detach().clone()
+        bias[1] += self.launch_boost
+        return bias
 
     def scoring_item(self, i: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The scoring items; the launch boost only where the data tells launches from articles that never
