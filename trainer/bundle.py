@@ -50,6 +50,7 @@ from data.schema import ARTICLES
 from data.staging import output_of, staged
 from trainer import config as _train_config  # noqa: F401  (registers the bundle schema)
 from trainer.loop.runs import load_run
+from trainer.model.managed import served_tables
 from trainer.model.towers import unwrap
 from trainer.parallel import distributed as D
 from trainer.retrieval import ivf
@@ -163,6 +164,8 @@ def bundle(cfg: DictConfig, run_dir: str) -> dict:
     d_towers = items.shape[1] - (1 if model.sales is not None else 0)
     mean_item = items[1:, :d_towers].mean(0)  # as the Embedder's level: the OOV row left out
     weights = full_tables(embedder.model)
+    if model.managed is not None:  # the managed tables by vocabulary id, through their map
+        weights = served_tables(model.managed, weights, ds.cardinalities)
     tower = ServingQueryTower(model, weights, list(embedder.tables.customer_features), mean_item, bool(bc.int8))
     width = ds.history_len if tower.sequence is None else max(tower.positions, 1)
     program = export_program(tower, len(tower.feature_names), width)

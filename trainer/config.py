@@ -26,6 +26,28 @@ class RepeatMode(Choice):
     bonus = "bonus"  # a bonus per position added to the towers' score
 
 
+class IdTables(Choice):
+    grown = "grown"  # a row per vocabulary id; the vocabularies grow week by week (prepare.parent)
+    managed = "managed"  # customers and articles at a fixed size behind TorchRec's MCH modules (model.managed)
+
+
+class Eviction(Choice):
+    lfu = "lfu"  # the least often seen ids make room (counts since admission)
+    lru = "lru"  # the least recently seen
+    distance_lfu = "distance_lfu"  # counts discounted by how long ago they were seen
+
+
+@dataclass
+class ManagedConfig:
+    """model.ids=managed: the tables' fixed sizes and how their rows are given out (trainer/model/managed.py).
+    The sizes are required: a table of R rows holds R - 1 ids plus one shared row for the rest."""
+
+    customer_rows: int = 0
+    article_rows: int = 0
+    eviction: Eviction = Eviction.lfu
+    eviction_interval: int = 20  # steps between admissions (each step's ids are recorded)
+
+
 class LogQMode(Choice):
     off = "off"  # no correction
     static = "static"  # training item frequencies from data.prepare
@@ -146,6 +168,10 @@ class ModelConfig:
     # ... and every purchase of an article first sold fewer than this many days before it enters without its
     # id: a launch is learned as a never-sold article is scored (0: off)
     fresh_days: int = 0
+    # the customer and article tables: a row per vocabulary id (grown), or a fixed size behind TorchRec's
+    # managed-collision modules (managed; sizes in model.managed)
+    ids: IdTables = IdTables.grown
+    managed: ManagedConfig = field(default_factory=ManagedConfig)
     query_mlp: list = field(default_factory=lambda: [256])
     item_mlp: list = field(default_factory=lambda: [256])
     output_dim: int = 64

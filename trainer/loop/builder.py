@@ -14,8 +14,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from data.prepared import Prepared
 from trainer.model.cold import first_sold
 from trainer.model.sales import RecentSales
-from trainer.model.towers import TwoTower
-from trainer.parallel.sharding import init_tables, shard
+from trainer.model.towers import TwoTower, managed_rows, unwrap
+from trainer.parallel.sharding import init_tables, reset_rows, shard
 from trainer.retrieval.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ def build(cfg, ds: Prepared, device: torch.device, print_plan: bool | None = Non
     sharding = cfg.sharding
     dmp = shard(model, sharding, device, print_plan=sharding.print_plan if print_plan is None else print_plan)
     init_tables(dmp, model.tables, cfg.trainer.seed)
+    if managed_rows(cfg.model):  # built on the device after sharding: the maps stay whole on every rank
+        attach_managed(dmp, cfg, device)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     opt = None
     if dense:
@@ -65,6 +67,19 @@ def build(cfg, ds: Prepared, device: torch.device, print_plan: bool | None = Non
         opt = KeyedOptimizerWrapper(dense, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=wd))
         materialise_adamw(opt)
     return Built(dmp, opt, model.feature_keys, model.output_dim)
+
+
+def attach_managed(dmp, cfg, device: torch.device) -> None:
+    """model.ids=managed: the MCH maps in front of the sharded customer and article tables; an evicted row
+    starts over (trainer/model/managed.py)."""
+    from trainer.model.managed import managed_tables
+
+    model = unwrap(dmp)
+    configs = {t.name: t for t in model.tables}
+    seed = int(cfg.trainer.seed)
+    model.managed = managed_tables(cfg.model, {t.name: list(t.feature_names) for t in model.tables},
+                                   int(cfg.trainer.global_batch_size), seed, device)
+    model.managed.on_evict = lambda table, rows, step: reset_rows(dmp, configs[table], rows, seed, step)
 
 
 def materialise_adamw(opt: KeyedOptimizerWrapper) -> None:
@@ -132,7 +147,6 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
     from trainer.model.loss import LogQ
     from trainer.model.negatives import HardNegativeMiner, MinedNegatives, UniformNegatives
     from trainer.model.signals import follow_data
-    from trainer.model.towers import unwrap
     from trainer.parallel.compile import apply as compile_model
     from trainer.parallel.device import loader_workers, set_determinism, set_precision
 
@@ -165,7 +179,8 @@ def build_training(cfg, ds: Prepared, dist) -> Training:
                      set_precision(loop.precision, dev), mixed=uniform.rows,
                      table_l2=float(cfg.optim.table_l2))
     steps = Steps(built.model, built.dense_optimizer, task, built.keys, dev,
-                  use_pipeline(loop.pipeline, miner is not None, dev, dist.world), compiled)
+                  use_pipeline(loop.pipeline, miner is not None, dev, dist.world, bool(managed_rows(cfg.model))),
+                  compiled)
     negatives = [uniform] if uniform.rows > 0 else []
     if miner is not None:
         negatives.append(MinedNegatives(miner, lc.hard_every, pause=steps.detach,

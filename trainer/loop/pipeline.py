@@ -20,10 +20,17 @@ from trainer.model.inputs import HostInput, ModelInput
 log = logging.getLogger(__name__)
 
 
-def use_pipeline(mode: Pipeline, hard_negatives: bool, device: torch.device, world: int) -> bool:
+def use_pipeline(mode: Pipeline, hard_negatives: bool, device: torch.device, world: int,
+                 managed: bool = False) -> bool:
     """auto: wherever there is an input-dist to overlap, i.e. more than one rank (measured: 1.15x with 2
     CPU ranks; in one process on an H100 it ran at 0.95x of plain steps, bench/train.py); never with mined
-    hard negatives, which need a second, unpipelined table lookup per step."""
+    hard negatives, which need a second, unpipelined table lookup per step, nor with managed ids, whose map
+    stands between the batch and the lookup."""
+    if managed:
+        if mode == Pipeline.on:
+            raise ValueError("trainer.pipeline=on cannot run with model.ids=managed (the ids are mapped to rows "
+                             "inside the step, so the lookup's input-dist cannot start ahead); use auto or off")
+        return False
     if hard_negatives:
         if mode == Pipeline.on:
             raise ValueError("trainer.pipeline=on cannot run with loss.hard_negatives > 0 (the mined negatives "

@@ -48,8 +48,17 @@ def query_keys(cfg) -> list[str]:
     return [f for f in cfg.query_features if f != "history"] + position_keys(cfg)
 
 
+def managed_rows(cfg) -> dict[str, int]:
+    """model.ids=managed: the fixed rows of the customer and article tables (none: grown by vocabulary)."""
+    if str(getattr(cfg, "ids", "grown")) != "managed":
+        return {}
+    return {"t_customer_id": int(cfg.managed.customer_rows), ARTICLE_TABLE: int(cfg.managed.article_rows)}
+
+
 def table_configs(cfg, cards: dict) -> list[EmbeddingBagConfig]:
-    """One table per feature, except that the article id and the history share the article table."""
+    """One table per feature, except that the article id and the history share the article table; a
+    managed table has its fixed size."""
+    fixed = managed_rows(cfg)
     tables: dict[str, EmbeddingBagConfig] = {}
     for feat in [*query_keys(cfg), *cfg.item_features]:
         name = table_name(feat)
@@ -57,11 +66,16 @@ def table_configs(cfg, cards: dict) -> list[EmbeddingBagConfig]:
         if card_key not in cards:
             raise ValueError(f"model feature {feat!r} has no cardinality in the prepared data "
                              f"(known: {sorted(cards)})")
+        if fixed.get(name, 2) < 2:
+            key = "customer_rows" if name == "t_customer_id" else "article_rows"
+            raise ValueError(f"model.ids=managed needs model.managed.{key}: the table's fixed rows, at least 2 "
+                             f"(this data has {int(cards[card_key]):,} {card_key} values)")
         dim = cfg.id_dim if feat == "customer_id" or table_name(feat) == ARTICLE_TABLE else cfg.feature_dim
         if name in tables:
             tables[name].feature_names.append(feat)
         else:
-            tables[name] = EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=int(cards[card_key]),
+            tables[name] = EmbeddingBagConfig(name=name, embedding_dim=dim,
+                                              num_embeddings=fixed.get(name, int(cards[card_key])),
                                               feature_names=[feat], pooling=PoolingType.MEAN)
     return list(tables.values())
 
@@ -153,6 +167,7 @@ class TwoTower(nn.Module):
             self.output_dim = i_in
         self.feature_keys = [*query_keys(cfg), *self.item_features]
         self.id_rows = False  # see forward
+        self.managed = None  # model.ids=managed: the ids' map to rows (trainer/model/managed.py), set by the builder
         # dropout on each tower's input (the concatenated features), training only
         self.input_dropout = nn.Dropout(float(getattr(cfg, "input_dropout", 0.0) or 0.0))
         # The scoring terms beside the inner product, each a typed submodule that the loss and the
@@ -176,8 +191,10 @@ class TwoTower(nn.Module):
         them. With ``self.id_rows`` set, training also returns the id embeddings the first ``n_query`` rows
         looked up (customer, article: the loss's L2 on the rows a batch touches; an attribute, not an
         argument, so that TorchRec's FX trace of the pipelined model sees no branch on an input)."""
-        pooled = self.ebc(sparse).to_dict()
         n = n_query if n_query is not None else sparse.stride()
+        if self.managed is not None:  # ids to the managed tables' rows (recorded in training)
+            sparse = self.managed(sparse, n)
+        pooled = self.ebc(sparse).to_dict()
         history = None  # the transformer's reading of the history, in the bag's place (no item
         if self.sequence is not None:  # assignment into ``pooled``: TorchRec's FX trace must pass here)
             seq = torch.stack([pooled[k][:n] for k in self.positions], dim=1)

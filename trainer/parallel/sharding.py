@@ -114,6 +114,34 @@ def table_rows(config, seed: int, lo: int, hi: int) -> torch.Tensor:
     return block[lo - start:hi - start]
 
 
+@torch.no_grad()
+def reset_rows(dmp: nn.Module, config, rows: torch.Tensor, seed: int, step: int) -> None:
+    """Rows ``rows`` (sorted) of table ``config`` start over, as TorchRec's sharded MC-EBC resets evicted rows:
+    weights drawn afresh in the table's init range (from the seed, the table and ``step``: the same on
+    every rank and world size) and their fused optimiser state zeroed, in this rank's shards."""
+    bound, name = config.get_weight_init_max(), config.name
+    g = torch.Generator().manual_seed(hash((seed, zlib.crc32(name.encode()), int(step))) & 0x7FFFFFFFFFFF)
+    fresh = torch.rand(rows.numel(), config.embedding_dim, generator=g) * (2 * bound) - bound
+    rows = rows.cpu().long()
+    targets = [(v, True) for k, v in dmp.state_dict().items() if k.endswith(f".{name}.weight")]
+    for state in dmp.fused_optimizer.state_dict()["state"].values():
+        targets += [(v, False) for k, v in state.items() if k.startswith(f"{name}.")]
+    for value, weights in targets:
+        shards = ([(s.tensor, s.metadata.shard_offsets) for s in value.local_shards()]
+                  if isinstance(value, ShardedTensor) else [(value, [0] * value.dim())])
+        for tensor, offsets in shards:
+            if not tensor.numel():
+                continue
+            r0 = offsets[0]
+            mine = (rows >= r0) & (rows < r0 + tensor.shape[0])
+            local = (rows[mine] - r0).to(tensor.device)
+            if weights:
+                c0 = offsets[1]
+                tensor[local] = fresh[mine][:, c0:c0 + tensor.shape[1]].to(device=tensor.device, dtype=tensor.dtype)
+            else:
+                tensor[local] = 0
+
+
 def plan_table(plan, tables, world: int) -> str:
     """The sharding plan in a few lines: one per sharded table (rows, dim, how, kernel, ranks, size);
     the small replicated (data-parallel) tables on one line. TorchRec's own report is in the log file."""
