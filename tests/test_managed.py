@@ -11,10 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import build_bundle, compose_train, train_in_process
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.runinfo import start_run
 from trainer.model.managed import ManagedIds
 from trainer.parallel import distributed as D
 
@@ -158,3 +157,45 @@ def test_managed_needs_its_sizes_and_no_pipeline(tiny_prepared, tmp_path):
     with pytest.raises(ValueError, match="model.ids=managed"):
         use_pipeline(Pipeline.on, False, torch.device("cpu"), 2, managed=True)
     assert not use_pipeline(Pipeline.auto, False, torch.device("cpu"), 2, managed=True)
+
+
+def test_a_managed_run_warm_starts_unchanged_in_size_and_serves_what_evaluation_measured(tiny_drops, tmp_path):
+    """Week 1 trains with managed tables; week 2 (more customers and articles in the vocabulary) warm-starts
+    from it: the same table sizes, the parent's rows and maps bit for bit before the first step; trained, its
+    bundle's query vectors are the evaluation's (the served tables read through the map)."""
+    from test_warm_start import saved_state, started, whole
+
+    from trainer.loop.runs import load_run
+
+    first, second = tiny_drops["first"], tiny_drops["second"]
+    assert second.cardinalities["customer_id"] > first.cardinalities["customer_id"]
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    train_in_process(first.url, parent, *MANAGED, "trainer.max_steps=24", "trainer.validate=false")
+    saved = saved_state(parent)
+    assert int(saved["model.managed.progress"][:, 2].min()) == 24  # both maps recorded every step
+    try:
+        warm = started(second.url, child, *MANAGED, f"trainer.init_from={parent}")
+        model = {k: whole(v) for k, v in warm.built.model.state_dict().items()}
+    finally:
+        D.shutdown()
+    for table, rows in (("t_customer_id", 600), ("t_article", 200)):
+        assert model[f"ebc.embedding_bags.{table}.weight"].shape[0] == rows  # not grown with the vocabulary
+    for key, ours in model.items():
+        assert torch.equal(ours, saved[f"model.{key}"]), key
+    held = saved["model.managed.maps.t_customer_id._mch_sorted_raw_ids"]
+    assert int((held < torch.iinfo(torch.int64).max).sum()) > 100  # the parent admitted customers
+
+    train_in_process(second.url, child, *MANAGED, f"trainer.init_from={parent}", "trainer.max_steps=12",
+                     "trainer.validate=false")
+    embedder, _ = load_run(str(child), "latest")
+    try:
+        day = int(np.unique(embedder.eval_rows("val")["day"].to_numpy())[0])
+        customers, queries = embedder.eval_queries("val")
+    finally:
+        D.shutdown()
+    from trainer.serving.bundle import Bundle
+
+    build_bundle(child, tmp_path / "bundle", f"bundle.as_of={np.datetime64(day, 'D')}", "bundle.int8=false")
+    b = Bundle.load(str(tmp_path / "bundle" / "output"))
+    q, _ = b.queries(customers, b.history.take(customers))
+    assert np.allclose(q, queries.numpy(), atol=1e-5)
