@@ -44,6 +44,33 @@ def weekly(chain: pathlib.Path, drop: pathlib.Path, nproc: int, train_args: str,
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def id_table_bytes(train: pathlib.Path, step: int | None) -> dict:
+    """Bytes of the customer and article tables in the run's checkpoint at ``step`` (else its newest): the
+    weights, their optimiser state and, with managed ids, the maps (held whole on every rank); with the
+    rows of each table."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = train / "checkpoints"
+    steps = sorted(folder.glob("step-*"))
+    path = folder / f"step-{step:08d}" if step is not None and (folder / f"step-{step:08d}").exists() else steps[-1]
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = {"tables": 0, "maps": 0, "rows": {}}
+    for key, m in meta.items():
+        if not hasattr(m, "size"):
+            continue
+        n = 1
+        for d in m.size:
+            n *= d
+        size = n * m.properties.dtype.itemsize
+        if key.startswith("model.managed."):
+            out["maps"] += size
+        elif any(f".{t}.weight" in key for t in ("t_customer_id", "t_article")):
+            out["tables"] += size
+            if key.startswith("model."):
+                out["rows"][key.split(".")[-2]] = int(m.size[0])
+    return out
+
+
 def week_figures(week: pathlib.Path) -> dict:
     ev = json.loads((week / "evaluate" / "evaluation.json").read_text())
     metrics = json.loads((week / "train" / "metrics.json").read_text())
@@ -55,7 +82,8 @@ def week_figures(week: pathlib.Path) -> dict:
             "kind_share": {k: v["share"] for k, v in kinds["two-tower"].items()},
             "new_best_sellers": {k: v["recall@12"] for k, v in kinds["new-article best-sellers"].items()},
             "examples": metrics["examples_trained"], "steps": metrics["step"], "train_s": stages.get("train"),
-            "best": metrics.get("best"), "warm_start": metrics.get("warm_start")}
+            "best": metrics.get("best"), "warm_start": metrics.get("warm_start"),
+            "id_tables": id_table_bytes(week / "train", (metrics.get("best") or {}).get("step"))}
 
 
 def main() -> None:
@@ -115,17 +143,25 @@ def print_row(row: dict) -> None:
           flush=True)
 
 
+def mb(figures: dict) -> str:
+    """The customer and article tables' megabytes (weights and optimiser state, plus the maps if managed)."""
+    t = figures.get("id_tables")
+    return "-" if not t else f"{(t['tables'] + t['maps']) / 2**20:.1f}"
+
+
 def print_table(report: dict) -> None:
     kinds = list(report["weeks"][0]["warm"]["by_kind"]) if report["weeks"] else []
     head = ["week", "MAP@12 warm / full", "Recall@12 warm / full",
-            *[f"{k} warm / full / list" for k in kinds], "examples warm/full", "train time warm/full"]
+            *[f"{k} warm / full / list" for k in kinds], "examples warm/full", "train time warm/full",
+            "id tables MB warm / full"]
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
     for row in report["weeks"]:
         w, f = row["warm"], row["full"]
         cells = [row["week"], f"{w['map@12']:.4f} / {f['map@12']:.4f}", f"{w['recall@12']:.4f} / {f['recall@12']:.4f}"]
         cells += [f"{w['by_kind'][k]:.3f} / {f['by_kind'][k]:.3f} / {f['new_best_sellers'][k]:.3f}" for k in kinds]
-        cells += [f"{w['examples'] / f['examples']:.3f}", f"{w['train_s'] / f['train_s']:.3f}"]
+        cells += [f"{w['examples'] / f['examples']:.3f}", f"{w['train_s'] / f['train_s']:.3f}",
+                  " / ".join(f"{mb(a)}" for a in (w, f))]
         print("| " + " | ".join(cells) + " |")
     if report["weeks"]:
         share = report["weeks"][-1]["full"]["kind_share"]
