@@ -16,7 +16,8 @@ Why not TorchRec's sharded ``ManagedCollisionEmbeddingBagCollection``: in torchr
 sharded on a CPU (README, "Managed ids"), so here the MCH modules sit unsharded in front of the sharded
 tables, one copy on every rank. Every rank records the *global* batch's ids (all-gathered, one collective
 a step), so every copy makes the same decisions and N ranks train what one rank trains. Each copy holds
-4 int64 per table row: 32 bytes a row against the row's 256 (64 float32) plus its optimiser state.
+3 int64 per table row under LFU (4 under LRU and distance-LFU: a last-seen step): 24 bytes a row against
+the row's 256 (64 float32) plus its optimiser state.
 
 What is recorded: the query rows' customers (customer table) and positives (article table): the ids the
 data says are active. The history and the negatives are only mapped. The recorded ids since the last
@@ -26,20 +27,18 @@ uninterrupted run would have).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from torchrec.modules.mc_modules import (DistanceLFU_EvictionPolicy, LFU_EvictionPolicy, LRU_EvictionPolicy,
                                          MCHManagedCollisionModule)
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from trainer.model.towers import ARTICLE_TABLE, managed_rows
 from trainer.parallel import distributed as D
-
-log = logging.getLogger(__name__)
 
 POLICIES = {"lfu": LFU_EvictionPolicy, "lru": LRU_EvictionPolicy, "distance_lfu": DistanceLFU_EvictionPolicy}
 NOT_PROFILED = -1  # a progress row never profiled
+ID_FEATURE = {"t_customer_id": "customer_id", ARTICLE_TABLE: "article_id"}  # a managed table's id feature
 
 
 def _recorded_in_state(mch: MCHManagedCollisionModule, rows: int) -> None:
@@ -90,9 +89,6 @@ class ManagedIds(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._stale = True
 
-    def rows(self, table: str) -> int:
-        return self.maps[table].output_size()
-
     def forward(self, sparse: KeyedJaggedTensor, n_query: int) -> KeyedJaggedTensor:
         keys, per_key = sparse.keys(), sparse.length_per_key()
         parts = list(sparse.values().split(per_key))
@@ -142,10 +138,6 @@ class ManagedIds(nn.Module):
                 mch._current_history_buffer_offset, mch._last_eviction_iter, mch._current_iter = offset, last, step
         self._stale = False
 
-    def table_bytes(self) -> int:
-        """The maps' own state, in bytes (every rank holds a copy)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
 
 def _all_ranks(local: list[torch.Tensor], global_batch: int) -> list[torch.Tensor]:
     """``local[i]`` of every rank, concatenated in rank order (one all-gather: each rank's tensors padded to
@@ -168,12 +160,9 @@ def served_tables(managed: ManagedIds, weights: dict[str, torch.Tensor], cards: 
     """The tables as a served program reads them (by vocabulary id): a managed table becomes one row per
     vocabulary id, the row its map gives the id (the shared row for ids it does not hold), so the served
     answer is the one evaluation measured."""
-    from trainer.model.towers import ARTICLE_TABLE
-
-    vocab = {"t_customer_id": "customer_id", ARTICLE_TABLE: "article_id"}
     out = dict(weights)
     for table in managed.maps:
-        ids = torch.arange(int(cards[vocab[table]]), device=managed.progress.device)
+        ids = torch.arange(int(cards[ID_FEATURE[table]]), device=managed.progress.device)
         out[table] = weights[table][managed.map(table, ids).cpu()]
     return out
 
@@ -181,11 +170,6 @@ def served_tables(managed: ManagedIds, weights: dict[str, torch.Tensor], cards: 
 def managed_tables(cfg, features_by_table: dict[str, list[str]], global_batch: int, seed: int,
                    device: torch.device) -> ManagedIds:
     """The ManagedIds of the model settings ``cfg`` (model.*) for the tables' features."""
-    from trainer.model.towers import ARTICLE_TABLE
-
-    m = cfg.managed
-    rows = {"t_customer_id": int(m.customer_rows), ARTICLE_TABLE: int(m.article_rows)}
-    recorded = {"t_customer_id": "customer_id", ARTICLE_TABLE: "article_id"}
-    rows = {t: n for t, n in rows.items() if t in features_by_table}
-    return ManagedIds(rows, {t: features_by_table[t] for t in rows}, {t: recorded[t] for t in rows},
-                      str(m.eviction), int(m.eviction_interval), global_batch, seed, device)
+    rows = {t: n for t, n in managed_rows(cfg).items() if t in features_by_table}
+    return ManagedIds(rows, {t: features_by_table[t] for t in rows}, {t: ID_FEATURE[t] for t in rows},
+                      str(cfg.managed.eviction), int(cfg.managed.eviction_interval), global_batch, seed, device)
